@@ -201,8 +201,10 @@ def collator(tokenizer):
     return DataCollatorWithPadding(tokenizer, return_tensors="pt")
 
 
-def sequence_lengths(dataset: Dataset) -> np.ndarray:
-    return np.array([int(sum(mask)) for mask in dataset["attention_mask"]])
+def length_order(dataset: Dataset) -> np.ndarray:
+    """Indices sorting a tokenized split longest first, so padded batches are tight (and memory peaks early)."""
+    lengths = np.array([len(ids) for ids in dataset["input_ids"]])
+    return np.argsort(-lengths, kind="stable")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -468,3 +470,36 @@ def evaluate(model: nn.Module, dataset: Dataset, data_collator, task_name: str, 
     if not regression:
         results["correct"] = (predictions == labels).numpy()
     return results
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Influence scores written by analyze.py
+
+SCORES_META = "glue_scores.json"
+
+
+def scores_dir(output_dir: str, task_name: str, scores_name: str) -> str:
+    """Where kronfluence keeps a score set: <output_dir>/<task>/scores_<name>/."""
+    return os.path.join(output_dir, task_name, f"scores_{scores_name}")
+
+
+def load_pairwise_scores(output_dir: str, task_name: str, scores_name: str) -> tuple:
+    """Loads analyze.py's pairwise scores, (queries, train) in dataset order, and the JSON describing them.
+
+    Raises:
+        UserError: the scores are missing or analyze.py did not finish them.
+    """
+    from safetensors.torch import load_file
+
+    folder = scores_dir(output_dir, task_name, scores_name)
+    meta_path = os.path.join(folder, SCORES_META)
+    if not os.path.isfile(meta_path):
+        strategy, *rest = scores_name.split("_")
+        flags = " --use_half_precision" if "half" in rest else ""
+        raise UserError(f"no finished scores '{scores_name}' in {folder}; make them with: python analyze.py "
+                        f"--dataset_name {task_name} --factor_strategy {strategy}{flags} "
+                        f"--output_dir {output_dir} (plus the same data flags)")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    scores = load_file(os.path.join(folder, "pairwise_scores.safetensors"))["all_modules"].float()
+    return scores.numpy(), meta

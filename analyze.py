@@ -1,0 +1,282 @@
+"""Fit influence factors and compute pairwise influence scores (validation queries x training examples).
+
+    python analyze.py --dataset_name sst2 --query_batch_size 175 --train_batch_size 128 \
+        --checkpoint_dir ./checkpoints --factor_strategy ekfac [--use_half_precision]
+
+Factors go to `<output_dir>/<dataset_name>/factors_<strategy>[_half]/`, scores to
+`<output_dir>/<dataset_name>/scores_<strategy>[_half][_qlrR]/pairwise_scores.safetensors` (kronfluence's layout), with
+`glue_scores.json` beside them. Row i / column j of the scores are query i / training example j in dataset order.
+Rerunning the same command reuses finished factors and scores; a killed run resumes from the last finished stage.
+"""
+
+import argparse
+import fnmatch
+import hashlib
+import json
+import logging
+import os
+import time
+
+import numpy as np
+import torch
+from kronfluence.analyzer import Analyzer, prepare_model
+from kronfluence.arguments import FactorArguments, ScoreArguments
+from kronfluence.utils.common.factor_arguments import all_low_precision_factor_arguments
+from kronfluence.utils.common.score_arguments import all_low_precision_score_arguments
+from kronfluence.utils.dataset import DataLoaderKwargs
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import fast_factors
+import pipeline
+from task import GlueTask
+
+logger = logging.getLogger(__name__)
+STRATEGIES = ["identity", "diagonal", "kfac", "ekfac"]
+FACTORS_META = "glue_factors.json"
+
+
+def damping(value: str):
+    return None if value == "auto" else float(value)
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description="Influence analysis on a GLUE task.")
+    pipeline.add_data_args(parser, max_train_help="Analyse the first N training examples (default: as train.py).")
+    parser.add_argument("--checkpoint_dir", type=str, default="./checkpoints",
+                        help="Where train.py saved <checkpoint_dir>/<dataset_name>/.")
+    parser.add_argument("--output_dir", type=str, default="./influence_results", help="Root of factors and scores.")
+    parser.add_argument("--factor_strategy", type=str, default="ekfac", help=f"One of {STRATEGIES}.")
+    parser.add_argument("--use_half_precision", action="store_true",
+                        help="bfloat16 factors and scores (kronfluence's all-low-precision arguments).")
+    parser.add_argument("--query_gradient_rank", type=int, default=None,
+                        help="Low-rank approximation of query gradients (names the scores <strategy>_qlrR).")
+    parser.add_argument("--damping_factor", type=damping, default=1e-8,
+                        help="Damping for the inverse Hessian ('auto': 0.1 x mean eigenvalue). Default: the seed's.")
+    parser.add_argument("--query_batch_size", type=int, default=8, help="Queries per batch.")
+    parser.add_argument("--train_batch_size", type=int, default=8, help="Training examples per scoring batch.")
+    parser.add_argument("--factor_batch_size", type=int, default=None,
+                        help="Examples per batch when fitting factors (default: kronfluence's search on GPU, "
+                             "--train_batch_size on CPU, where the search can exhaust memory).")
+    parser.add_argument("--max_query_examples", type=int, default=2000,
+                        help="Use the first min(len(validation), N) validation examples as queries.")
+    parser.add_argument("--tracked_modules", type=str, nargs="+", default=None,
+                        help="Only nn.Linear modules whose names match these glob patterns (default: all).")
+    parser.add_argument("--compute_self_scores", action="store_true",
+                        help="Also compute self-influence of every training example (finds mislabeled data).")
+    parser.add_argument("--stock_kronfluence", action="store_true",
+                        help="Use kronfluence's own Lambda/self-score trackers instead of the token-factored ones.")
+    parser.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls on GPU (faster, ~1e-3 relative).")
+    parser.add_argument("--float64", action="store_true", help="Model, factors and scores in float64 (exactness checks).")
+    parser.add_argument("--attn_implementation", type=str, default=None, help="e.g. 'eager' (default: the model's).")
+    parser.add_argument("--overwrite", action="store_true", help="Recompute factors and scores even if present.")
+    parser.add_argument("--profile", action="store_true", help="Print kronfluence's profiler table.")
+    parser.add_argument("--inspect_query", type=int, default=None,
+                        help="Print this query and its most positively and negatively influential training examples.")
+    parser.add_argument("--top_k", type=int, default=3, help="How many examples --inspect_query prints per side.")
+    args = parser.parse_args()
+    if args.factor_strategy not in STRATEGIES:
+        parser.error(f"unknown --factor_strategy '{args.factor_strategy}'; choose one of {', '.join(STRATEGIES)}")
+    if args.query_gradient_rank is not None and args.query_gradient_rank <= 0:
+        parser.error(f"--query_gradient_rank must be positive, got {args.query_gradient_rank}")
+    return args
+
+
+def influence_arguments(args) -> tuple:
+    """(factors_name, factor_args, scores_name, score_args), named as the seed names them."""
+    if args.use_half_precision:
+        factor_args = all_low_precision_factor_arguments(strategy=args.factor_strategy, dtype=torch.bfloat16)
+        score_args = all_low_precision_score_arguments(damping_factor=args.damping_factor, dtype=torch.bfloat16)
+    else:
+        factor_args = FactorArguments(strategy=args.factor_strategy)
+        score_args = ScoreArguments(damping_factor=args.damping_factor)
+    if args.float64:
+        for name in ("activation_covariance_dtype", "gradient_covariance_dtype", "eigendecomposition_dtype",
+                     "lambda_dtype", "per_sample_gradient_dtype"):
+            setattr(factor_args, name, torch.float64)
+        for name in ("per_sample_gradient_dtype", "precondition_dtype", "score_dtype", "query_gradient_svd_dtype"):
+            setattr(score_args, name, torch.float64)
+    factors_name = args.factor_strategy + ("_half" if args.use_half_precision else "")
+    scores_name = factors_name
+    if args.query_gradient_rank is not None:
+        score_args.query_gradient_low_rank = args.query_gradient_rank
+        score_args.query_gradient_accumulation_steps = 10  # as kronfluence's default_score_arguments
+        scores_name += f"_qlr{args.query_gradient_rank}"
+    return factors_name, factor_args, scores_name, score_args
+
+
+def tracked_modules(model: nn.Module, patterns) -> list:
+    names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    if patterns is None:
+        return None
+    chosen = [name for name in names if any(fnmatch.fnmatch(name, p) for p in patterns)]
+    if not chosen:
+        raise pipeline.UserError(f"--tracked_modules {' '.join(patterns)} matches no nn.Linear module "
+                                 f"(e.g. {names[0]}, {names[-1]})")
+    return chosen
+
+
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def claim(folder: str, meta_name: str, signature: dict, overwrite: bool) -> bool:
+    """True if `folder` holds finished results for `signature`; refuse results made with other arguments.
+
+    The JSON is written when a stage starts (status "running") and again when it ends ("done"), so a killed run
+    is recognised as the same computation and resumed, and nothing half-written is taken as finished.
+    """
+    path = os.path.join(folder, meta_name)
+    if overwrite or not os.path.isfile(path):
+        return False
+    with open(path) as f:
+        saved = json.load(f)
+    if saved["signature"] != signature:
+        changed = sorted(k for k in signature.keys() | saved["signature"].keys()
+                         if signature.get(k) != saved["signature"].get(k))
+        raise pipeline.UserError(f"{folder} holds results computed with other arguments ({', '.join(changed)} "
+                                 "differ); pass --overwrite to recompute or --output_dir to keep both")
+    return saved.get("status") == "done"
+
+
+def reorder_scores(path: str, query_order: np.ndarray, train_order: np.ndarray) -> None:
+    """Rewrites kronfluence's scores, computed on length-sorted data, in dataset order (atomically)."""
+    inverse = [None if order is None else np.argsort(order) for order in (query_order, train_order)]
+    tensors = load_file(path)
+    for name, scores in tensors.items():
+        if inverse[0] is not None and scores.dim() == 2:
+            scores = scores[torch.from_numpy(inverse[0])]
+        tensors[name] = scores[..., torch.from_numpy(inverse[1])].contiguous()
+    save_file(tensors, f"{path}.tmp")
+    os.replace(f"{path}.tmp", path)
+
+
+def inspect_query(scores: np.ndarray, index: int, queries, train, keys: tuple, top_k: int) -> None:
+    def show(example, score=None):
+        lines = [f"  {key}: {example[key]}" for key in keys] + [f"  label: {example['label']}"]
+        return "\n".join(([f"  score: {score:.4g}"] if score is not None else []) + lines)
+
+    print(f"Query {index}:\n{show(queries[index])}")
+    order = np.argsort(-scores[index])
+    for title, picks in (("most positively", order[:top_k]), ("most negatively", order[::-1][:top_k])):
+        print(f"\nTop {top_k} {title} influential training examples:")
+        for j in picks:
+            print(f"[train {j}]\n{show(train[int(j)], scores[index, j])}")
+
+
+def main():
+    args = parse_args()
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if distributed and not torch.cuda.is_available():
+        raise pipeline.UserError("torchrun without CUDA: kronfluence only synchronises factors across CUDA "
+                                 "processes, so a CPU launch would fit wrong factors; run one process instead")
+    if args.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    task = pipeline.get_task(args.dataset_name)
+
+    # Data: the same examples, in the same order, as train.py; queries are the first validation examples.
+    checkpoint_dir = os.path.join(args.checkpoint_dir, args.dataset_name)
+    model, tokenizer, checkpoint_meta = pipeline.load_checkpoint(checkpoint_dir, args.dataset_name,
+                                                                 args.attn_implementation)
+    train_text = pipeline.load_glue(args.dataset_name, "train", args.data_dir,
+                                    pipeline.train_size(args.dataset_name, args.max_train_samples))
+    query_text = pipeline.load_glue(args.dataset_name, task.eval_splits[0], args.data_dir, args.max_query_examples)
+    if args.inspect_query is not None and not 0 <= args.inspect_query < len(query_text):
+        raise pipeline.UserError(f"--inspect_query {args.inspect_query} is out of range: there are "
+                                 f"{len(query_text)} queries")
+    train_dataset, query_dataset = (
+        pipeline.tokenize(d, args.dataset_name, tokenizer, args.max_seq_length, args.pad_to_max_length)
+        for d in (train_text, query_text))
+    # Dynamic padding: sort by length so each batch pads to a similar length; scores are mapped back afterwards.
+    train_order = query_order = None
+    if not args.pad_to_max_length:
+        train_order, query_order = pipeline.length_order(train_dataset), pipeline.length_order(query_dataset)
+        train_dataset, query_dataset = train_dataset.select(train_order), query_dataset.select(query_order)
+
+    # Model: kronfluence wraps the tracked modules; then the token-factored trackers replace the stock ones.
+    analysis_task = GlueTask(tracked_modules(model, args.tracked_modules))
+    if args.float64:
+        model = model.double()
+    model = prepare_model(model, analysis_task)
+    if not args.stock_kronfluence:
+        logger.info("Token-factored trackers on %d modules", fast_factors.install_fast_trackers(model))
+    if distributed:
+        local_rank = int(os.environ["LOCAL_RANK"])
+        torch.distributed.init_process_group(backend="nccl")
+        torch.cuda.set_device(local_rank)
+        model = torch.nn.parallel.DistributedDataParallel(model.cuda(), device_ids=[local_rank])
+    analyzer = Analyzer(analysis_name=args.dataset_name, model=model, task=analysis_task,
+                        cpu=args.device == "cpu", profile=args.profile, output_dir=args.output_dir)
+    analyzer.set_dataloader_kwargs(DataLoaderKwargs(collate_fn=pipeline.collator(tokenizer)))
+    factors_name, factor_args, scores_name, score_args = influence_arguments(args)
+    factor_batch_size = args.factor_batch_size or (args.train_batch_size if args.device == "cpu" else None)
+
+    common = {"checkpoint_sha256": file_sha256(os.path.join(checkpoint_dir, "model.safetensors")),
+              "dataset_name": args.dataset_name, "data_dir": args.data_dir, "num_train": len(train_dataset),
+              "max_seq_length": args.max_seq_length, "pad_to_max_length": args.pad_to_max_length,
+              "tracked_modules": args.tracked_modules, "float64": args.float64}
+    factors_signature = {**common, "factor_args": factor_args.to_str_dict()}
+    scores_signature = {**factors_signature, "num_query": len(query_dataset), "score_args": score_args.to_str_dict(),
+                        "self_scores": args.compute_self_scores}
+    factors_folder = str(analyzer.factors_output_dir(factors_name))
+    scores_folder = pipeline.scores_dir(args.output_dir, args.dataset_name, scores_name)
+    timings = {}
+
+    logger.info("***** Running influence analysis *****")
+    logger.info("  Task = %s, train = %d, queries = %d, strategy = %s, scores = %s", args.dataset_name,
+                len(train_dataset), len(query_dataset), args.factor_strategy, scores_name)
+    if not claim(factors_folder, FACTORS_META, factors_signature, args.overwrite):
+        # Without our JSON the folder is another run's leftovers: refit. With it (status "running") kronfluence
+        # skips the stages a killed run finished.
+        stale = args.overwrite or not os.path.isfile(os.path.join(factors_folder, FACTORS_META))
+        os.makedirs(factors_folder, exist_ok=True)
+        pipeline.atomic_write_json({"signature": factors_signature, "status": "running"},
+                                   os.path.join(factors_folder, FACTORS_META))
+        start = time.time()
+        analyzer.fit_all_factors(factors_name=factors_name, dataset=train_dataset, factor_args=factor_args,
+                                 per_device_batch_size=factor_batch_size, overwrite_output_dir=stale)
+        timings["factors_seconds"] = time.time() - start
+        pipeline.atomic_write_json({"signature": factors_signature, "status": "done", **timings},
+                                   os.path.join(factors_folder, FACTORS_META))
+
+    if not claim(scores_folder, pipeline.SCORES_META, scores_signature, args.overwrite):
+        start = time.time()
+        analyzer.compute_pairwise_scores(
+            scores_name=scores_name, factors_name=factors_name, query_dataset=query_dataset,
+            train_dataset=train_dataset, per_device_query_batch_size=args.query_batch_size,
+            per_device_train_batch_size=args.train_batch_size, score_args=score_args, overwrite_output_dir=True)
+        if args.compute_self_scores:
+            analyzer.compute_self_scores(scores_name=scores_name, factors_name=factors_name,
+                                         train_dataset=train_dataset, score_args=score_args,
+                                         per_device_train_batch_size=args.train_batch_size,
+                                         overwrite_output_dir=True)
+        timings["scores_seconds"] = time.time() - start
+        if analyzer.state.is_main_process:
+            reorder_scores(os.path.join(scores_folder, "pairwise_scores.safetensors"), query_order, train_order)
+            if args.compute_self_scores:
+                reorder_scores(os.path.join(scores_folder, "self_scores.safetensors"), None, train_order)
+            meta = {"signature": scores_signature, "status": "done", "order": "dataset",
+                    "scores_name": scores_name, "factors_name": factors_name, "strategy": args.factor_strategy,
+                    "checkpoint_dir": checkpoint_dir, "checkpoint_metrics": checkpoint_meta.get("metrics"),
+                    "shape": [len(query_dataset), len(train_dataset)], **timings, "args": vars(args)}
+            pipeline.atomic_write_json(meta, os.path.join(scores_folder, pipeline.SCORES_META))
+    if not analyzer.state.is_main_process:
+        return
+
+    scores, _ = pipeline.load_pairwise_scores(args.output_dir, args.dataset_name, scores_name)
+    logger.info("Scores %s: shape %s, written to %s", scores_name, scores.shape, scores_folder)
+    if args.compute_self_scores:
+        self_scores = load_file(os.path.join(scores_folder, "self_scores.safetensors"))["all_modules"].float()
+        top = torch.argsort(self_scores, descending=True)[:10].tolist()
+        logger.info("Highest self-influence (candidates for mislabeled data): %s", top)
+    if args.inspect_query is not None:
+        inspect_query(scores, args.inspect_query, query_text, train_text, task.keys, args.top_k)
+
+
+if __name__ == "__main__":
+    pipeline.cli(main)

