@@ -503,3 +503,61 @@ def load_pairwise_scores(output_dir: str, task_name: str, scores_name: str) -> t
         meta = json.load(f)
     scores = load_file(os.path.join(folder, "pairwise_scores.safetensors"))["all_modules"].float()
     return scores.numpy(), meta
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Retraining experiments (LDS ground truth, counterfactual): resumable, shardable runs
+
+def add_shard_args(parser) -> None:
+    parser.add_argument("--shard_index", type=int, default=int(os.environ.get("RANK", 0)),
+                        help="This process's share of the runs (default: torchrun's RANK, else 0).")
+    parser.add_argument("--num_shards", type=int, default=int(os.environ.get("WORLD_SIZE", 1)),
+                        help="How many processes share the runs (default: torchrun's WORLD_SIZE, else 1).")
+
+
+def shard(items: list, shard_index: int, num_shards: int) -> list:
+    """Every `num_shards`-th item from `shard_index`: shards never overlap and together cover all items."""
+    if not 0 <= shard_index < num_shards:
+        raise UserError(f"--shard_index must be in [0, {num_shards}), got {shard_index}")
+    return items[shard_index::num_shards]
+
+
+def save_arrays(path: str, **arrays) -> None:
+    """One finished run as .npz, written under a temporary name and renamed: present means complete."""
+    tmp = f"{path}.tmp{os.getpid()}.npz"
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+
+
+def load_arrays(path: str) -> dict:
+    with np.load(path, allow_pickle=False) as data:
+        return {k: data[k] for k in data.files}
+
+
+def claim_experiment(folder: str, arguments: dict) -> None:
+    """Records the arguments a results folder was built with; refuses to mix runs built with other arguments."""
+    make_output_dir(folder)
+    path = os.path.join(folder, "experiment_args.json")
+    arguments = json.loads(json.dumps(arguments, default=str))
+    if os.path.isfile(path):
+        with open(path) as f:
+            saved = json.load(f)
+        changed = sorted(k for k in arguments.keys() | saved.keys() if arguments.get(k) != saved.get(k))
+        if changed:
+            raise UserError(f"{folder} holds runs built with other arguments ({', '.join(changed)} differ); "
+                            "use another output folder or delete it")
+    else:
+        atomic_write_json(arguments, path)
+
+
+def retrain_and_measure(model_name_or_path: str, task_name: str, train_dataset: Dataset, keep: Optional[list],
+                        query_dataset: Dataset, data_collator, config: TrainConfig, seed: int, device: str = "cpu",
+                        eval_batch_size: int = 64) -> dict:
+    """Fine-tunes on `train_dataset.select(keep)` (all if None) with the train.py recipe and returns the queries'
+    `margins` (the quantity task.py measures) and `correct` flags."""
+    subset = train_dataset if keep is None else train_dataset.select(keep)
+    model = finetune(model_name_or_path, task_name, subset, data_collator, config, seed=seed, device=device,
+                     disable_tqdm=True)
+    results = evaluate(model, query_dataset, data_collator, task_name, batch_size=eval_batch_size, device=device,
+                       bf16=config.bf16)
+    return {"margins": results["margins"], "correct": results.get("correct", results["margins"] > 0)}
