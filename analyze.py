@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import time
+from typing import Optional
 
 import numpy as np
 import torch
@@ -67,6 +68,9 @@ def parse_args():
     parser.add_argument("--stock_kronfluence", action="store_true",
                         help="Use kronfluence's own Lambda/self-score trackers instead of the token-factored ones.")
     parser.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls on GPU (faster, ~1e-3 relative).")
+    parser.add_argument("--use_empirical_fisher", action="store_true",
+                        help="Fit factors with the dataset labels instead of labels sampled from the model.")
+    parser.add_argument("--seed", type=int, default=0, help="Seeds the labels sampled for the true Fisher.")
     parser.add_argument("--float64", action="store_true", help="Model, factors and scores in float64 (exactness checks).")
     parser.add_argument("--attn_implementation", type=str, default=None, help="e.g. 'eager' (default: the model's).")
     parser.add_argument("--overwrite", action="store_true", help="Recompute factors and scores even if present.")
@@ -90,6 +94,7 @@ def influence_arguments(args) -> tuple:
     else:
         factor_args = FactorArguments(strategy=args.factor_strategy)
         score_args = ScoreArguments(damping_factor=args.damping_factor)
+    factor_args.use_empirical_fisher = args.use_empirical_fisher
     if args.float64:
         for name in ("activation_covariance_dtype", "gradient_covariance_dtype", "eigendecomposition_dtype",
                      "lambda_dtype", "per_sample_gradient_dtype"):
@@ -143,14 +148,13 @@ def claim(folder: str, meta_name: str, signature: dict, overwrite: bool) -> bool
     return saved.get("status") == "done"
 
 
-def reorder_scores(path: str, query_order: np.ndarray, train_order: np.ndarray) -> None:
+def reorder_scores(path: str, train_order: np.ndarray, query_order: Optional[np.ndarray] = None) -> None:
     """Rewrites kronfluence's scores, computed on length-sorted data, in dataset order (atomically)."""
-    inverse = [None if order is None else np.argsort(order) for order in (query_order, train_order)]
     tensors = load_file(path)
     for name, scores in tensors.items():
-        if inverse[0] is not None and scores.dim() == 2:
-            scores = scores[torch.from_numpy(inverse[0])]
-        tensors[name] = scores[..., torch.from_numpy(inverse[1])].contiguous()
+        if query_order is not None:
+            scores = scores[torch.from_numpy(np.argsort(query_order))]
+        tensors[name] = scores[..., torch.from_numpy(np.argsort(train_order))].contiguous()
     save_file(tensors, f"{path}.tmp")
     os.replace(f"{path}.tmp", path)
 
@@ -219,7 +223,7 @@ def main():
     common = {"checkpoint_sha256": file_sha256(os.path.join(checkpoint_dir, "model.safetensors")),
               "dataset_name": args.dataset_name, "data_dir": args.data_dir, "num_train": len(train_dataset),
               "max_seq_length": args.max_seq_length, "pad_to_max_length": args.pad_to_max_length,
-              "tracked_modules": args.tracked_modules, "float64": args.float64}
+              "tracked_modules": args.tracked_modules, "float64": args.float64, "seed": args.seed}
     factors_signature = {**common, "factor_args": factor_args.to_str_dict()}
     scores_signature = {**factors_signature, "num_query": len(query_dataset), "score_args": score_args.to_str_dict(),
                         "self_scores": args.compute_self_scores}
@@ -238,8 +242,16 @@ def main():
         pipeline.atomic_write_json({"signature": factors_signature, "status": "running"},
                                    os.path.join(factors_folder, FACTORS_META))
         start = time.time()
-        analyzer.fit_all_factors(factors_name=factors_name, dataset=train_dataset, factor_args=factor_args,
-                                 per_device_batch_size=factor_batch_size, overwrite_output_dir=stale)
+        # Stage by stage, each seeded (labels are sampled for the true Fisher), so a resumed run equals an
+        # uninterrupted one.
+        pipeline.set_seed(args.seed)
+        analyzer.fit_covariance_matrices(factors_name=factors_name, dataset=train_dataset, factor_args=factor_args,
+                                         per_device_batch_size=factor_batch_size, overwrite_output_dir=stale)
+        analyzer.perform_eigendecomposition(factors_name=factors_name, factor_args=factor_args,
+                                            overwrite_output_dir=stale)
+        pipeline.set_seed(args.seed + 1)
+        analyzer.fit_lambda_matrices(factors_name=factors_name, dataset=train_dataset, factor_args=factor_args,
+                                     per_device_batch_size=factor_batch_size, overwrite_output_dir=stale)
         timings["factors_seconds"] = time.time() - start
         pipeline.atomic_write_json({"signature": factors_signature, "status": "done", **timings},
                                    os.path.join(factors_folder, FACTORS_META))
@@ -257,9 +269,10 @@ def main():
                                          overwrite_output_dir=True)
         timings["scores_seconds"] = time.time() - start
         if analyzer.state.is_main_process:
-            reorder_scores(os.path.join(scores_folder, "pairwise_scores.safetensors"), query_order, train_order)
-            if args.compute_self_scores:
-                reorder_scores(os.path.join(scores_folder, "self_scores.safetensors"), None, train_order)
+            if train_order is not None:
+                reorder_scores(os.path.join(scores_folder, "pairwise_scores.safetensors"), train_order, query_order)
+                if args.compute_self_scores:
+                    reorder_scores(os.path.join(scores_folder, "self_scores.safetensors"), train_order)
             meta = {"signature": scores_signature, "status": "done", "order": "dataset",
                     "scores_name": scores_name, "factors_name": factors_name, "strategy": args.factor_strategy,
                     "checkpoint_dir": checkpoint_dir, "checkpoint_metrics": checkpoint_meta.get("metrics"),

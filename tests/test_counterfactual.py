@@ -1,0 +1,217 @@
+"""run_counterfactual.py: rankings and the random baseline, removal, the flip rule and early stop, resume, shard
+merge, results and figure, bad input -- on a stubbed retrain -- and one tiny end-to-end run with real retraining."""
+
+import argparse
+import csv
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import assert_user_error, run_script
+from safetensors.torch import save_file
+
+import pipeline
+import run_counterfactual as rc
+
+N_TRAIN, N_DEV = 48, 16  # conftest's fixture sizes
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def write_scores(root, name, scores, task_name="rte"):
+    """A score set laid out as analyze.py writes it."""
+    folder = root / task_name / f"scores_{name}"
+    folder.mkdir(parents=True)
+    save_file({"all_modules": torch.as_tensor(scores, dtype=torch.float32)}, str(folder / "pairwise_scores.safetensors"))
+    (folder / pipeline.SCORES_META).write_text(json.dumps({"shape": list(scores.shape), "status": "done"}))
+
+
+@pytest.fixture
+def scores_dir(tmp_path):
+    rng = np.random.default_rng(0)
+    for name in ("ekfac", "identity"):
+        write_scores(tmp_path / "scores", name, rng.normal(size=(N_DEV, N_TRAIN)))
+    return tmp_path / "scores"
+
+
+class Stub:
+    """A retrain whose query is correct unless k = n_train - len(keep) reaches `flip_at(query, seed)`; records calls
+    and raises after `fail_after` of them (an interruption)."""
+
+    def __init__(self, flip_at=lambda query, seed: 10 ** 9, fail_after=None):
+        self.flip_at, self.fail_after, self.calls = flip_at, fail_after, []
+
+    def __call__(self, keep, seed, queries):
+        if self.fail_after is not None and len(self.calls) == self.fail_after:
+            raise KeyboardInterrupt
+        self.calls.append((tuple(keep.tolist()), seed, tuple(queries)))
+        k = N_TRAIN - len(keep)
+        correct = np.array([k < self.flip_at(q, seed) for q in queries])
+        return {"correct": correct, "margins": np.where(correct, 1.0, -1.0)}
+
+
+def varied(query, seed):
+    """Query 2 fails on base models with seed 1005; others flip at varying k, sometimes on only some seeds."""
+    if query == 2 and seed == 1005:
+        return 0
+    return [3, 5, 100, 7, 100, 3][query % 6] + (seed - 1004) * (query % 2) * 3
+
+
+def run_main(monkeypatch, retrain, glue_dir, scores_dir, output_dir, *extra):
+    """run_counterfactual.main on the fixture RTE with `retrain` in place of real fine-tuning."""
+    monkeypatch.setattr(rc, "make_retrain", lambda args, train_text, query_text: retrain)
+    argv = ["run_counterfactual.py", "--dataset_name", "rte", "--data_dir", str(glue_dir), "--scores_dir",
+            str(scores_dir), "--output_dir", str(output_dir), "--figure", str(output_dir / "fig.png"),
+            "--train_batch_size", "8", "--num_target", "6", "--remove_intervals", "2", "4", "6",
+            "--num_base_repeat", "2", "--num_repeat", "2", *extra]
+    monkeypatch.setattr(sys, "argv", argv)
+    rc.main()
+
+
+def read_results(output_dir):
+    return json.loads((output_dir / rc.RESULTS_JSON).read_text())
+
+
+def test_random_baseline_draws_training_examples_with_the_query_label(glue_dir, scores_dir):
+    train_labels = np.array(pipeline.load_glue("rte", "train", str(glue_dir))["label"])
+    query_labels = pipeline.load_glue("rte", "validation", str(glue_dir), 6)["label"]
+    args = argparse.Namespace(methods=["ekfac", "random"], scores_dir=str(scores_dir), dataset_name="rte", seed=3)
+    rankings = rc.load_rankings(args, train_labels, query_labels)
+    assert list(rankings) == ["ekfac", "random"]
+    for query, (ranking, label) in enumerate(zip(rankings["random"], query_labels)):
+        assert sorted(ranking.tolist()) == np.flatnonzero(train_labels == label).tolist()  # training, same label
+        assert ranking.tolist() == rc.random_ranking(train_labels, label, 3, query).tolist()  # seeded
+    assert rankings["random"][0].tolist() != rc.random_ranking(train_labels, query_labels[0], 4, 0).tolist()
+    scores = pipeline.load_pairwise_scores(str(scores_dir), "rte", "ekfac")[0]
+    assert np.all(np.diff(scores[1, rankings["ekfac"][1]]) <= 0)  # most positive first
+
+
+def test_removal_removes_exactly_the_top_k(tmp_path):
+    ranking = np.random.default_rng(1).permutation(N_TRAIN)
+    stub = Stub()
+    rows = rc.query_outcome(stub, str(tmp_path), ranking, 5, [2, 4, 6], [1004], N_TRAIN)
+    assert [r["k"] for r in rows] == [2, 4, 6] and not any(r["flipped"] for r in rows)
+    for (keep, seed, queries), k in zip(stub.calls, [2, 4, 6]):
+        assert len(keep) == N_TRAIN - k and not set(keep) & set(ranking[:k].tolist())
+        assert set(keep) | set(ranking[:k].tolist()) == set(range(N_TRAIN)) and queries == (5,)
+
+
+def test_flip_rule_and_early_stop(tmp_path):
+    # Mean accuracy over seeds 0, 1, 2: k=2 -> 1, k=4 -> 2/3, k=6 -> 1/3 (flipped), k=8 -> not trained.
+    stub = Stub(flip_at=lambda query, seed: [100, 6, 4][seed])
+    rows = rc.query_outcome(stub, str(tmp_path), np.arange(N_TRAIN), 0, [2, 4, 6, 8], [0, 1, 2], N_TRAIN)
+    assert [r["accuracy"] for r in rows][:3] == pytest.approx([1, 2 / 3, 1 / 3]) and rows[3]["accuracy"] is None
+    assert [r["flipped"] for r in rows] == [False, False, True, True]
+    assert sorted(N_TRAIN - len(keep) for keep, _, _ in stub.calls) == [2] * 3 + [4] * 3 + [6] * 3
+    # Exactly 0.5 is not below 0.5: not flipped.
+    (tmp_path / "half").mkdir()
+    half = rc.query_outcome(Stub(flip_at=lambda query, seed: [100, 2][seed]), str(tmp_path / "half"),
+                            np.arange(N_TRAIN), 0, [2], [0, 1], N_TRAIN)
+    assert half == [{"query": 0, "k": 2, "accuracy": 0.5, "flipped": False}]
+
+
+def test_results_table_and_figure(monkeypatch, glue_dir, scores_dir, tmp_path):
+    out = tmp_path / "out"
+    stub = Stub(flip_at=varied)
+    run_main(monkeypatch, stub, glue_dir, scores_dir, out)
+    results = read_results(out)
+    assert results["queries"] == [0, 1, 3, 4, 5]  # query 2 fails the base filter
+    assert results["base_accuracy"][2] == 0.5 and len(results["base_accuracy"]) == 6
+    assert list(results["flip_fraction"]) == ["ekfac", "identity", "random"]
+    # The stub ignores which examples are removed, so every method sees the same outcome per query.
+    expected = {0: [0, 1, 1], 1: [0, 0, 0], 3: [0, 0, 0], 4: [0, 0, 0], 5: [0, 0, 1]}  # q1, q5: 0.5 at k=4
+    assert {q: [r["flipped"] for r in results["outcomes"] if r["method"] == "ekfac" and r["query"] == q]
+            for q in results["queries"]} == {q: [bool(f) for f in v] for q, v in expected.items()}
+    assert results["flip_fraction"]["random"] == pytest.approx([0, 0.2, 0.4])
+    # Base: 2 seeds x all candidates in one retrain each; no retrain after a query flipped.
+    assert sum(len(queries) == 6 for _, _, queries in stub.calls) == 2
+    with open(out / "counterfactual_flip_fraction.csv") as f:
+        assert list(csv.reader(f)) == [["k", "ekfac", "identity", "random"], ["2", *["0.0000"] * 3],
+                                       ["4", *["0.2000"] * 3], ["6", *["0.4000"] * 3]]
+    with open(out / "counterfactual_outcomes.csv") as f:
+        assert len(list(csv.DictReader(f))) == 3 * 5 * 3
+    assert (out / "fig.png").read_bytes()[:4] == b"\x89PNG"
+    # The figure is redrawn from the results file alone.
+    (out / "fig.png").unlink()
+    run_main(monkeypatch, None, tmp_path / "nothing", tmp_path / "nothing", out, "--plot_only")
+    assert (out / "fig.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_resume_redoes_nothing_finished(monkeypatch, glue_dir, scores_dir, tmp_path):
+    interrupted = Stub(flip_at=varied, fail_after=9)
+    with pytest.raises(KeyboardInterrupt):
+        run_main(monkeypatch, interrupted, glue_dir, scores_dir, tmp_path / "a")
+    resumed = Stub(flip_at=varied)
+    run_main(monkeypatch, resumed, glue_dir, scores_dir, tmp_path / "a")
+    assert not set(interrupted.calls) & set(resumed.calls)
+    once = Stub(flip_at=varied)
+    run_main(monkeypatch, once, glue_dir, scores_dir, tmp_path / "b")
+    assert sorted(interrupted.calls + resumed.calls) == sorted(once.calls)
+    assert read_results(tmp_path / "a") == read_results(tmp_path / "b")
+    again = Stub(flip_at=varied)
+    run_main(monkeypatch, again, glue_dir, scores_dir, tmp_path / "a")
+    assert again.calls == []
+
+
+def test_shards_merge_to_one_process(monkeypatch, glue_dir, scores_dir, tmp_path):
+    shards = [Stub(flip_at=varied), Stub(flip_at=varied)]
+    run_main(monkeypatch, shards[0], glue_dir, scores_dir, tmp_path / "a", "--shard_index", "0", "--num_shards", "2")
+    assert not (tmp_path / "a" / rc.RESULTS_JSON).exists()  # shard 1 has not run yet
+    run_main(monkeypatch, shards[1], glue_dir, scores_dir, tmp_path / "a", "--shard_index", "1", "--num_shards", "2")
+    run_main(monkeypatch, Stub(flip_at=varied), glue_dir, scores_dir, tmp_path / "b")
+    assert read_results(tmp_path / "a") == read_results(tmp_path / "b")
+    tested = [{queries for _, _, queries in stub.calls if len(queries) == 1} for stub in shards]
+    assert tested == [{(0,), (4,)}, {(1,), (3,), (5,)}]  # queries split by shard; query 2 filtered out
+    assert [sum(len(queries) == 6 for _, _, queries in stub.calls) for stub in shards] == [2, 0]  # base reused
+
+
+def test_bad_input(monkeypatch, glue_dir, scores_dir, tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(pipeline.UserError, match="leaves 7 of 48 training examples, less than one batch of 8"):
+        run_main(monkeypatch, Stub(), glue_dir, scores_dir, out, "--remove_intervals", "41")
+    with pytest.raises(pipeline.UserError, match="training examples that 'random' can remove"):
+        run_main(monkeypatch, Stub(), glue_dir, scores_dir, out, "--remove_intervals", "30")
+    with pytest.raises(pipeline.UserError, match="scores 'ekfac' cover 48 training examples but this training set"):
+        run_main(monkeypatch, Stub(), glue_dir, scores_dir, out, "--max_train_samples", "40")
+    write_scores(scores_dir, "kfac", np.zeros((4, N_TRAIN)))
+    with pytest.raises(pipeline.UserError, match="scores 'kfac' cover 4 queries, fewer than --num_target 6"):
+        run_main(monkeypatch, Stub(), glue_dir, scores_dir, out, "--methods", "kfac")
+    with pytest.raises(pipeline.UserError, match="'stsb' is regression"):
+        run_main(monkeypatch, Stub(), glue_dir, scores_dir, out, "--dataset_name", "stsb")
+    with pytest.raises(pipeline.UserError, match="no query passes the base filter"):
+        run_main(monkeypatch, Stub(flip_at=lambda query, seed: 0), glue_dir, scores_dir, out)
+    assert not (out / "fig.png").exists() and not (out / rc.RESULTS_JSON).exists()
+    with pytest.raises(pipeline.UserError, match="remove_intervals differ"):
+        run_main(monkeypatch, Stub(), glue_dir, scores_dir, out, "--remove_intervals", "2", "4")
+    with pytest.raises(pipeline.UserError, match="no results at"):
+        run_main(monkeypatch, None, glue_dir, scores_dir, tmp_path / "empty", "--plot_only")
+
+
+def test_script_end_to_end_and_missing_scores(tiny_model_dir, glue_dir, scores_dir, tmp_path):
+    common = ["--dataset_name", "rte", "--data_dir", str(glue_dir), "--model_name_or_path", tiny_model_dir,
+              "--scores_dir", str(scores_dir), "--max_seq_length", "32", "--device", "cpu"]
+    assert_user_error(run_script("run_counterfactual.py", *common, "--methods", "ekfac", "kfac", "--output_dir",
+                                 str(tmp_path / "x")), "no finished scores 'kfac'", "python analyze.py",
+                      "--factor_strategy kfac")
+    out = tmp_path / "out"
+    result = run_script("run_counterfactual.py", *common, "--output_dir", str(out), "--figure",
+                        str(tmp_path / "figure" / "counterfactual.png"), "--methods", "ekfac", "--num_target", "4", "--remove_intervals",
+                        "2", "4", "--num_base_repeat", "1", "--num_repeat", "1", "--num_train_epochs", "1",
+                        "--train_batch_size", "8", "--learning_rate", "1e-3")
+    assert result.returncode == 0, result.stderr
+    results = read_results(out)
+    assert results["queries"] and results["num_train"] == N_TRAIN and len(results["base_accuracy"]) == 4
+    assert (tmp_path / "figure" / "counterfactual.png").is_file()
+    base = pipeline.load_arrays(str(out / "runs" / "base_s1004.npz"))
+    assert base["correct"].shape == base["margins"].shape == (4,)
+    query = results["queries"][0]
+    run = pipeline.load_arrays(str(out / "runs" / "ekfac" / f"q{query}_k2_s1004.npz"))
+    assert run["correct"].shape == (1,)

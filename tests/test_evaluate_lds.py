@@ -1,0 +1,165 @@
+"""evaluate_lds.py: masks, the LDS statistic on a known answer, a tiny resumable and shardable build, scoring, and
+the bad inputs."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from conftest import assert_user_error, run_script
+
+import evaluate_lds
+import pipeline
+
+torch.set_num_threads(1)  # the machine is shared; the tiny retrains do not need more
+
+
+def lds_argv(command: str, glue_dir, model_dir: str, output_dir, *extra: str) -> list:
+    """A tiny ground truth: 4 masks x 1 repeat of 16 of 32 RTE fixture examples, 8 queries, 1 epoch."""
+    return [command, "--dataset_name", "rte", "--data_dir", str(glue_dir), "--model_name_or_path", model_dir,
+            "--max_train_samples", "32", "--max_query_examples", "8", "--max_seq_length", "32", "--num_masks", "4",
+            "--num_repeats", "1", "--num_train_epochs", "1", "--train_batch_size", "8", "--learning_rate", "1e-3",
+            "--output_dir", str(output_dir), "--device", "cpu", *extra]
+
+
+def write_scores(output_dir, name: str, scores: np.ndarray) -> None:
+    """A score set laid out as analyze.py writes it (what pipeline.load_pairwise_scores reads)."""
+    from safetensors.torch import save_file
+
+    folder = pipeline.scores_dir(str(output_dir), "rte", name)
+    os.makedirs(folder, exist_ok=True)
+    save_file({"all_modules": torch.from_numpy(scores.astype(np.float32))},
+              os.path.join(folder, "pairwise_scores.safetensors"))
+    pipeline.atomic_write_json({"shape": list(scores.shape), "status": "done"},
+                               os.path.join(folder, pipeline.SCORES_META))
+
+
+def run_mtimes(folder) -> dict:
+    runs = os.path.join(folder, "runs")
+    return {name: os.stat(os.path.join(runs, name)).st_mtime_ns for name in sorted(os.listdir(runs))}
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, glue_dir, tiny_model_dir):
+    """A ground truth built as two shards: shard 0 alone (an interrupted build), then shard 1, which merges."""
+    output_dir = tmp_path_factory.mktemp("lds")
+    argv = lds_argv("build", glue_dir, tiny_model_dir, output_dir)
+    evaluate_lds.build(evaluate_lds.parse_args(argv + ["--shard_index", "0", "--num_shards", "2"]))
+    folder = evaluate_lds.ground_truth_dir(evaluate_lds.parse_args(argv))
+    after_shard0 = run_mtimes(folder)
+    assert list(after_shard0) == ["mask0000_repeat000.npz", "mask0002_repeat000.npz"]
+    assert not os.path.exists(os.path.join(folder, "margins.npy"))
+    evaluate_lds.build(evaluate_lds.parse_args(argv + ["--shard_index", "1", "--num_shards", "2"]))
+    return {"argv": argv, "folder": folder, "output_dir": output_dir, "after_shard0": after_shard0}
+
+
+def test_masks_keep_exact_fraction_and_are_reproducible():
+    masks = evaluate_lds.make_masks(50, 20, 0.3, seed=1)
+    assert masks.shape == (20, 50) and masks.dtype == np.int8
+    assert (masks.sum(axis=1) == 15).all()
+    assert len({row.tobytes() for row in masks}) == 20
+    np.testing.assert_array_equal(masks, evaluate_lds.make_masks(50, 20, 0.3, seed=1))
+    assert not np.array_equal(masks, evaluate_lds.make_masks(50, 20, 0.3, seed=2))
+    labels = np.array([0] * 36 + [1] * 14)
+    stratified = evaluate_lds.make_masks(50, 20, 0.5, seed=1, labels=labels)
+    assert (stratified[:, labels == 0].sum(axis=1) == 18).all()
+    assert (stratified[:, labels == 1].sum(axis=1) == 7).all()
+
+
+def test_lds_known_answer():
+    rng = np.random.default_rng(0)
+    masks = evaluate_lds.make_masks(200, 60, 0.5, seed=0)
+    true_scores = rng.standard_normal((20, 200))
+    margins = masks @ true_scores.T + 0.5 * rng.standard_normal((60, 20))  # (masks, queries)
+    shuffled = np.stack([rng.permutation(row) for row in true_scores])
+    table = evaluate_lds.lds_table({"identity": shuffled, "true": true_scores}, masks, margins, 200, seed=0)
+    assert table["true"]["mean"] > 0.95
+    assert abs(table["identity"]["mean"]) < 0.1
+    low, high = table["true"]["ci95_masks"]
+    assert low <= table["true"]["mean"] <= high
+    assert table["true"]["vs_identity"]["ci95_masks"][0] > 0.7
+    assert "vs_identity" not in table["identity"]
+    constant = evaluate_lds.spearman_rows(np.ones((2, 5)), rng.standard_normal((2, 5)))
+    np.testing.assert_array_equal(constant, [0.0, 0.0])
+
+
+def test_build_resumes_missing_runs_and_shards_match_one_process(built, tmp_path):
+    folder = built["folder"]
+    masks = np.load(os.path.join(folder, "masks.npy"))
+    assert masks.shape == (4, 32) and (masks.sum(axis=1) == 16).all()
+    sharded = np.load(os.path.join(folder, "margins.npy"))
+    assert sharded.shape == (4, 8)
+    after = run_mtimes(folder)
+    assert len(after) == 4
+    assert all(after[name] == mtime for name, mtime in built["after_shard0"].items())  # shard 1 redid nothing of 0's
+    with open(os.path.join(folder, "ground_truth.json")) as f:
+        summary = json.load(f)
+    assert summary["num_runs"] == 4 and summary["repeat_spearman"] is None
+
+    single = str(tmp_path / "single")
+    args = evaluate_lds.parse_args(built["argv"] + ["--lds_dir", single])
+    evaluate_lds.build(args)
+    np.testing.assert_allclose(np.load(os.path.join(single, "margins.npy")), sharded, atol=1e-5)
+
+    # Kill midway = a run file missing: only it is redone, and the merge comes back the same.
+    before = run_mtimes(single)
+    os.remove(os.path.join(single, "runs", "mask0001_repeat000.npz"))
+    os.remove(os.path.join(single, "margins.npy"))
+    evaluate_lds.build(args)
+    redone = {name for name, mtime in run_mtimes(single).items() if mtime != before[name]}
+    assert redone == {"mask0001_repeat000.npz"}
+    np.testing.assert_allclose(np.load(os.path.join(single, "margins.npy")), sharded, atol=1e-5)
+
+
+def test_score_table_json_plot_and_query(built, tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    for name in ("identity", "ekfac"):
+        write_scores(built["output_dir"], name, rng.standard_normal((8, 32)))
+    figure = tmp_path / "lds.png"
+    argv = [*built["argv"], "--strategies", "ekfac", "identity", "--num_bootstrap", "50", "--figure", str(figure),
+            "--query_index", "3", "--top_k", "2"]
+    evaluate_lds.score(evaluate_lds.parse_args(["score", *argv[1:]]))
+    out = capsys.readouterr().out
+    for fragment in ("ekfac", "identity", "same-label", "random", "vs identity", "Query 3:", "sentence1:",
+                     "Top 2 most positively influential training examples (ekfac)"):
+        assert fragment in out
+    with open(os.path.join(built["folder"], "lds_results.json")) as f:
+        results = json.load(f)
+    assert list(results["results"]) == ["ekfac", "identity", "same-label", "random"]
+    assert set(results["results"]["ekfac"]) == {"mean", "se_queries", "ci95_masks", "vs_identity"}
+    assert results["num_masks"] == 4 and results["num_queries"] == 8 and figure.stat().st_size > 0
+
+
+def test_bad_inputs(built, tmp_path):
+    def score(*extra):
+        evaluate_lds.score(evaluate_lds.parse_args(["score", *built["argv"][1:], *extra]))
+
+    # Missing scores: the real command line, one line naming the analyze.py command.
+    result = run_script("evaluate_lds.py", "score", *built["argv"][1:], "--strategies", "kfac")
+    assert_user_error(result, "python analyze.py --dataset_name rte --factor_strategy kfac")
+    write_scores(built["output_dir"], "short_train", np.zeros((8, 31)))
+    with pytest.raises(pipeline.UserError, match="cover 31 training examples but the ground truth has 32"):
+        score("--strategies", "short_train")
+    write_scores(built["output_dir"], "short_query", np.zeros((7, 32)))
+    with pytest.raises(pipeline.UserError, match="have 7 queries but the ground truth has 8"):
+        score("--strategies", "short_query")
+    with pytest.raises(pipeline.UserError, match="out of range: there are 8 queries"):
+        score("--query_index", "8")
+    with pytest.raises(pipeline.UserError, match="no finished LDS ground truth"):
+        score("--learning_rate", "5e-4")
+    with pytest.raises(pipeline.UserError, match=r"other arguments \(recipe differ\)"):
+        score("--learning_rate", "5e-4", "--lds_dir", built["folder"])
+    with pytest.raises(pipeline.UserError, match=r"other arguments \(num_masks differ\)"):
+        evaluate_lds.build(evaluate_lds.parse_args([*built["argv"], "--num_masks", "5", "--lds_dir",
+                                                    built["folder"]]))
+    for fraction in ("0", "1.5"):
+        with pytest.raises(pipeline.UserError, match=r"--subset_fraction must be in \(0, 1\)"):
+            evaluate_lds.parse_args(["build", "--subset_fraction", fraction])
+
+
+def test_bare_command_scores_ekfac_on_rte_with_seed_settings():
+    args = evaluate_lds.parse_args([])
+    assert (args.command, args.dataset_name, args.strategies) == ("score", "rte", ["ekfac"])
+    assert (args.num_masks, args.num_repeats, args.subset_fraction) == (100, 5, 0.5)
+    assert evaluate_lds.parse_args(["--strategies", "kfac"]).command == "score"
