@@ -150,11 +150,8 @@ def claim(folder: str, meta_name: str, signature: dict, overwrite: bool) -> bool
 
 def reorder_scores(path: str, train_order: np.ndarray, query_order: Optional[np.ndarray] = None) -> None:
     """Rewrites kronfluence's scores, computed on length-sorted data, in dataset order (atomically)."""
-    tensors = load_file(path)
-    for name, scores in tensors.items():
-        if query_order is not None:
-            scores = scores[torch.from_numpy(np.argsort(query_order))]
-        tensors[name] = scores[..., torch.from_numpy(np.argsort(train_order))].contiguous()
+    tensors = {name: pipeline.to_dataset_order(scores, train_order, query_order)
+               for name, scores in load_file(path).items()}
     save_file(tensors, f"{path}.tmp")
     os.replace(f"{path}.tmp", path)
 

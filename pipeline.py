@@ -207,6 +207,13 @@ def length_order(dataset: Dataset) -> np.ndarray:
     return np.argsort(-lengths, kind="stable")
 
 
+def to_dataset_order(scores: torch.Tensor, train_order: np.ndarray, query_order: Optional[np.ndarray] = None):
+    """Undoes `length_order`: scores computed on sorted splits, indexed in dataset order (last axis: train)."""
+    if query_order is not None:
+        scores = scores[torch.from_numpy(np.argsort(query_order))]
+    return scores[..., torch.from_numpy(np.argsort(train_order))].contiguous()
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Models and checkpoints
 
