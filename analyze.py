@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import time
-from typing import Optional
 
 import numpy as np
 import torch
@@ -71,7 +70,8 @@ def parse_args():
     parser.add_argument("--use_empirical_fisher", action="store_true",
                         help="Fit factors with the dataset labels instead of labels sampled from the model.")
     parser.add_argument("--seed", type=int, default=0, help="Seeds the labels sampled for the true Fisher.")
-    parser.add_argument("--float64", action="store_true", help="Model, factors and scores in float64 (exactness checks).")
+    parser.add_argument("--float64", action="store_true",
+                        help="Model, factors and scores in float64 (exactness checks).")
     parser.add_argument("--attn_implementation", type=str, default=None, help="e.g. 'eager' (default: the model's).")
     parser.add_argument("--overwrite", action="store_true", help="Recompute factors and scores even if present.")
     parser.add_argument("--profile", action="store_true", help="Print kronfluence's profiler table.")
@@ -148,7 +148,7 @@ def claim(folder: str, meta_name: str, signature: dict, overwrite: bool) -> bool
     return saved.get("status") == "done"
 
 
-def reorder_scores(path: str, train_order: np.ndarray, query_order: Optional[np.ndarray] = None) -> None:
+def reorder_scores(path: str, train_order: np.ndarray, query_order: np.ndarray | None = None) -> None:
     """Rewrites kronfluence's scores, computed on length-sorted data, in dataset order (atomically)."""
     tensors = {name: pipeline.to_dataset_order(scores, train_order, query_order)
                for name, scores in load_file(path).items()}

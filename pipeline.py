@@ -15,7 +15,6 @@ import random
 import shutil
 import sys
 from dataclasses import dataclass
-from typing import Optional
 
 import numpy as np
 import torch
@@ -54,11 +53,11 @@ def cli(main):
 class GlueTask:
     folder: str  # folder in the GLUE layout
     keys: tuple  # text columns, named as on the hub
-    labels: Optional[tuple]  # label names in hub id order; None for regression (STS-B)
+    labels: tuple | None  # label names in hub id order; None for regression (STS-B)
     metric: str
     tsv_fields: tuple  # TSV header names (or column indices for CoLA, which has no header) for (*keys, label)
     eval_splits: tuple = ("validation",)
-    default_max_train_samples: Optional[int] = None
+    default_max_train_samples: int | None = None
 
     @property
     def is_regression(self) -> bool:
@@ -141,7 +140,7 @@ def read_glue_tsv(task_name: str, path: str) -> dict:
     return columns
 
 
-def load_glue(task_name: str, split: str, data_dir: Optional[str] = None, max_samples: Optional[int] = None) -> Dataset:
+def load_glue(task_name: str, split: str, data_dir: str | None = None, max_samples: int | None = None) -> Dataset:
     """Loads a GLUE split ("train", "validation", "validation_matched", ...) with hub column names and label ids.
 
     The first `max_samples` examples are kept (as HF's run_glue does), so a slice is the same examples every time.
@@ -171,7 +170,7 @@ def _load_glue_from_hub(task_name: str, split: str) -> Dataset:
     return dataset.select_columns([*task.keys, "label"])
 
 
-def train_size(task_name: str, max_train_samples: Optional[int]) -> Optional[int]:
+def train_size(task_name: str, max_train_samples: int | None) -> int | None:
     """`--max_train_samples`, or the task's documented default (RTE: 2432, as the seed)."""
     return max_train_samples if max_train_samples is not None else get_task(task_name).default_max_train_samples
 
@@ -207,7 +206,7 @@ def length_order(dataset: Dataset) -> np.ndarray:
     return np.argsort(-lengths, kind="stable")
 
 
-def to_dataset_order(scores: torch.Tensor, train_order: np.ndarray, query_order: Optional[np.ndarray] = None):
+def to_dataset_order(scores: torch.Tensor, train_order: np.ndarray, query_order: np.ndarray | None = None):
     """Undoes `length_order`: scores computed on sorted splits, indexed in dataset order (last axis: train)."""
     if query_order is not None:
         scores = scores[torch.from_numpy(np.argsort(query_order))]
@@ -245,7 +244,7 @@ def load_tokenizer(model_name_or_path: str):
     return _from_pretrained(AutoTokenizer, model_name_or_path, use_fast=True)
 
 
-def construct_model(model_name_or_path: str, task_name: str, attn_implementation: Optional[str] = None) -> nn.Module:
+def construct_model(model_name_or_path: str, task_name: str, attn_implementation: str | None = None) -> nn.Module:
     """A pretrained encoder with a freshly initialised head of `num_labels` outputs (seed the RNG first)."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
@@ -292,7 +291,7 @@ def save_checkpoint(model: nn.Module, tokenizer, checkpoint_dir: str, meta: dict
     shutil.rmtree(old, ignore_errors=True)
 
 
-def load_checkpoint(checkpoint_dir: str, task_name: str, attn_implementation: Optional[str] = None):
+def load_checkpoint(checkpoint_dir: str, task_name: str, attn_implementation: str | None = None):
     """Loads a `train.py` checkpoint (safetensors only). Returns (model, tokenizer, meta).
 
     Raises:
@@ -445,7 +444,8 @@ def glue_metrics(task_name: str, predictions: np.ndarray, labels: np.ndarray) ->
     """GLUE's metrics, computed with scikit-learn / scipy (the `evaluate` package needs the hub)."""
     metric = get_task(task_name).metric
     if metric == "pearson_spearman":
-        return {"pearson": float(pearsonr(predictions, labels)[0]), "spearmanr": float(spearmanr(predictions, labels)[0])}
+        return {"pearson": float(pearsonr(predictions, labels)[0]),
+                "spearmanr": float(spearmanr(predictions, labels)[0])}
     results = {"accuracy": float(accuracy_score(labels, predictions))}
     if metric == "f1":
         results["f1"] = float(f1_score(labels, predictions))
@@ -557,7 +557,7 @@ def claim_experiment(folder: str, arguments: dict) -> None:
         atomic_write_json(arguments, path)
 
 
-def retrain_and_measure(model_name_or_path: str, task_name: str, train_dataset: Dataset, keep: Optional[list],
+def retrain_and_measure(model_name_or_path: str, task_name: str, train_dataset: Dataset, keep: list | None,
                         query_dataset: Dataset, data_collator, config: TrainConfig, seed: int, device: str = "cpu",
                         eval_batch_size: int = 64) -> dict:
     """Fine-tunes on `train_dataset.select(keep)` (all if None) with the train.py recipe and returns the queries'

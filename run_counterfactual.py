@@ -59,7 +59,8 @@ def parse_args():
                         help="Score sets written by analyze.py (e.g. ekfac identity kfac diagonal ekfac_half); "
                              "the random baseline always runs as well.")
     parser.add_argument("--scores_dir", default="./influence_results", help="analyze.py's --output_dir.")
-    parser.add_argument("--num_target", type=int, default=100, help="Candidate queries: the first N validation examples.")
+    parser.add_argument("--num_target", type=int, default=100,
+                        help="Candidate queries: the first N validation examples.")
     parser.add_argument("--remove_intervals", type=int, nargs="+", default=[20, 40, 60, 80, 100, 120],
                         help="How many top-ranked training examples to remove (k).")
     parser.add_argument("--num_base_repeat", type=int, default=5,

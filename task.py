@@ -1,6 +1,5 @@
 """The kronfluence `Task` for GLUE: what loss the factors approximate and what the scores measure."""
 
-from typing import Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -9,7 +8,7 @@ from torch import nn
 
 from pipeline import margins
 
-BATCH_TYPE = Dict[str, torch.Tensor]
+BATCH_TYPE = dict[str, torch.Tensor]
 
 
 def _model_inputs(batch: BATCH_TYPE) -> BATCH_TYPE:
@@ -27,7 +26,7 @@ class GlueTask(Task):
         tracked_modules: Names of the modules whose parameters influence is computed for (None: every `nn.Linear`).
     """
 
-    def __init__(self, tracked_modules: Optional[List[str]] = None) -> None:
+    def __init__(self, tracked_modules: list[str] | None = None) -> None:
         super().__init__()
         self.tracked_modules = tracked_modules
 
@@ -58,7 +57,7 @@ class GlueTask(Task):
         logits = model(**_model_inputs(batch)).logits
         return -margins(logits, batch["labels"]).sum()
 
-    def get_influence_tracked_modules(self) -> Optional[List[str]]:
+    def get_influence_tracked_modules(self) -> list[str] | None:
         return self.tracked_modules
 
     def get_attention_mask(self, batch: BATCH_TYPE) -> torch.Tensor:

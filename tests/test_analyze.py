@@ -8,11 +8,11 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import assert_user_error, run_script
 from safetensors.torch import load_file
 
 import analyze
 import pipeline
+from conftest import assert_user_error, run_script
 from task import GlueTask
 
 N_TRAIN, N_QUERY = 24, 6
@@ -116,7 +116,8 @@ def test_resume_reuses_factors_and_scores(monkeypatch, glue_dir, checkpoints, tm
         path.unlink()
     (tmp_path / "rte" / "scores_ekfac" / "glue_scores.json").unlink()
     run_analyze(monkeypatch, glue_dir, checkpoints, tmp_path)
-    assert (factors / "activation_covariance.safetensors").stat().st_mtime_ns == mtimes["activation_covariance.safetensors"]
+    covariance = "activation_covariance.safetensors"
+    assert (factors / covariance).stat().st_mtime_ns == mtimes[covariance]
     assert any(factors.glob("*lambda*"))
     np.testing.assert_allclose(scores_of(tmp_path, "ekfac"), first, rtol=1e-4, atol=1e-6 * np.abs(first).max())
 

@@ -9,11 +9,11 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import assert_user_error, run_script
 from safetensors.torch import save_file
 
 import pipeline
 import run_counterfactual as rc
+from conftest import assert_user_error, run_script
 
 N_TRAIN, N_DEV = 48, 16  # conftest's fixture sizes
 
@@ -30,7 +30,8 @@ def write_scores(root, name, scores, task_name="rte"):
     """A score set laid out as analyze.py writes it."""
     folder = root / task_name / f"scores_{name}"
     folder.mkdir(parents=True)
-    save_file({"all_modules": torch.as_tensor(scores, dtype=torch.float32)}, str(folder / "pairwise_scores.safetensors"))
+    tensors = {"all_modules": torch.as_tensor(scores, dtype=torch.float32)}
+    save_file(tensors, str(folder / "pairwise_scores.safetensors"))
     (folder / pipeline.SCORES_META).write_text(json.dumps({"shape": list(scores.shape), "status": "done"}))
 
 
@@ -99,7 +100,7 @@ def test_removal_removes_exactly_the_top_k(tmp_path):
     stub = Stub()
     rows = rc.query_outcome(stub, str(tmp_path), ranking, 5, [2, 4, 6], [1004], N_TRAIN)
     assert [r["k"] for r in rows] == [2, 4, 6] and not any(r["flipped"] for r in rows)
-    for (keep, seed, queries), k in zip(stub.calls, [2, 4, 6]):
+    for (keep, _seed, queries), k in zip(stub.calls, [2, 4, 6]):
         assert len(keep) == N_TRAIN - k and not set(keep) & set(ranking[:k].tolist())
         assert set(keep) | set(ranking[:k].tolist()) == set(range(N_TRAIN)) and queries == (5,)
 
@@ -203,9 +204,9 @@ def test_script_end_to_end_and_missing_scores(tiny_model_dir, glue_dir, scores_d
                       "--factor_strategy kfac")
     out = tmp_path / "out"
     result = run_script("run_counterfactual.py", *common, "--output_dir", str(out), "--figure",
-                        str(tmp_path / "figure" / "counterfactual.png"), "--methods", "ekfac", "--num_target", "4", "--remove_intervals",
-                        "2", "4", "--num_base_repeat", "1", "--num_repeat", "1", "--num_train_epochs", "1",
-                        "--train_batch_size", "8", "--learning_rate", "1e-3")
+                        str(tmp_path / "figure" / "counterfactual.png"), "--methods", "ekfac", "--num_target", "4",
+                        "--remove_intervals", "2", "4", "--num_base_repeat", "1", "--num_repeat", "1",
+                        "--num_train_epochs", "1", "--train_batch_size", "8", "--learning_rate", "1e-3")
     assert result.returncode == 0, result.stderr
     results = read_results(out)
     assert results["queries"] and results["num_train"] == N_TRAIN and len(results["base_accuracy"]) == 4

@@ -7,10 +7,10 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import assert_user_error, run_script
 
 import evaluate_lds
 import pipeline
+from conftest import assert_user_error, run_script
 
 torch.set_num_threads(1)  # the machine is shared; the tiny retrains do not need more
 

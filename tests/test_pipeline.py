@@ -1,14 +1,13 @@
 """Data loading (real GLUE and fixtures), metrics, the training loop, checkpoints and train.py."""
 
 import json
-import os
 
 import numpy as np
 import pytest
 import torch
-from conftest import assert_user_error, fixture_examples, run_script
 
 import pipeline
+from conftest import assert_user_error, fixture_examples, run_script
 
 # (train, dev) example counts and a verbatim first dev row from ../shared/glue_data/README.md and the files.
 REAL_COUNTS = {"cola": (8551, 1043), "sst2": (67349, 872), "mrpc": (3668, 408), "stsb": (5749, 1500),

@@ -1,0 +1,169 @@
+"""Seed recipe vs this project's analysis path, in one process, same model, data and device.
+
+(a) seed: every example padded to 128 tokens, stock kronfluence trackers;
+(b) project: dynamic padding over length-sorted splits, token-factored Lambda (fast_factors.py).
+
+    python benchmarks/bench_analysis.py --quick                 # CPU, < 2 min: 2-layer MiniLM, 64 x 16
+    python benchmarks/bench_analysis.py                         # CPU: packaged MiniLM, 256 train x 32 queries
+    python benchmarks/bench_analysis.py --device cuda --model bert-base --num_train 4096 --num_query 175
+
+Data: the first examples of real SST-2 from --data_dir (skips cleanly where absent). Prints per-stage seconds for
+both, the ratio, the per-query Spearman between their scores and an extrapolation to the whole SST-2 analysis
+(67,349 training examples x 872 queries in batches of --query_batch_size). Last lines: `speedup: X`, `spearman: Y`.
+"""
+
+import argparse
+import copy
+import math
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+from kronfluence.analyzer import Analyzer, prepare_model
+from kronfluence.utils.common.factor_arguments import all_low_precision_factor_arguments, default_factor_arguments
+from kronfluence.utils.common.score_arguments import all_low_precision_score_arguments, default_score_arguments
+from kronfluence.utils.dataset import DataLoaderKwargs
+from scipy.stats import spearmanr
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import fast_factors  # noqa: E402
+import pipeline  # noqa: E402
+from task import GlueTask  # noqa: E402
+
+SST2_TRAIN, SST2_QUERIES = 67349, 872
+STAGES = ("covariance", "eigendecomposition", "lambda", "scores")
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="Small CPU run (< 2 minutes).")
+    parser.add_argument("--model", default="minilm", choices=["minilm", "bert-base"],
+                        help="minilm: the packaged pretrained MiniLM; bert-base: random weights of bert-base shape.")
+    parser.add_argument("--data_dir", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared",
+                                                           "glue_data"))
+    parser.add_argument("--num_train", type=int, default=256)
+    parser.add_argument("--num_query", type=int, default=32)
+    parser.add_argument("--query_batch_size", type=int, default=None, help="Default: all queries in one batch.")
+    parser.add_argument("--train_batch_size", type=int, default=32)
+    parser.add_argument("--strategy", default="ekfac")
+    parser.add_argument("--use_half_precision", action="store_true")
+    parser.add_argument("--allow_tf32", action="store_true")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    if args.quick:
+        args.num_train, args.num_query = 64, 16
+    args.query_batch_size = args.query_batch_size or args.num_query
+    return args
+
+
+def build_model(args):
+    from transformers import AutoModelForSequenceClassification, BertConfig
+
+    if args.model == "bert-base":  # timing only: random weights, bert-base-cased's shape and vocabulary size
+        torch.manual_seed(0)
+        return AutoModelForSequenceClassification.from_config(BertConfig(vocab_size=28996, num_labels=2))
+    path = pipeline.resolve_model_path(pipeline.PACKAGED_MODEL)
+    layers = {"num_hidden_layers": 2} if args.quick else {}
+    pipeline.set_seed(0)
+    return AutoModelForSequenceClassification.from_pretrained(path, num_labels=2, **layers)
+
+
+def analyse(model, tokenizer, train_text, query_text, args, seed_recipe: bool, output_dir: str):
+    """Fits factors and scores with one recipe; returns per-stage seconds and scores in dataset order."""
+    train, queries = (pipeline.tokenize(d, "sst2", tokenizer, 128, pad_to_max_length=seed_recipe)
+                      for d in (train_text, query_text))
+    train_order = query_order = None
+    if not seed_recipe:
+        train_order, query_order = pipeline.length_order(train), pipeline.length_order(queries)
+        train, queries = train.select(train_order), queries.select(query_order)
+    task = GlueTask()
+    model = prepare_model(copy.deepcopy(model).to(args.device), task)
+    if not seed_recipe:
+        fast_factors.install_fast_trackers(model)
+    analyzer = Analyzer(analysis_name="bench", model=model, task=task, cpu=args.device == "cpu", disable_tqdm=True,
+                        output_dir=output_dir)
+    analyzer.set_dataloader_kwargs(DataLoaderKwargs(collate_fn=pipeline.collator(tokenizer)))
+    if args.use_half_precision:
+        factor_args = all_low_precision_factor_arguments(args.strategy, torch.bfloat16)
+        score_args = all_low_precision_score_arguments(dtype=torch.bfloat16)
+    else:
+        factor_args, score_args = default_factor_arguments(args.strategy), default_score_arguments()
+    batch = {"dataset": train, "factor_args": factor_args, "per_device_batch_size": args.train_batch_size}
+    stages = {
+        "covariance": lambda: analyzer.fit_covariance_matrices("f", **batch),
+        "eigendecomposition": lambda: analyzer.perform_eigendecomposition("f", factor_args=factor_args),
+        "lambda": lambda: analyzer.fit_lambda_matrices("f", **batch),
+        "scores": lambda: analyzer.compute_pairwise_scores(
+            "s", "f", query_dataset=queries, train_dataset=train, score_args=score_args,
+            per_device_query_batch_size=args.query_batch_size, per_device_train_batch_size=args.train_batch_size),
+    }
+    times = {}
+    for name, run in stages.items():
+        pipeline.set_seed(0)  # both recipes sample Fisher labels from the same stream
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        run()
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        times[name] = time.perf_counter() - start
+    scores = analyzer.load_pairwise_scores("s")["all_modules"].float().cpu()
+    if train_order is not None:
+        scores = pipeline.to_dataset_order(scores, train_order, query_order)
+    return times, scores.numpy()
+
+
+def extrapolate(times: dict, args) -> float:
+    """Seconds for the whole SST-2 analysis: factor stages scale with training examples, scores with training
+    examples x query batches."""
+    per_train = SST2_TRAIN / args.num_train
+    passes = math.ceil(SST2_QUERIES / args.query_batch_size) / math.ceil(args.num_query / args.query_batch_size)
+    return (times["covariance"] + times["lambda"]) * per_train + times["eigendecomposition"] + \
+        times["scores"] * per_train * passes
+
+
+def main():
+    args = parse_args()
+    if not os.path.isfile(os.path.join(args.data_dir, "SST-2", "train.tsv")):
+        print(f"skipped: no SST-2 under {args.data_dir} (pass --data_dir with a GLUE folder)")
+        return
+    if args.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    tokenizer = pipeline.load_tokenizer(pipeline.PACKAGED_MODEL)
+    train_text = pipeline.load_glue("sst2", "train", args.data_dir, args.num_train)
+    query_text = pipeline.load_glue("sst2", "validation", args.data_dir, args.num_query)
+    model = build_model(args)
+    on_gpu = args.device.startswith("cuda")
+    device_name = torch.cuda.get_device_name() if on_gpu else f"CPU ({torch.get_num_threads()} threads)"
+    print(f"device: {device_name}; model: {args.model}{' (2 layers)' if args.quick else ''}; "
+          f"{args.num_train} train x {args.num_query} queries; {args.strategy}"
+          f"{' bf16' if args.use_half_precision else ''}")
+
+    results = {}
+    for name, seed_recipe in (("seed", True), ("project", False)):
+        with tempfile.TemporaryDirectory() as tmp:
+            results[name] = analyse(model, tokenizer, train_text, query_text, args, seed_recipe, tmp)
+    (seed_times, seed_scores), (ours_times, ours_scores) = results["seed"], results["project"]
+
+    print(f"\n{'stage':<20}{'seed (s)':>12}{'project (s)':>14}{'ratio':>9}")
+    for stage in STAGES:
+        print(f"{stage:<20}{seed_times[stage]:>12.2f}{ours_times[stage]:>14.2f}"
+              f"{seed_times[stage] / ours_times[stage]:>9.2f}")
+    seed_factors = sum(seed_times[s] for s in STAGES[:3])
+    ours_factors = sum(ours_times[s] for s in STAGES[:3])
+    print(f"{'factors (total)':<20}{seed_factors:>12.2f}{ours_factors:>14.2f}{seed_factors / ours_factors:>9.2f}")
+    seed_total, ours_total = sum(seed_times.values()), sum(ours_times.values())
+    print(f"{'total':<20}{seed_total:>12.2f}{ours_total:>14.2f}{seed_total / ours_total:>9.2f}")
+    print(f"\nwhole SST-2 ({SST2_TRAIN} x {SST2_QUERIES}, query batch {args.query_batch_size}), extrapolated: "
+          f"seed {extrapolate(seed_times, args) / 60:.1f} min, project {extrapolate(ours_times, args) / 60:.1f} min")
+    correlations = [spearmanr(a, b)[0] for a, b in zip(seed_scores, ours_scores)]
+    print(f"factor speedup: {seed_factors / ours_factors:.2f}")
+    print(f"speedup: {seed_total / ours_total:.2f}")
+    print(f"spearman: {np.mean(correlations):.4f}")
+
+
+if __name__ == "__main__":
+    main()
