@@ -18,14 +18,6 @@ from conftest import assert_user_error, run_script
 N_TRAIN, N_DEV = 48, 16  # conftest's fixture sizes
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def write_scores(root, name, scores, task_name="rte"):
     """A score set laid out as analyze.py writes it."""
     folder = root / task_name / f"scores_{name}"

@@ -12,8 +12,6 @@ import evaluate_lds
 import pipeline
 from conftest import assert_user_error, run_script
 
-torch.set_num_threads(1)  # the machine is shared; the tiny retrains do not need more
-
 
 def lds_argv(command: str, glue_dir, model_dir: str, output_dir, *extra: str) -> list:
     """A tiny ground truth: 4 masks x 1 repeat of 16 of 32 RTE fixture examples, 8 queries, 1 epoch."""

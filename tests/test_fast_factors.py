@@ -23,15 +23,6 @@ F64 = torch.float64
 LENGTHS = [5, 9, 3, 12, 7, 4, 11, 6, 40, 8, 2, 10, 6, 3, 9, 5, 12, 4, 7, 11, 30, 3, 8, 6]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny float64 matmuls: OpenMP's thread hand-off costs far more than the work (and thrashes on a busy box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class TinyTask(Task):
     def _logits(self, batch, model):
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
