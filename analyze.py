@@ -156,19 +156,6 @@ def reorder_scores(path: str, train_order: np.ndarray, query_order: np.ndarray |
     os.replace(f"{path}.tmp", path)
 
 
-def inspect_query(scores: np.ndarray, index: int, queries, train, keys: tuple, top_k: int) -> None:
-    def show(example, score=None):
-        lines = [f"  {key}: {example[key]}" for key in keys] + [f"  label: {example['label']}"]
-        return "\n".join(([f"  score: {score:.4g}"] if score is not None else []) + lines)
-
-    print(f"Query {index}:\n{show(queries[index])}")
-    order = np.argsort(-scores[index])
-    for title, picks in (("most positively", order[:top_k]), ("most negatively", order[::-1][:top_k])):
-        print(f"\nTop {top_k} {title} influential training examples:")
-        for j in picks:
-            print(f"[train {j}]\n{show(train[int(j)], scores[index, j])}")
-
-
 def main():
     args = parse_args()
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
@@ -285,7 +272,8 @@ def main():
         top = torch.argsort(self_scores, descending=True)[:10].tolist()
         logger.info("Highest self-influence (candidates for mislabeled data): %s", top)
     if args.inspect_query is not None:
-        inspect_query(scores, args.inspect_query, query_text, train_text, task.keys, args.top_k)
+        pipeline.show_influences(scores, args.inspect_query, query_text, train_text, args.dataset_name, args.top_k,
+                                 scores_name)
 
 
 if __name__ == "__main__":

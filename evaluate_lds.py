@@ -240,8 +240,7 @@ def build(args) -> None:
             raise pipeline.UserError(f"{folder} is missing runs; finish them with `evaluate_lds.py build` "
                                      "(same flags) before --merge_only")
         return
-    if args.device == "cuda" and "LOCAL_RANK" in os.environ:
-        args.device = f"cuda:{os.environ['LOCAL_RANK']}"  # torchrun: one GPU per process, not all on the first
+    args.device = pipeline.local_device(args.device)
     start = time.time()
     retrain_runs(folder, args, masks, train_text, query_text)
     logger.info("Retrains took %.0f s", time.time() - start)
@@ -361,22 +360,7 @@ def plot_table(table: dict, path: str, title: str) -> None:
     plt.close(fig)
 
 
-def show_query(scores: np.ndarray, index: int, query_text, train_text, task, top_k: int, name: str) -> None:
-    def show(example, score=None):
-        label = example["label"] if task.is_regression else task.labels[example["label"]]
-        lines = [f"  {key}: {example[key]}" for key in task.keys] + [f"  label: {label}"]
-        return "\n".join(([f"  score: {score:.4g}"] if score is not None else []) + lines)
-
-    print(f"\nQuery {index}:\n{show(query_text[index])}")
-    order = np.argsort(-scores[index], kind="stable")
-    for title, picks in (("most positively", order[:top_k]), ("most negatively", order[::-1][:top_k])):
-        print(f"\nTop {top_k} {title} influential training examples ({name}):")
-        for j in picks:
-            print(f"[train {j}]\n{show(train_text[int(j)], scores[index, j])}")
-
-
 def score(args) -> None:
-    task = pipeline.get_task(args.dataset_name)
     folder, masks, margins, summary = load_ground_truth(args)
     train_text, query_text = load_data(args)
     num_masks, num_query = margins.shape
@@ -399,7 +383,8 @@ def score(args) -> None:
     logger.info("Wrote %s and %s", results_path, args.figure)
     if args.query_index is not None:
         name = args.strategies[0]
-        show_query(scores[name], args.query_index, query_text, train_text, task, args.top_k, name)
+        pipeline.show_influences(scores[name], args.query_index, query_text, train_text, args.dataset_name,
+                                 args.top_k, name)
 
 
 def main():

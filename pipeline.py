@@ -512,6 +512,27 @@ def load_pairwise_scores(output_dir: str, task_name: str, scores_name: str) -> t
     return scores.numpy(), meta
 
 
+def show_influences(scores: np.ndarray, index: int, queries: Dataset, train: Dataset, task_name: str,
+                    top_k: int, name: str) -> None:
+    """Prints query `index` (text, label) and its `top_k` most positively and negatively influential training
+    examples under the score set `name`, as the seed README shows them."""
+    task = get_task(task_name)
+    if not 0 <= index < len(scores):
+        raise UserError(f"query index {index} is out of range: there are {len(scores)} queries")
+
+    def show(example, score=None):
+        label = example["label"] if task.is_regression else task.labels[example["label"]]
+        lines = [f"  {key}: {example[key]}" for key in task.keys] + [f"  label: {label}"]
+        return "\n".join(([f"  score: {score:.4g}"] if score is not None else []) + lines)
+
+    print(f"\nQuery {index}:\n{show(queries[index])}")
+    order = np.argsort(-scores[index], kind="stable")
+    for title, picks in (("most positively", order[:top_k]), ("most negatively", order[::-1][:top_k])):
+        print(f"\nTop {top_k} {title} influential training examples ({name}):")
+        for j in picks:
+            print(f"[train {j}]\n{show(train[int(j)], scores[index, j])}")
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Retraining experiments (LDS ground truth, counterfactual): resumable, shardable runs
 
@@ -555,6 +576,13 @@ def claim_experiment(folder: str, arguments: dict) -> None:
                             "use another output folder or delete it")
     else:
         atomic_write_json(arguments, path)
+
+
+def local_device(device: str) -> str:
+    """Under torchrun every process trains on its own GPU (cuda:LOCAL_RANK), not all on the first."""
+    if device == "cuda" and "LOCAL_RANK" in os.environ:
+        return f"cuda:{os.environ['LOCAL_RANK']}"
+    return device
 
 
 def retrain_and_measure(model_name_or_path: str, task_name: str, train_dataset: Dataset, keep: list | None,

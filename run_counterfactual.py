@@ -142,8 +142,7 @@ def make_retrain(args, train_text, query_text):
         pipeline.tokenize(d, args.dataset_name, tokenizer, args.max_seq_length, args.pad_to_max_length)
         for d in (train_text, query_text))
     collate, config = pipeline.collator(tokenizer), pipeline.train_config(args)
-    # Under torchrun every process trains on its own GPU.
-    device = f"cuda:{os.environ['LOCAL_RANK']}" if args.device == "cuda" and "LOCAL_RANK" in os.environ else args.device
+    device = pipeline.local_device(args.device)
 
     def retrain(keep: np.ndarray, seed: int, queries: list) -> dict:
         return pipeline.retrain_and_measure(args.model_name_or_path, args.dataset_name, train_dataset, keep.tolist(),
