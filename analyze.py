@@ -225,18 +225,17 @@ def main():
         os.makedirs(factors_folder, exist_ok=True)
         pipeline.atomic_write_json({"signature": factors_signature, "status": "running"},
                                    os.path.join(factors_folder, FACTORS_META))
-        start = time.time()
-        # Stage by stage, each seeded (labels are sampled for the true Fisher), so a resumed run equals an
-        # uninterrupted one.
-        pipeline.set_seed(args.seed)
-        analyzer.fit_covariance_matrices(factors_name=factors_name, dataset=train_dataset, factor_args=factor_args,
-                                         per_device_batch_size=factor_batch_size, overwrite_output_dir=stale)
-        analyzer.perform_eigendecomposition(factors_name=factors_name, factor_args=factor_args,
-                                            overwrite_output_dir=stale)
-        pipeline.set_seed(args.seed + 1)
-        analyzer.fit_lambda_matrices(factors_name=factors_name, dataset=train_dataset, factor_args=factor_args,
-                                     per_device_batch_size=factor_batch_size, overwrite_output_dir=stale)
-        timings["factors_seconds"] = time.time() - start
+        fit = {"factors_name": factors_name, "factor_args": factor_args, "overwrite_output_dir": stale}
+        data = {"dataset": train_dataset, "per_device_batch_size": factor_batch_size}
+        stages = {"covariance": lambda: analyzer.fit_covariance_matrices(**fit, **data),
+                  "eigendecomposition": lambda: analyzer.perform_eigendecomposition(**fit),
+                  "lambda": lambda: analyzer.fit_lambda_matrices(**fit, **data)}
+        for i, (stage, run) in enumerate(stages.items()):
+            # Each stage seeded (the true Fisher samples labels), so a resumed run equals an uninterrupted one.
+            pipeline.set_seed(args.seed + i)
+            start = time.time()
+            run()
+            timings[f"{stage}_seconds"] = time.time() - start
         pipeline.atomic_write_json({"signature": factors_signature, "status": "done", **timings},
                                    os.path.join(factors_folder, FACTORS_META))
 
