@@ -53,6 +53,9 @@ def parse_args():
                         help="Low-rank approximation of query gradients (names the scores <strategy>_qlrR).")
     parser.add_argument("--damping_factor", type=damping, default=1e-8,
                         help="Damping for the inverse Hessian ('auto': 0.1 x mean eigenvalue). Default: the seed's.")
+    parser.add_argument("--scores_name", type=str, default=None,
+                        help="Name the scores (default: <strategy>[_half][_qlrR], as the seed); e.g. for a damping "
+                             "ablation that reuses the factors.")
     parser.add_argument("--query_batch_size", type=int, default=8, help="Queries per batch.")
     parser.add_argument("--train_batch_size", type=int, default=8, help="Training examples per scoring batch.")
     parser.add_argument("--factor_batch_size", type=int, default=None,
@@ -107,7 +110,7 @@ def influence_arguments(args) -> tuple:
         score_args.query_gradient_low_rank = args.query_gradient_rank
         score_args.query_gradient_accumulation_steps = 10  # as kronfluence's default_score_arguments
         scores_name += f"_qlr{args.query_gradient_rank}"
-    return factors_name, factor_args, scores_name, score_args
+    return factors_name, factor_args, args.scores_name or scores_name, score_args
 
 
 def tracked_modules(model: nn.Module, patterns) -> list:

@@ -124,9 +124,9 @@ def test_resume_reuses_factors_and_scores(monkeypatch, glue_dir, checkpoints, tm
 
 def test_inspect_query(monkeypatch, glue_dir, checkpoints, tmp_path, capsys):
     run_analyze(monkeypatch, glue_dir, checkpoints, tmp_path, "--factor_strategy", "identity", "--inspect_query", "1",
-                "--top_k", "2")
+                "--top_k", "2", "--scores_name", "tracin")
     out = capsys.readouterr().out
-    scores = scores_of(tmp_path, "identity")
+    scores = scores_of(tmp_path, "tracin")
     top = int(np.argmax(scores[1]))
     train = pipeline.load_glue("rte", "train", str(glue_dir), N_TRAIN)
     assert "Query 1:" in out and f"[train {top}]" in out and train[top]["sentence1"] in out
