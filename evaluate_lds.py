@@ -169,16 +169,6 @@ def load_or_make_masks(folder: str, args, train_labels) -> np.ndarray:
     return masks
 
 
-def quiet_retrains() -> None:
-    """Each retrain's model-load report, weight-loading bar and epoch losses would bury the progress bar over
-    hundreds of retrains; keep warnings only."""
-    from transformers.utils import logging as transformers_logging
-
-    transformers_logging.set_verbosity_error()
-    transformers_logging.disable_progress_bar()
-    logging.getLogger(pipeline.__name__).setLevel(logging.WARNING)
-
-
 def retrain_runs(folder: str, args, masks: np.ndarray, train_text, query_text) -> None:
     """Retrains this shard's missing (mask, repeat) runs, saving each as it ends."""
     runs = [(m, r) for m in range(args.num_masks) for r in range(args.num_repeats)]
@@ -197,7 +187,7 @@ def retrain_runs(folder: str, args, masks: np.ndarray, train_text, query_text) -
         for d in (train_text, query_text))
     config = pipeline.train_config(args)
     os.makedirs(os.path.join(folder, "runs"), exist_ok=True)
-    quiet_retrains()
+    pipeline.quiet_retrains()
     with tqdm(pending, desc=f"Retrains (shard {args.shard_index}/{args.num_shards})", unit="run") as progress:
         for m, r in progress:
             seed = run_seed(args.seed, m, r)

@@ -585,6 +585,16 @@ def local_device(device: str) -> str:
     return device
 
 
+def quiet_retrains() -> None:
+    """Each retrain's model-load report, weight-loading bar and epoch losses would bury the progress bar over
+    hundreds of retrains; keep warnings only."""
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    logger.setLevel(logging.WARNING)
+
+
 def retrain_and_measure(model_name_or_path: str, task_name: str, train_dataset: Dataset, keep: list | None,
                         query_dataset: Dataset, data_collator, config: TrainConfig, seed: int, device: str = "cpu",
                         eval_batch_size: int = 64) -> dict:

@@ -143,6 +143,7 @@ def make_retrain(args, train_text, query_text):
         for d in (train_text, query_text))
     collate, config = pipeline.collator(tokenizer), pipeline.train_config(args)
     device = pipeline.local_device(args.device)
+    pipeline.quiet_retrains()
 
     def retrain(keep: np.ndarray, seed: int, queries: list) -> dict:
         return pipeline.retrain_and_measure(args.model_name_or_path, args.dataset_name, train_dataset, keep.tolist(),
