@@ -4,7 +4,7 @@
 (b) project: dynamic padding over length-sorted splits, token-factored Lambda (fast_factors.py).
 
     python benchmarks/bench_analysis.py --quick                 # CPU, < 2 min: 2-layer MiniLM, 64 x 16
-    python benchmarks/bench_analysis.py                         # CPU: packaged MiniLM, 256 train x 32 queries
+    python benchmarks/bench_analysis.py                         # CPU: packaged MiniLM, 128 train x 16 queries
     python benchmarks/bench_analysis.py --device cuda --model bert-base --num_train 4096 --num_query 175
 
 Data: the first examples of real SST-2 from --data_dir (skips cleanly where absent). Prints per-stage seconds for
@@ -44,8 +44,8 @@ def parse_args():
                         help="minilm: the packaged pretrained MiniLM; bert-base: random weights of bert-base shape.")
     parser.add_argument("--data_dir", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared",
                                                            "glue_data"))
-    parser.add_argument("--num_train", type=int, default=256)
-    parser.add_argument("--num_query", type=int, default=32)
+    parser.add_argument("--num_train", type=int, default=128)
+    parser.add_argument("--num_query", type=int, default=16)
     parser.add_argument("--query_batch_size", type=int, default=None, help="Default: all queries in one batch.")
     parser.add_argument("--train_batch_size", type=int, default=32)
     parser.add_argument("--strategy", default="ekfac")
@@ -59,12 +59,12 @@ def parse_args():
     return args
 
 
-def build_model(args):
+def build_model(args, vocab_size: int):
     from transformers import AutoModelForSequenceClassification, BertConfig
 
-    if args.model == "bert-base":  # timing only: random weights, bert-base-cased's shape and vocabulary size
+    if args.model == "bert-base":  # timing only: random weights, bert-base's shape (embeddings are not tracked)
         torch.manual_seed(0)
-        return AutoModelForSequenceClassification.from_config(BertConfig(vocab_size=28996, num_labels=2))
+        return AutoModelForSequenceClassification.from_config(BertConfig(vocab_size=vocab_size, num_labels=2))
     path = pipeline.resolve_model_path(pipeline.PACKAGED_MODEL)
     layers = {"num_hidden_layers": 2} if args.quick else {}
     pipeline.set_seed(0)
@@ -135,7 +135,7 @@ def main():
     tokenizer = pipeline.load_tokenizer(pipeline.PACKAGED_MODEL)
     train_text = pipeline.load_glue("sst2", "train", args.data_dir, args.num_train)
     query_text = pipeline.load_glue("sst2", "validation", args.data_dir, args.num_query)
-    model = build_model(args)
+    model = build_model(args, tokenizer.vocab_size)
     on_gpu = args.device.startswith("cuda")
     device_name = torch.cuda.get_device_name() if on_gpu else f"CPU ({torch.get_num_threads()} threads)"
     print(f"device: {device_name}; model: {args.model}{' (2 layers)' if args.quick else ''}; "
