@@ -155,8 +155,8 @@ def reorder_scores(path: str, train_order: np.ndarray, query_order: np.ndarray |
     """Rewrites kronfluence's scores, computed on length-sorted data, in dataset order (atomically)."""
     tensors = {name: pipeline.to_dataset_order(scores, train_order, query_order)
                for name, scores in load_file(path).items()}
-    save_file(tensors, f"{path}.tmp")
-    os.replace(f"{path}.tmp", path)
+    with pipeline.atomic_path(path) as tmp:
+        save_file(tensors, tmp)
 
 
 def main():
@@ -168,15 +168,13 @@ def main():
                                  "processes, so a CPU launch would fit wrong factors; run one process instead")
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    task = pipeline.get_task(args.dataset_name)
 
     # Data: the same examples, in the same order, as train.py; queries are the first validation examples.
     checkpoint_dir = os.path.join(args.checkpoint_dir, args.dataset_name)
     model, tokenizer, checkpoint_meta = pipeline.load_checkpoint(checkpoint_dir, args.dataset_name,
                                                                  args.attn_implementation)
-    train_text = pipeline.load_glue(args.dataset_name, "train", args.data_dir,
-                                    pipeline.train_size(args.dataset_name, args.max_train_samples))
-    query_text = pipeline.load_glue(args.dataset_name, task.eval_splits[0], args.data_dir, args.max_query_examples)
+    train_text, query_text = pipeline.load_train_and_queries(args.dataset_name, args.data_dir,
+                                                             args.max_train_samples, args.max_query_examples)
     if args.inspect_query is not None and not 0 <= args.inspect_query < len(query_text):
         raise pipeline.UserError(f"--inspect_query {args.inspect_query} is out of range: there are "
                                  f"{len(query_text)} queries")

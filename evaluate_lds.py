@@ -119,16 +119,6 @@ def ground_truth_dir(args) -> str:
     return os.path.join(args.output_dir, args.dataset_name, f"lds_{digest}")
 
 
-def load_data(args) -> tuple:
-    """(train, queries) as text: the first train_size() training and first --max_query_examples validation examples
-    (analyze.py's queries)."""
-    task = pipeline.get_task(args.dataset_name)
-    train = pipeline.load_glue(args.dataset_name, "train", args.data_dir,
-                               pipeline.train_size(args.dataset_name, args.max_train_samples))
-    queries = pipeline.load_glue(args.dataset_name, task.eval_splits[0], args.data_dir, args.max_query_examples)
-    return train, queries
-
-
 def make_masks(num_train: int, num_masks: int, fraction: float, seed: int, labels=None) -> np.ndarray:
     """(num_masks, num_train) int8 rows keeping exactly round(fraction * n) examples; with `labels`, exactly
     round(fraction * n_c) of each class c."""
@@ -151,11 +141,8 @@ def run_path(folder: str, mask: int, repeat: int) -> str:
 
 
 def save_npy(path: str, array: np.ndarray) -> None:
-    """Atomic: written under a temporary name and renamed, so a present file is complete."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
+    with pipeline.atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.save(f, array)
-    os.replace(tmp, path)
 
 
 def load_or_make_masks(folder: str, args, train_labels) -> np.ndarray:
@@ -180,20 +167,12 @@ def retrain_runs(folder: str, args, masks: np.ndarray, train_text, query_text) -
                 int(masks[0].sum()), masks.shape[1])
     if not pending:
         return
-    tokenizer = pipeline.load_tokenizer(args.model_name_or_path)
-    collate = pipeline.collator(tokenizer)
-    train_dataset, query_dataset = (
-        pipeline.tokenize(d, args.dataset_name, tokenizer, args.max_seq_length, args.pad_to_max_length)
-        for d in (train_text, query_text))
-    config = pipeline.train_config(args)
+    retrain = pipeline.retrainer(args, train_text, query_text)
     os.makedirs(os.path.join(folder, "runs"), exist_ok=True)
-    pipeline.quiet_retrains()
     with tqdm(pending, desc=f"Retrains (shard {args.shard_index}/{args.num_shards})", unit="run") as progress:
         for m, r in progress:
             seed = run_seed(args.seed, m, r)
-            result = pipeline.retrain_and_measure(
-                args.model_name_or_path, args.dataset_name, train_dataset, np.flatnonzero(masks[m]).tolist(),
-                query_dataset, collate, config, seed=seed, device=args.device)
+            result = retrain(np.flatnonzero(masks[m]), seed)
             pipeline.save_arrays(run_path(folder, m, r), margins=result["margins"], correct=result["correct"],
                                  seed=np.array(seed))
             progress.set_postfix(query_acc=f"{result['correct'].mean():.3f}")
@@ -223,14 +202,14 @@ def merge_runs(folder: str, args) -> bool:
 def build(args) -> None:
     folder = ground_truth_dir(args)
     pipeline.claim_experiment(folder, ground_truth_arguments(args))
-    train_text, query_text = load_data(args)
+    train_text, query_text = pipeline.load_train_and_queries(args.dataset_name, args.data_dir, args.max_train_samples,
+                                                           args.max_query_examples)
     masks = load_or_make_masks(folder, args, train_text["label"])
     if args.merge_only:
         if not merge_runs(folder, args):
             raise pipeline.UserError(f"{folder} is missing runs; finish them with `evaluate_lds.py build` "
                                      "(same flags) before --merge_only")
         return
-    args.device = pipeline.local_device(args.device)
     start = time.time()
     retrain_runs(folder, args, masks, train_text, query_text)
     logger.info("Retrains took %.0f s", time.time() - start)
@@ -352,7 +331,8 @@ def plot_table(table: dict, path: str, title: str) -> None:
 
 def score(args) -> None:
     folder, masks, margins, summary = load_ground_truth(args)
-    train_text, query_text = load_data(args)
+    train_text, query_text = pipeline.load_train_and_queries(args.dataset_name, args.data_dir, args.max_train_samples,
+                                                           args.max_query_examples)
     num_masks, num_query = margins.shape
     if args.query_index is not None and not 0 <= args.query_index < num_query:
         raise pipeline.UserError(f"--query_index {args.query_index} is out of range: there are {num_query} queries")

@@ -14,6 +14,7 @@ import os
 import random
 import shutil
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -175,6 +176,14 @@ def train_size(task_name: str, max_train_samples: int | None) -> int | None:
     return max_train_samples if max_train_samples is not None else get_task(task_name).default_max_train_samples
 
 
+def load_train_and_queries(task_name: str, data_dir: str | None, max_train_samples: int | None,
+                           max_queries: int | None) -> tuple:
+    """(train, queries) as text: the examples analyze.py scores, the LDS masks cover and the retrains measure."""
+    train = load_glue(task_name, "train", data_dir, train_size(task_name, max_train_samples))
+    queries = load_glue(task_name, get_task(task_name).eval_splits[0], data_dir, max_queries)
+    return train, queries
+
+
 def tokenize(dataset: Dataset, task_name: str, tokenizer, max_seq_length: int = 128,
              pad_to_max_length: bool = False) -> Dataset:
     """Tokenizes a split into model inputs + `labels`, dropping the text.
@@ -268,11 +277,17 @@ def make_output_dir(path: str) -> str:
     return path
 
 
-def atomic_write_json(obj, path: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, default=str)
+@contextmanager
+def atomic_path(path: str, suffix: str = ""):
+    """Yields a temporary name beside `path`, renamed over it once written: a file that exists is complete."""
+    tmp = f"{path}.tmp{os.getpid()}{suffix}"
+    yield tmp
     os.replace(tmp, path)
+
+
+def atomic_write_json(obj, path: str) -> None:
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, default=str)
 
 
 def save_checkpoint(model: nn.Module, tokenizer, checkpoint_dir: str, meta: dict) -> None:
@@ -552,9 +567,8 @@ def shard(items: list, shard_index: int, num_shards: int) -> list:
 
 def save_arrays(path: str, **arrays) -> None:
     """One finished run as .npz, written under a temporary name and renamed: present means complete."""
-    tmp = f"{path}.tmp{os.getpid()}.npz"
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+    with atomic_path(path, ".npz") as tmp:
+        np.savez(tmp, **arrays)
 
 
 def load_arrays(path: str) -> dict:
@@ -595,14 +609,23 @@ def quiet_retrains() -> None:
     logger.setLevel(logging.WARNING)
 
 
-def retrain_and_measure(model_name_or_path: str, task_name: str, train_dataset: Dataset, keep: list | None,
-                        query_dataset: Dataset, data_collator, config: TrainConfig, seed: int, device: str = "cpu",
-                        eval_batch_size: int = 64) -> dict:
-    """Fine-tunes on `train_dataset.select(keep)` (all if None) with the train.py recipe and returns the queries'
-    `margins` (the quantity task.py measures) and `correct` flags."""
-    subset = train_dataset if keep is None else train_dataset.select(keep)
-    model = finetune(model_name_or_path, task_name, subset, data_collator, config, seed=seed, device=device,
-                     disable_tqdm=True)
-    results = evaluate(model, query_dataset, data_collator, task_name, batch_size=eval_batch_size, device=device,
-                       bf16=config.bf16)
-    return {"margins": results["margins"], "correct": results.get("correct", results["margins"] > 0)}
+def retrainer(args, train_text: Dataset, query_text: Dataset):
+    """retrain(keep, seed, queries=None): fine-tunes on the kept training examples with the train.py recipe and
+    returns the queries' `margins` (the quantity task.py measures) and `correct` flags. Tokenizes once for all
+    retrains of the LDS ground truth and the counterfactual test."""
+    tokenizer = load_tokenizer(args.model_name_or_path)
+    train_dataset, query_dataset = (
+        tokenize(d, args.dataset_name, tokenizer, args.max_seq_length, args.pad_to_max_length)
+        for d in (train_text, query_text))
+    data_collator, config, device = collator(tokenizer), train_config(args), local_device(args.device)
+    quiet_retrains()
+
+    def retrain(keep, seed: int, queries: list | None = None) -> dict:
+        model = finetune(args.model_name_or_path, args.dataset_name, train_dataset.select(np.asarray(keep).tolist()),
+                         data_collator, config, seed=seed, device=device, disable_tqdm=True)
+        measured = query_dataset if queries is None else query_dataset.select(queries)
+        results = evaluate(model, measured, data_collator, args.dataset_name, batch_size=64, device=device,
+                           bf16=config.bf16)
+        return {"margins": results["margins"], "correct": results.get("correct", results["margins"] > 0)}
+
+    return retrain

@@ -135,23 +135,6 @@ def rankings_fingerprint(rankings: dict, k: int) -> dict:
 # ----------------------------------------------------------------------------------------------------------------------
 # Retraining
 
-def make_retrain(args, train_text, query_text):
-    """retrain(keep, seed, queries) -> {"correct", "margins"} of those queries after train.py's recipe on `keep`."""
-    tokenizer = pipeline.load_tokenizer(args.model_name_or_path)
-    train_dataset, query_dataset = (
-        pipeline.tokenize(d, args.dataset_name, tokenizer, args.max_seq_length, args.pad_to_max_length)
-        for d in (train_text, query_text))
-    collate, config = pipeline.collator(tokenizer), pipeline.train_config(args)
-    device = pipeline.local_device(args.device)
-    pipeline.quiet_retrains()
-
-    def retrain(keep: np.ndarray, seed: int, queries: list) -> dict:
-        return pipeline.retrain_and_measure(args.model_name_or_path, args.dataset_name, train_dataset, keep.tolist(),
-                                            query_dataset.select(queries), collate, config, seed, device)
-
-    return retrain
-
-
 def query_accuracy(retrain, prefix: str, removed, n_train: int, seeds, queries) -> np.ndarray | None:
     """The one experiment: remove `removed`, retrain each seed, return each query's accuracy averaged over seeds.
 
@@ -207,8 +190,10 @@ def run_experiment(args, rankings: dict, n_train: int, retrain) -> dict | None:
         raise pipeline.UserError(f"no query passes the base filter: none of the {len(candidates)} candidates is "
                                  f"classified correctly by all {args.num_base_repeat} base models; train better "
                                  "(e.g. --learning_rate, --num_train_epochs) or raise --num_target")
+    passing = set(queries)
+    my_queries = [q for q in mine if q in passing]
     logger.info("%d of %d candidate queries pass the base filter; this shard tests %d of them", len(queries),
-                len(candidates), len(set(mine) & set(queries)))
+                len(candidates), len(my_queries))
 
     seeds = args.seed + np.arange(args.num_repeat)
 
@@ -217,7 +202,7 @@ def run_experiment(args, rankings: dict, n_train: int, retrain) -> dict | None:
                              args.remove_intervals, seeds, n_train)
 
     # Queries outermost: an interrupted run has every method's outcome for the queries it finished.
-    for query in tqdm([q for q in mine if q in queries], desc="Queries"):
+    for query in tqdm(my_queries, desc="Queries"):
         for method in rankings:
             outcome(method, query, retrain)
 
@@ -241,12 +226,10 @@ def run_experiment(args, rankings: dict, n_train: int, retrain) -> dict | None:
 # Results
 
 def write_csv(path: str, header: list, rows: list) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", newline="") as f:
+    with pipeline.atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(header)
         writer.writerows(rows)
-    os.replace(tmp, path)
 
 
 def write_results(results: dict, output_dir: str) -> str:
@@ -301,9 +284,8 @@ def main():
                                  "regression, with no prediction to flip")
 
     # Data: the training set analyze.py scored, and its first queries as candidates.
-    train_text = pipeline.load_glue(args.dataset_name, "train", args.data_dir,
-                                    pipeline.train_size(args.dataset_name, args.max_train_samples))
-    query_text = pipeline.load_glue(args.dataset_name, task.eval_splits[0], args.data_dir, args.num_target)
+    train_text, query_text = pipeline.load_train_and_queries(args.dataset_name, args.data_dir,
+                                                             args.max_train_samples, args.num_target)
     rankings = load_rankings(args, np.array(train_text["label"]), query_text["label"])
     check_intervals(args.remove_intervals, rankings, len(train_text), args.train_batch_size)
     pipeline.claim_experiment(args.output_dir, {
@@ -313,7 +295,7 @@ def main():
     logger.info("***** Running counterfactual retraining *****")
     logger.info("  Task = %s, train = %d, candidates = %d, methods = %s, k = %s", args.dataset_name, len(train_text),
                 len(query_text), list(rankings), args.remove_intervals)
-    results = run_experiment(args, rankings, len(train_text), make_retrain(args, train_text, query_text))
+    results = run_experiment(args, rankings, len(train_text), pipeline.retrainer(args, train_text, query_text))
     if results is None:
         return
     for i, k in enumerate(results["remove_intervals"]):

@@ -117,3 +117,15 @@ def assert_user_error(result, *fragments: str) -> None:
     last = result.stderr.strip().splitlines()[-1]
     for fragment in fragments:
         assert fragment in last, last
+
+
+def write_scores(output_dir, name: str, scores, task_name: str = "rte") -> None:
+    """A score set laid out as analyze.py writes it (what pipeline.load_pairwise_scores reads)."""
+    from safetensors.torch import save_file
+
+    folder = pipeline.scores_dir(str(output_dir), task_name, name)
+    os.makedirs(folder, exist_ok=True)
+    save_file({"all_modules": torch.as_tensor(scores, dtype=torch.float32)},
+              os.path.join(folder, "pairwise_scores.safetensors"))
+    pipeline.atomic_write_json({"shape": list(scores.shape), "status": "done"},
+                               os.path.join(folder, pipeline.SCORES_META))

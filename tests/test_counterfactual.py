@@ -8,23 +8,12 @@ import sys
 
 import numpy as np
 import pytest
-import torch
-from safetensors.torch import save_file
 
 import pipeline
 import run_counterfactual as rc
-from conftest import assert_user_error, run_script
+from conftest import assert_user_error, run_script, write_scores
 
 N_TRAIN, N_DEV = 48, 16  # conftest's fixture sizes
-
-
-def write_scores(root, name, scores, task_name="rte"):
-    """A score set laid out as analyze.py writes it."""
-    folder = root / task_name / f"scores_{name}"
-    folder.mkdir(parents=True)
-    tensors = {"all_modules": torch.as_tensor(scores, dtype=torch.float32)}
-    save_file(tensors, str(folder / "pairwise_scores.safetensors"))
-    (folder / pipeline.SCORES_META).write_text(json.dumps({"shape": list(scores.shape), "status": "done"}))
 
 
 @pytest.fixture
@@ -60,7 +49,7 @@ def varied(query, seed):
 
 def run_main(monkeypatch, retrain, glue_dir, scores_dir, output_dir, *extra):
     """run_counterfactual.main on the fixture RTE with `retrain` in place of real fine-tuning."""
-    monkeypatch.setattr(rc, "make_retrain", lambda args, train_text, query_text: retrain)
+    monkeypatch.setattr(pipeline, "retrainer", lambda args, train_text, query_text: retrain)
     argv = ["run_counterfactual.py", "--dataset_name", "rte", "--data_dir", str(glue_dir), "--scores_dir",
             str(scores_dir), "--output_dir", str(output_dir), "--figure", str(output_dir / "fig.png"),
             "--train_batch_size", "8", "--num_target", "6", "--remove_intervals", "2", "4", "6",

@@ -6,11 +6,10 @@ import os
 
 import numpy as np
 import pytest
-import torch
 
 import evaluate_lds
 import pipeline
-from conftest import assert_user_error, run_script
+from conftest import assert_user_error, run_script, write_scores
 
 
 def lds_argv(command: str, glue_dir, model_dir: str, output_dir, *extra: str) -> list:
@@ -19,18 +18,6 @@ def lds_argv(command: str, glue_dir, model_dir: str, output_dir, *extra: str) ->
             "--max_train_samples", "32", "--max_query_examples", "8", "--max_seq_length", "32", "--num_masks", "4",
             "--num_repeats", "1", "--num_train_epochs", "1", "--train_batch_size", "8", "--learning_rate", "1e-3",
             "--output_dir", str(output_dir), "--device", "cpu", *extra]
-
-
-def write_scores(output_dir, name: str, scores: np.ndarray) -> None:
-    """A score set laid out as analyze.py writes it (what pipeline.load_pairwise_scores reads)."""
-    from safetensors.torch import save_file
-
-    folder = pipeline.scores_dir(str(output_dir), "rte", name)
-    os.makedirs(folder, exist_ok=True)
-    save_file({"all_modules": torch.from_numpy(scores.astype(np.float32))},
-              os.path.join(folder, "pairwise_scores.safetensors"))
-    pipeline.atomic_write_json({"shape": list(scores.shape), "status": "done"},
-                               os.path.join(folder, pipeline.SCORES_META))
 
 
 def run_mtimes(folder) -> dict:

@@ -1,8 +1,5 @@
 """fast_factors must reproduce kronfluence's stock Lambda matrices and self-influence scores (float64, CPU)."""
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,7 +12,6 @@ from kronfluence.task import Task
 from kronfluence.utils.dataset import DataLoaderKwargs
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from fast_factors import install_fast_trackers
 
 F64 = torch.float64
