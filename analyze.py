@@ -11,10 +11,9 @@ Rerunning the same command reuses finished factors and scores; a killed run resu
 
 import argparse
 import fnmatch
-import hashlib
-import json
 import logging
 import os
+import shutil
 import time
 
 import numpy as np
@@ -27,8 +26,10 @@ from kronfluence.utils.dataset import DataLoaderKwargs
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+import artifacts
 import fast_factors
 import pipeline
+from cli import UserError, cli, positive_int
 from task import GlueTask
 
 logger = logging.getLogger(__name__)
@@ -49,19 +50,19 @@ def parse_args():
     parser.add_argument("--factor_strategy", type=str, default="ekfac", help=f"One of {STRATEGIES}.")
     parser.add_argument("--use_half_precision", action="store_true",
                         help="bfloat16 factors and scores (kronfluence's all-low-precision arguments).")
-    parser.add_argument("--query_gradient_rank", type=int, default=None,
+    parser.add_argument("--query_gradient_rank", type=positive_int, default=None,
                         help="Low-rank approximation of query gradients (names the scores <strategy>_qlrR).")
     parser.add_argument("--damping_factor", type=damping, default=1e-8,
                         help="Damping for the inverse Hessian ('auto': 0.1 x mean eigenvalue). Default: the seed's.")
     parser.add_argument("--scores_name", type=str, default=None,
                         help="Name the scores (default: <strategy>[_half][_qlrR], as the seed); e.g. for a damping "
                              "ablation that reuses the factors.")
-    parser.add_argument("--query_batch_size", type=int, default=8, help="Queries per batch.")
-    parser.add_argument("--train_batch_size", type=int, default=8, help="Training examples per scoring batch.")
-    parser.add_argument("--factor_batch_size", type=int, default=None,
+    parser.add_argument("--query_batch_size", type=positive_int, default=8, help="Queries per batch.")
+    parser.add_argument("--train_batch_size", type=positive_int, default=8, help="Training examples per scoring batch.")
+    parser.add_argument("--factor_batch_size", type=positive_int, default=None,
                         help="Examples per batch when fitting factors (default: kronfluence's search on GPU, "
                              "--train_batch_size on CPU, where the search can exhaust memory).")
-    parser.add_argument("--max_query_examples", type=int, default=2000,
+    parser.add_argument("--max_query_examples", type=positive_int, default=2000,
                         help="Use the first min(len(validation), N) validation examples as queries.")
     parser.add_argument("--tracked_modules", type=str, nargs="+", default=None,
                         help="Only nn.Linear modules whose names match these glob patterns (default: all).")
@@ -80,12 +81,11 @@ def parse_args():
     parser.add_argument("--profile", action="store_true", help="Print kronfluence's profiler table.")
     parser.add_argument("--inspect_query", type=int, default=None,
                         help="Print this query and its most positively and negatively influential training examples.")
-    parser.add_argument("--top_k", type=int, default=3, help="How many examples --inspect_query prints per side.")
+    parser.add_argument("--top_k", type=positive_int, default=3,
+                        help="How many examples --inspect_query prints per side.")
     args = parser.parse_args()
     if args.factor_strategy not in STRATEGIES:
         parser.error(f"unknown --factor_strategy '{args.factor_strategy}'; choose one of {', '.join(STRATEGIES)}")
-    if args.query_gradient_rank is not None and args.query_gradient_rank <= 0:
-        parser.error(f"--query_gradient_rank must be positive, got {args.query_gradient_rank}")
     return args
 
 
@@ -119,53 +119,100 @@ def tracked_modules(model: nn.Module, patterns) -> list:
         return None
     chosen = [name for name in names if any(fnmatch.fnmatch(name, p) for p in patterns)]
     if not chosen:
-        raise pipeline.UserError(f"--tracked_modules {' '.join(patterns)} matches no nn.Linear module "
+        raise UserError(f"--tracked_modules {' '.join(patterns)} matches no nn.Linear module "
                                  f"(e.g. {names[0]}, {names[-1]})")
     return chosen
 
 
-def file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+FACTOR_STAGES = ("covariance", "eigendecomposition", "lambda")
 
 
-def claim(folder: str, meta_name: str, signature: dict, overwrite: bool) -> bool:
-    """True if `folder` holds finished results for `signature`; refuse results made with other arguments.
+def fit_factors(analyzer_at, public: str, signature: dict, factors_name: str, factor_args, train_dataset,
+                batch_size: int | None, seed: int, overwrite: bool) -> dict:
+    """Reuses the published factors for `signature`, or fits them in their private folder, resuming after the last
+    stage whose files verify, and publishes them. Each stage is seeded (the true Fisher samples labels), so a
+    resumed fit equals an uninterrupted one."""
+    meta = artifacts.reuse(public, FACTORS_META, "factors", signature, overwrite)
+    if meta is not None:
+        logger.info("Reusing factors %s", public)
+        return meta
+    root = artifacts.staging_dir(public, signature)
+    work = os.path.join(root, f"factors_{factors_name}")
+    if overwrite:
+        shutil.rmtree(root, ignore_errors=True)
+    else:
+        artifacts.salvage_stages(public, FACTORS_META, signature, root, work, list(FACTOR_STAGES))
+    done = artifacts.finished_stages(root, work, list(FACTOR_STAGES))
+    if done:
+        logger.info("Resuming factors after the %s stage(s) in %s", ", ".join(done), root)
+    analyzer = analyzer_at(root)
+    fit = {"factors_name": factors_name, "factor_args": factor_args, "overwrite_output_dir": False}
+    data = {"dataset": train_dataset, "per_device_batch_size": batch_size}
+    stages = {"covariance": lambda: analyzer.fit_covariance_matrices(**fit, **data),
+              "eigendecomposition": lambda: analyzer.perform_eigendecomposition(**fit),
+              "lambda": lambda: analyzer.fit_lambda_matrices(**fit, **data)}
+    timings = {}
+    for i, (stage, run) in enumerate(stages.items()):
+        if stage in done:
+            continue
+        artifacts.kill_point(f"before_{stage}")
+        pipeline.set_seed(seed + i)
+        before, start = artifacts.files_in(work), time.time()
+        run()
+        timings[f"{stage}_seconds"] = time.time() - start
+        artifacts.record_stage(root, work, stage, before)
+        artifacts.kill_point(f"after_{stage}")
+    meta = artifacts.publish(work, public, FACTORS_META, {
+        "signature": signature, "stages": artifacts.stage_files(root, list(FACTOR_STAGES)), **timings})
+    artifacts.clean_staging(public)
+    return meta
 
-    The JSON is written when a stage starts (status "running") and again when it ends ("done"), so a killed run
-    is recognised as the same computation and resumed, and nothing half-written is taken as finished.
-    """
-    path = os.path.join(folder, meta_name)
-    if overwrite or not os.path.isfile(path):
-        return False
-    with open(path) as f:
-        saved = json.load(f)
-    if saved["signature"] != signature:
-        changed = sorted(k for k in signature.keys() | saved["signature"].keys()
-                         if signature.get(k) != saved["signature"].get(k))
-        raise pipeline.UserError(f"{folder} holds results computed with other arguments ({', '.join(changed)} "
-                                 "differ); pass --overwrite to recompute or --output_dir to keep both")
-    return saved.get("status") == "done"
+
+def compute_scores(analyzer, root: str, public: str, args, names: tuple, score_args, datasets: tuple,
+                   orders: tuple, meta: dict) -> dict:
+    """Pairwise (and self) scores in the private folder `root`, where the factors are already linked; mapped back
+    to dataset order there, then published. Always from scratch: one stage, nothing to resume."""
+    factors_name, scores_name = names
+    query_dataset, train_dataset = datasets
+    train_order, query_order = orders
+    start = time.time()
+    analyzer.compute_pairwise_scores(
+        scores_name=scores_name, factors_name=factors_name, query_dataset=query_dataset,
+        train_dataset=train_dataset, per_device_query_batch_size=args.query_batch_size,
+        per_device_train_batch_size=args.train_batch_size, score_args=score_args, overwrite_output_dir=True)
+    if args.compute_self_scores:
+        analyzer.compute_self_scores(scores_name=scores_name, factors_name=factors_name, train_dataset=train_dataset,
+                                     score_args=score_args, per_device_train_batch_size=args.train_batch_size,
+                                     overwrite_output_dir=True)
+    meta["scores_seconds"] = time.time() - start
+    artifacts.kill_point("scores_saved")
+    work = os.path.join(root, f"scores_{scores_name}")
+    if train_order is not None:
+        reorder_scores(os.path.join(work, "pairwise_scores.safetensors"), train_order, query_order)
+        if args.compute_self_scores:
+            reorder_scores(os.path.join(work, "self_scores.safetensors"), train_order)
+    meta = artifacts.publish(work, public, artifacts.SCORES_META, meta)
+    shutil.rmtree(root, ignore_errors=True)
+    artifacts.clean_staging(public)
+    return meta
 
 
 def reorder_scores(path: str, train_order: np.ndarray, query_order: np.ndarray | None = None) -> None:
-    """Rewrites kronfluence's scores, computed on length-sorted data, in dataset order (atomically)."""
+    """Rewrites kronfluence's scores, computed on length-sorted data, in dataset order (in the private folder)."""
     tensors = {name: pipeline.to_dataset_order(scores, train_order, query_order)
                for name, scores in load_file(path).items()}
-    with pipeline.atomic_path(path) as tmp:
+    with artifacts.atomic_path(path) as tmp:
         save_file(tensors, tmp)
 
 
 def main():
     args = parse_args()
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    distributed = "LOCAL_RANK" in os.environ  # torchrun, even with one process: kronfluence's DDP path
     if distributed and not torch.cuda.is_available():
-        raise pipeline.UserError("torchrun without CUDA: kronfluence only synchronises factors across CUDA "
+        raise UserError("torchrun without CUDA: kronfluence only synchronises factors across CUDA "
                                  "processes, so a CPU launch would fit wrong factors; run one process instead")
+    main_process = int(os.environ.get("RANK", "0")) == 0
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
@@ -176,105 +223,92 @@ def main():
     train_text, query_text = pipeline.load_train_and_queries(args.dataset_name, args.data_dir,
                                                              args.max_train_samples, args.max_query_examples)
     if args.inspect_query is not None and not 0 <= args.inspect_query < len(query_text):
-        raise pipeline.UserError(f"--inspect_query {args.inspect_query} is out of range: there are "
+        raise UserError(f"--inspect_query {args.inspect_query} is out of range: there are "
                                  f"{len(query_text)} queries")
-    train_dataset, query_dataset = (
-        pipeline.tokenize(d, args.dataset_name, tokenizer, args.max_seq_length, args.pad_to_max_length)
-        for d in (train_text, query_text))
-    # Dynamic padding: sort by length so each batch pads to a similar length; scores are mapped back afterwards.
-    train_order = query_order = None
-    if not args.pad_to_max_length:
-        train_order, query_order = pipeline.length_order(train_dataset), pipeline.length_order(query_dataset)
-        train_dataset, query_dataset = train_dataset.select(train_order), query_dataset.select(query_order)
-
-    # Model: kronfluence wraps the tracked modules; then the token-factored trackers replace the stock ones.
-    analysis_task = GlueTask(tracked_modules(model, args.tracked_modules))
-    if args.float64:
-        model = model.double()
-    model = prepare_model(model, analysis_task)
-    if not args.stock_kronfluence:
-        logger.info("Token-factored trackers on %d modules", fast_factors.install_fast_trackers(model))
-    if distributed:
-        local_rank = int(os.environ["LOCAL_RANK"])
-        torch.distributed.init_process_group(backend="nccl")
-        torch.cuda.set_device(local_rank)
-        model = torch.nn.parallel.DistributedDataParallel(model.cuda(), device_ids=[local_rank])
-    analyzer = Analyzer(analysis_name=args.dataset_name, model=model, task=analysis_task,
-                        cpu=args.device == "cpu", profile=args.profile, output_dir=args.output_dir)
-    analyzer.set_dataloader_kwargs(DataLoaderKwargs(collate_fn=pipeline.collator(tokenizer)))
+    task_dir = artifacts.make_output_dir(os.path.join(args.output_dir, args.dataset_name))
     factors_name, factor_args, scores_name, score_args = influence_arguments(args)
-    factor_batch_size = args.factor_batch_size or (args.train_batch_size if args.device == "cpu" else None)
+    factors_public = os.path.join(task_dir, f"factors_{factors_name}")
+    scores_public = artifacts.scores_dir(args.output_dir, args.dataset_name, scores_name)
 
-    common = {"checkpoint_sha256": file_sha256(os.path.join(checkpoint_dir, "model.safetensors")),
-              "dataset_name": args.dataset_name, "data_dir": args.data_dir, "num_train": len(train_dataset),
-              "max_seq_length": args.max_seq_length, "pad_to_max_length": args.pad_to_max_length,
-              "tracked_modules": args.tracked_modules, "float64": args.float64, "seed": args.seed}
-    factors_signature = {**common, "factor_args": factor_args.to_str_dict()}
-    scores_signature = {**factors_signature, "num_query": len(query_dataset), "score_args": score_args.to_str_dict(),
+    # Signatures: everything that changes the factors / the scores. Provenance: what readers check against.
+    provenance = {**pipeline.data_provenance(args.dataset_name, train_text, query_text, args.max_seq_length),
+                  "data_dir": args.data_dir,
+                  "model_name_or_path": checkpoint_meta.get("args", {}).get("model_name_or_path"),
+                  "checkpoint_sha256": checkpoint_meta["files"]["model.safetensors"]["sha256"]}
+    factors_signature = {**{k: provenance[k] for k in ("checkpoint_sha256", "dataset_name", "num_train", "train_data",
+                                                       "max_seq_length")},
+                         "pad_to_max_length": args.pad_to_max_length, "tracked_modules": args.tracked_modules,
+                         "float64": args.float64, "seed": args.seed, "factor_args": factor_args.to_str_dict()}
+    scores_signature = {**factors_signature, "num_query": provenance["num_query"],
+                        "query_data": provenance["query_data"], "score_args": score_args.to_str_dict(),
                         "self_scores": args.compute_self_scores}
-    factors_folder = str(analyzer.factors_output_dir(factors_name))
-    scores_folder = pipeline.scores_dir(args.output_dir, args.dataset_name, scores_name)
-    timings = {}
 
     logger.info("***** Running influence analysis *****")
     logger.info("  Task = %s, train = %d, queries = %d, strategy = %s, scores = %s", args.dataset_name,
-                len(train_dataset), len(query_dataset), args.factor_strategy, scores_name)
-    if not claim(factors_folder, FACTORS_META, factors_signature, args.overwrite):
-        # Without our JSON the folder is another run's leftovers: refit. With it (status "running") kronfluence
-        # skips the stages a killed run finished.
-        stale = args.overwrite or not os.path.isfile(os.path.join(factors_folder, FACTORS_META))
-        os.makedirs(factors_folder, exist_ok=True)
-        pipeline.atomic_write_json({"signature": factors_signature, "status": "running"},
-                                   os.path.join(factors_folder, FACTORS_META))
-        fit = {"factors_name": factors_name, "factor_args": factor_args, "overwrite_output_dir": stale}
-        data = {"dataset": train_dataset, "per_device_batch_size": factor_batch_size}
-        stages = {"covariance": lambda: analyzer.fit_covariance_matrices(**fit, **data),
-                  "eigendecomposition": lambda: analyzer.perform_eigendecomposition(**fit),
-                  "lambda": lambda: analyzer.fit_lambda_matrices(**fit, **data)}
-        for i, (stage, run) in enumerate(stages.items()):
-            # Each stage seeded (the true Fisher samples labels), so a resumed run equals an uninterrupted one.
-            pipeline.set_seed(args.seed + i)
-            start = time.time()
-            run()
-            timings[f"{stage}_seconds"] = time.time() - start
-        pipeline.atomic_write_json({"signature": factors_signature, "status": "done", **timings},
-                                   os.path.join(factors_folder, FACTORS_META))
+                len(train_text), len(query_text), args.factor_strategy, scores_name)
+    with artifacts.lock(scores_public, enabled=main_process):
+        meta = artifacts.reuse(scores_public, artifacts.SCORES_META, "scores", scores_signature, args.overwrite)
+        if meta is None:
+            train_dataset, query_dataset = (
+                pipeline.tokenize(d, args.dataset_name, tokenizer, args.max_seq_length, args.pad_to_max_length)
+                for d in (train_text, query_text))
+            # Dynamic padding: sort by length so each batch pads to a similar length; scores are mapped back.
+            train_order = query_order = None
+            if not args.pad_to_max_length:
+                train_order, query_order = pipeline.length_order(train_dataset), pipeline.length_order(query_dataset)
+                train_dataset, query_dataset = train_dataset.select(train_order), query_dataset.select(query_order)
 
-    if not claim(scores_folder, pipeline.SCORES_META, scores_signature, args.overwrite):
-        start = time.time()
-        analyzer.compute_pairwise_scores(
-            scores_name=scores_name, factors_name=factors_name, query_dataset=query_dataset,
-            train_dataset=train_dataset, per_device_query_batch_size=args.query_batch_size,
-            per_device_train_batch_size=args.train_batch_size, score_args=score_args, overwrite_output_dir=True)
-        if args.compute_self_scores:
-            analyzer.compute_self_scores(scores_name=scores_name, factors_name=factors_name,
-                                         train_dataset=train_dataset, score_args=score_args,
-                                         per_device_train_batch_size=args.train_batch_size,
-                                         overwrite_output_dir=True)
-        timings["scores_seconds"] = time.time() - start
-        if analyzer.state.is_main_process:
-            if train_order is not None:
-                reorder_scores(os.path.join(scores_folder, "pairwise_scores.safetensors"), train_order, query_order)
-                if args.compute_self_scores:
-                    reorder_scores(os.path.join(scores_folder, "self_scores.safetensors"), train_order)
-            meta = {"signature": scores_signature, "status": "done", "order": "dataset",
+            # Model: kronfluence wraps the tracked modules; then the token-factored trackers replace the stock ones.
+            analysis_task = GlueTask(tracked_modules(model, args.tracked_modules))
+            if args.float64:
+                model = model.double()
+            model = prepare_model(model, analysis_task)
+            if not args.stock_kronfluence:
+                logger.info("Token-factored trackers on %d modules", fast_factors.install_fast_trackers(model))
+            if distributed:
+                local_rank = int(os.environ["LOCAL_RANK"])
+                torch.distributed.init_process_group(backend="nccl")
+                torch.cuda.set_device(local_rank)
+                model = torch.nn.parallel.DistributedDataParallel(model.cuda(), device_ids=[local_rank])
+
+            def analyzer_at(root: str) -> Analyzer:
+                analyzer = Analyzer(analysis_name=os.path.basename(root), model=model, task=analysis_task,
+                                    cpu=args.device == "cpu", profile=args.profile, output_dir=os.path.dirname(root))
+                analyzer.set_dataloader_kwargs(DataLoaderKwargs(collate_fn=pipeline.collator(tokenizer)))
+                return analyzer
+
+            scores_root = artifacts.staging_dir(scores_public, scores_signature)
+            shutil.rmtree(scores_root, ignore_errors=True)
+            with artifacts.lock(factors_public, enabled=main_process):
+                factor_batch_size = args.factor_batch_size or (args.train_batch_size if args.device == "cpu" else None)
+                factors_meta = fit_factors(analyzer_at, factors_public, factors_signature, factors_name, factor_args,
+                                           train_dataset, factor_batch_size, args.seed, args.overwrite)
+                # A snapshot: another process may replace the published factors while these scores are computed.
+                artifacts.link_tree(factors_public, os.path.join(scores_root, f"factors_{factors_name}"))
+            meta = {"signature": scores_signature, "provenance": provenance, "order": "dataset",
                     "scores_name": scores_name, "factors_name": factors_name, "strategy": args.factor_strategy,
                     "checkpoint_dir": checkpoint_dir, "checkpoint_metrics": checkpoint_meta.get("metrics"),
-                    "shape": [len(query_dataset), len(train_dataset)], **timings, "args": vars(args)}
-            pipeline.atomic_write_json(meta, os.path.join(scores_folder, pipeline.SCORES_META))
-    if not analyzer.state.is_main_process:
+                    "shape": [len(query_dataset), len(train_dataset)], "args": vars(args),
+                    **{k: v for k, v in factors_meta.items() if k.endswith("_seconds")}}
+            meta = compute_scores(analyzer_at(scores_root), scores_root, scores_public, args,
+                                  (factors_name, scores_name), score_args, (query_dataset, train_dataset),
+                                  (train_order, query_order), meta)
+            logger.info("Scores %s written to %s", scores_name, scores_public)
+        else:
+            logger.info("Reusing scores %s in %s", scores_name, scores_public)
+    if not main_process:
         return
 
-    scores, _ = pipeline.load_pairwise_scores(args.output_dir, args.dataset_name, scores_name)
-    logger.info("Scores %s: shape %s, written to %s", scores_name, scores.shape, scores_folder)
+    scores, _ = artifacts.load_scores(args.output_dir, args.dataset_name, scores_name)
+    logger.info("Scores %s: shape %s", scores_name, scores.shape)
     if args.compute_self_scores:
-        self_scores = load_file(os.path.join(scores_folder, "self_scores.safetensors"))["all_modules"].float()
-        top = torch.argsort(self_scores, descending=True)[:10].tolist()
-        logger.info("Highest self-influence (candidates for mislabeled data): %s", top)
+        self_scores, _ = artifacts.load_scores(args.output_dir, args.dataset_name, scores_name, kind="self")
+        logger.info("Highest self-influence (candidates for mislabeled data): %s",
+                    np.argsort(-self_scores, kind="stable")[:10].tolist())
     if args.inspect_query is not None:
         pipeline.show_influences(scores, args.inspect_query, query_text, train_text, args.dataset_name, args.top_k,
                                  scores_name)
 
 
 if __name__ == "__main__":
-    pipeline.cli(main)
+    cli(main)

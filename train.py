@@ -16,7 +16,9 @@ import logging
 import os
 import time
 
+import artifacts
 import pipeline
+from cli import cli, positive_int
 
 logger = logging.getLogger(__name__)
 
@@ -25,8 +27,8 @@ def parse_args():
     parser = argparse.ArgumentParser(description="Fine-tune a model on a GLUE task.")
     pipeline.add_data_args(parser)
     pipeline.add_training_args(parser)
-    parser.add_argument("--eval_batch_size", type=int, default=32, help="Batch size for evaluation.")
-    parser.add_argument("--max_eval_samples", type=int, default=None, help="Evaluate on the first N examples.")
+    parser.add_argument("--eval_batch_size", type=positive_int, default=32, help="Batch size for evaluation.")
+    parser.add_argument("--max_eval_samples", type=positive_int, default=None, help="Evaluate on the first N examples.")
     parser.add_argument("--seed", type=int, default=1004, help="Seed for the head initialisation and shuffling.")
     parser.add_argument("--checkpoint_dir", type=str, default="./checkpoints",
                         help="The checkpoint goes to <checkpoint_dir>/<dataset_name>/.")
@@ -38,7 +40,7 @@ def main():
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     task = pipeline.get_task(args.dataset_name)
     checkpoint_dir = os.path.join(args.checkpoint_dir, args.dataset_name)
-    pipeline.make_output_dir(args.checkpoint_dir)  # fail now, not after training
+    artifacts.make_output_dir(args.checkpoint_dir)  # fail now, not after training
 
     tokenizer = pipeline.load_tokenizer(args.model_name_or_path)
     collate = pipeline.collator(tokenizer)
@@ -74,9 +76,8 @@ def main():
 
     meta = {"task": args.dataset_name, "num_labels": task.num_labels, "args": vars(args), "metrics": metrics}
     pipeline.save_checkpoint(model, tokenizer, checkpoint_dir, meta)
-    pipeline.atomic_write_json(metrics, os.path.join(checkpoint_dir, "all_results.json"))
     logger.info("Saved checkpoint to %s", checkpoint_dir)
 
 
 if __name__ == "__main__":
-    pipeline.cli(main)
+    cli(main)

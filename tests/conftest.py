@@ -119,13 +119,17 @@ def assert_user_error(result, *fragments: str) -> None:
         assert fragment in last, last
 
 
-def write_scores(output_dir, name: str, scores, task_name: str = "rte") -> None:
-    """A score set laid out as analyze.py writes it (what pipeline.load_pairwise_scores reads)."""
+def write_scores(output_dir, name: str, scores, glue_dir, task_name: str = "rte", max_seq_length: int = 32) -> None:
+    """A score set published as analyze.py publishes it, computed on the first examples of the fixture data."""
     from safetensors.torch import save_file
 
-    folder = pipeline.scores_dir(str(output_dir), task_name, name)
-    os.makedirs(folder, exist_ok=True)
+    import artifacts
+
+    train, queries = pipeline.load_train_and_queries(task_name, str(glue_dir), scores.shape[1], scores.shape[0])
+    provenance = pipeline.data_provenance(task_name, train, queries, max_seq_length)
+    public = artifacts.scores_dir(str(output_dir), task_name, name)
+    staging = artifacts.staging_dir(public, {"name": name})
+    os.makedirs(staging, exist_ok=True)
     save_file({"all_modules": torch.as_tensor(scores, dtype=torch.float32)},
-              os.path.join(folder, "pairwise_scores.safetensors"))
-    pipeline.atomic_write_json({"shape": list(scores.shape), "status": "done"},
-                               os.path.join(folder, pipeline.SCORES_META))
+              os.path.join(staging, "pairwise_scores.safetensors"))
+    artifacts.publish(staging, public, artifacts.SCORES_META, {"shape": list(scores.shape), "provenance": provenance})

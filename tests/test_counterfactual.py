@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 
+import artifacts
 import pipeline
 import run_counterfactual as rc
 from conftest import assert_user_error, run_script, write_scores
@@ -17,10 +18,10 @@ N_TRAIN, N_DEV = 48, 16  # conftest's fixture sizes
 
 
 @pytest.fixture
-def scores_dir(tmp_path):
+def scores_dir(tmp_path, glue_dir):
     rng = np.random.default_rng(0)
     for name in ("ekfac", "identity"):
-        write_scores(tmp_path / "scores", name, rng.normal(size=(N_DEV, N_TRAIN)))
+        write_scores(tmp_path / "scores", name, rng.normal(size=(N_DEV, N_TRAIN)), glue_dir)
     return tmp_path / "scores"
 
 
@@ -53,7 +54,7 @@ def run_main(monkeypatch, retrain, glue_dir, scores_dir, output_dir, *extra):
     argv = ["run_counterfactual.py", "--dataset_name", "rte", "--data_dir", str(glue_dir), "--scores_dir",
             str(scores_dir), "--output_dir", str(output_dir), "--figure", str(output_dir / "fig.png"),
             "--train_batch_size", "8", "--num_target", "6", "--remove_intervals", "2", "4", "6",
-            "--num_base_repeat", "2", "--num_repeat", "2", *extra]
+            "--num_base_repeat", "2", "--num_repeat", "2", "--max_seq_length", "32", *extra]
     monkeypatch.setattr(sys, "argv", argv)
     rc.main()
 
@@ -63,16 +64,18 @@ def read_results(output_dir):
 
 
 def test_random_baseline_draws_training_examples_with_the_query_label(glue_dir, scores_dir):
-    train_labels = np.array(pipeline.load_glue("rte", "train", str(glue_dir))["label"])
+    train_text = pipeline.load_glue("rte", "train", str(glue_dir))
+    train_labels = np.array(train_text["label"])
     query_labels = pipeline.load_glue("rte", "validation", str(glue_dir), 6)["label"]
-    args = argparse.Namespace(methods=["ekfac", "random"], scores_dir=str(scores_dir), dataset_name="rte", seed=3)
-    rankings = rc.load_rankings(args, train_labels, query_labels)
+    args = argparse.Namespace(methods=["ekfac", "random"], scores_dir=str(scores_dir), dataset_name="rte", seed=3,
+                              data_dir=str(glue_dir), max_seq_length=32)
+    rankings = rc.load_rankings(args, train_text, query_labels)
     assert list(rankings) == ["ekfac", "random"]
     for query, (ranking, label) in enumerate(zip(rankings["random"], query_labels)):
         assert sorted(ranking.tolist()) == np.flatnonzero(train_labels == label).tolist()  # training, same label
         assert ranking.tolist() == rc.random_ranking(train_labels, label, 3, query).tolist()  # seeded
     assert rankings["random"][0].tolist() != rc.random_ranking(train_labels, query_labels[0], 4, 0).tolist()
-    scores = pipeline.load_pairwise_scores(str(scores_dir), "rte", "ekfac")[0]
+    scores = artifacts.load_scores(str(scores_dir), "rte", "ekfac")[0]
     assert np.all(np.diff(scores[1, rankings["ekfac"][1]]) <= 0)  # most positive first
 
 
@@ -161,9 +164,11 @@ def test_bad_input(monkeypatch, glue_dir, scores_dir, tmp_path):
         run_main(monkeypatch, Stub(), glue_dir, scores_dir, out, "--remove_intervals", "41")
     with pytest.raises(pipeline.UserError, match="training examples that 'random' can remove"):
         run_main(monkeypatch, Stub(), glue_dir, scores_dir, out, "--remove_intervals", "30")
-    with pytest.raises(pipeline.UserError, match="scores 'ekfac' cover 48 training examples but this training set"):
+    with pytest.raises(pipeline.UserError, match="scores 'ekfac' .* computed on other data .*num_train 48 vs 40"):
         run_main(monkeypatch, Stub(), glue_dir, scores_dir, out, "--max_train_samples", "40")
-    write_scores(scores_dir, "kfac", np.zeros((4, N_TRAIN)))
+    with pytest.raises(pipeline.UserError, match="other data than this run .max_seq_length 32 vs 64"):
+        run_main(monkeypatch, Stub(), glue_dir, scores_dir, out, "--max_seq_length", "64")
+    write_scores(scores_dir, "kfac", np.zeros((4, N_TRAIN)), glue_dir)
     with pytest.raises(pipeline.UserError, match="scores 'kfac' cover 4 queries, fewer than --num_target 6"):
         run_main(monkeypatch, Stub(), glue_dir, scores_dir, out, "--methods", "kfac")
     with pytest.raises(pipeline.UserError, match="'stsb' is regression"):
@@ -192,8 +197,8 @@ def test_script_end_to_end_and_missing_scores(tiny_model_dir, glue_dir, scores_d
     results = read_results(out)
     assert results["queries"] and results["num_train"] == N_TRAIN and len(results["base_accuracy"]) == 4
     assert (tmp_path / "figure" / "counterfactual.png").is_file()
-    base = pipeline.load_arrays(str(out / "runs" / "base_s1004.npz"))
+    base = artifacts.load_run(str(out / "runs" / "base_s1004.npz"), {})
     assert base["correct"].shape == base["margins"].shape == (4,)
     query = results["queries"][0]
-    run = pipeline.load_arrays(str(out / "runs" / "ekfac" / f"q{query}_k2_s1004.npz"))
+    run = artifacts.load_run(str(out / "runs" / "ekfac" / f"q{query}_k2_s1004.npz"), {})
     assert run["correct"].shape == (1,)

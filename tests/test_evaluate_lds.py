@@ -36,7 +36,8 @@ def built(tmp_path_factory, glue_dir, tiny_model_dir):
     assert list(after_shard0) == ["mask0000_repeat000.npz", "mask0002_repeat000.npz"]
     assert not os.path.exists(os.path.join(folder, "margins.npy"))
     evaluate_lds.build(evaluate_lds.parse_args(argv + ["--shard_index", "1", "--num_shards", "2"]))
-    return {"argv": argv, "folder": folder, "output_dir": output_dir, "after_shard0": after_shard0}
+    return {"argv": argv, "folder": folder, "output_dir": output_dir, "after_shard0": after_shard0,
+            "glue_dir": glue_dir}
 
 
 def test_masks_keep_exact_fraction_and_are_reproducible():
@@ -100,7 +101,7 @@ def test_build_resumes_missing_runs_and_shards_match_one_process(built, tmp_path
 def test_score_table_json_plot_and_query(built, tmp_path, capsys):
     rng = np.random.default_rng(0)
     for name in ("identity", "ekfac"):
-        write_scores(built["output_dir"], name, rng.standard_normal((8, 32)))
+        write_scores(built["output_dir"], name, rng.standard_normal((8, 32)), built["glue_dir"])
     figure = tmp_path / "lds.png"
     argv = [*built["argv"], "--strategies", "ekfac", "identity", "--num_bootstrap", "50", "--figure", str(figure),
             "--query_index", "3", "--top_k", "2"]
@@ -122,13 +123,17 @@ def test_bad_inputs(built, tmp_path):
 
     # Missing scores: the real command line, one line naming the analyze.py command.
     result = run_script("evaluate_lds.py", "score", *built["argv"][1:], "--strategies", "kfac")
-    assert_user_error(result, "python analyze.py --dataset_name rte --factor_strategy kfac")
-    write_scores(built["output_dir"], "short_train", np.zeros((8, 31)))
-    with pytest.raises(pipeline.UserError, match="cover 31 training examples but the ground truth has 32"):
+    assert_user_error(result, "no finished scores 'kfac'", "python analyze.py --dataset_name rte --output_dir",
+                      "--factor_strategy kfac")
+    write_scores(built["output_dir"], "short_train", np.zeros((8, 31)), built["glue_dir"])
+    with pytest.raises(pipeline.UserError, match="computed on other data .*num_train 31 vs 32; train_data differs"):
         score("--strategies", "short_train")
-    write_scores(built["output_dir"], "short_query", np.zeros((7, 32)))
-    with pytest.raises(pipeline.UserError, match="have 7 queries but the ground truth has 8"):
+    write_scores(built["output_dir"], "short_query", np.zeros((7, 32)), built["glue_dir"])
+    with pytest.raises(pipeline.UserError, match="num_query 7 vs 8; query_data differs"):
         score("--strategies", "short_query")
+    write_scores(built["output_dir"], "long", np.zeros((8, 32)), built["glue_dir"], max_seq_length=64)
+    result = run_script("evaluate_lds.py", "score", *built["argv"][1:], "--strategies", "long")
+    assert_user_error(result, "scores 'long'", "computed on other data than this run (max_seq_length 64 vs 32")
     with pytest.raises(pipeline.UserError, match="out of range: there are 8 queries"):
         score("--query_index", "8")
     with pytest.raises(pipeline.UserError, match="no finished LDS ground truth"):

@@ -63,7 +63,10 @@ def write_rte(folder, rows):
 
 def test_bad_tsv_rows(tmp_path):
     write_rte(tmp_path, ["0\ta\tb\tentailment\n", "1\tonly two\n"])
-    with pytest.raises(pipeline.UserError, match=r"RTE/train.tsv:3: expected at least 4"):
+    with pytest.raises(pipeline.UserError, match=r"RTE/train.tsv:3: expected 4 tab-separated fields, found 2"):
+        pipeline.load_glue("rte", "train", str(tmp_path))
+    write_rte(tmp_path, ["0\ta\tb\tentailment\n", "1\ta\tb\tentailment\textra\n"])
+    with pytest.raises(pipeline.UserError, match=r"RTE/train.tsv:3: expected 4 tab-separated fields, found 5"):
         pipeline.load_glue("rte", "train", str(tmp_path))
     write_rte(tmp_path, ["0\ta\tb\tentailment\n", "1\ta\tb\tmaybe\n"])
     with pytest.raises(pipeline.UserError, match=r"train.tsv:3: unknown label 'maybe'"):
@@ -74,6 +77,32 @@ def test_bad_tsv_rows(tmp_path):
         pipeline.load_glue("rte", "train", str(tmp_path), max_samples=0)
     with pytest.raises(pipeline.UserError, match="unknown GLUE task 'foo'"):
         pipeline.get_task("foo")
+
+
+def test_rows_that_would_be_silently_wrong(tmp_path):
+    """A tab inside a CoLA sentence would cut it; a header-only dev file would surface after training."""
+    (tmp_path / "CoLA").mkdir()
+    (tmp_path / "CoLA" / "train.tsv").write_text("src\t1\t\tfine sentence .\nsrc\t0\t*\ttab\tinside .\n")
+    with pytest.raises(pipeline.UserError, match=r"CoLA/train.tsv:2: expected 4 tab-separated fields, found 5"):
+        pipeline.load_glue("cola", "train", str(tmp_path))
+    write_rte(tmp_path, ["0\ta\tb\tentailment\n"])
+    (tmp_path / "RTE" / "dev.tsv").write_text("index\tsentence1\tsentence2\tlabel\n")
+    with pytest.raises(pipeline.UserError, match=r"RTE/dev.tsv has no examples"):
+        pipeline.load_glue("rte", "validation", str(tmp_path))
+    with pytest.raises(pipeline.UserError, match=r"MNLI/train.tsv, dev_matched.tsv, dev_mismatched.tsv"):
+        pipeline.load_glue("mnli", "validation_matched", str(tmp_path))
+
+
+def test_qqp_drops_broken_rows_as_the_hub_copy(tmp_path):
+    """QQP's official train file has rows broken by a newline inside a question: the hub's copy drops rows with
+    missing fields, and so do we (every other task refuses them)."""
+    (tmp_path / "QQP").mkdir()
+    header = "id\tqid1\tqid2\tquestion1\tquestion2\tis_duplicate\n"
+    rows = ["0\t1\t2\tHow do I cook?\tHow to cook?\t1\n", "1\t3\t4\tWhat is\n", "a broken row?\t0\n",
+            "2\t5\t6\tWhy?\tWhy not?\t0\n"]
+    (tmp_path / "QQP" / "train.tsv").write_text(header + "".join(rows))
+    data = pipeline.load_glue("qqp", "train", str(tmp_path))
+    assert data["question1"] == ["How do I cook?", "Why?"] and data["label"] == [1, 0]
 
 
 def test_glue_metrics_and_margins():
@@ -176,7 +205,8 @@ def test_train_script_bad_input(tiny_model_dir, glue_dir, tmp_path):
     assert_user_error(run_script("train.py", "--dataset_name", "rte", "--data_dir", str(tmp_path), *common),
                       "RTE/train.tsv")
     assert_user_error(run_script("train.py", "--dataset_name", "rte", "--data_dir", str(glue_dir),
-                                 "--max_train_samples", "0", *common), "must be positive")
+                                 "--max_train_samples", "0", *common),
+                      "--max_train_samples: expected a positive integer, got 0")
     blocker = tmp_path / "file"
     blocker.write_text("")
     assert_user_error(run_script("train.py", "--dataset_name", "rte", "--data_dir", str(glue_dir),
