@@ -2,6 +2,7 @@
 resume, dataset order, inspection and bad input."""
 
 import json
+import os
 import shutil
 import sys
 
@@ -161,3 +162,99 @@ def test_analyze_script_bad_input(checkpoints, tmp_path):
     if not torch.cuda.is_available():  # a CPU torchrun launch would fit unsynchronised (wrong) factors
         assert_user_error(run_script("analyze.py", *common, WORLD_SIZE="2", RANK="0", LOCAL_RANK="0"),
                           "torchrun without CUDA")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Kills, reruns and a second process never serve wrong scores (artifacts.py)
+
+def analyze_argv(glue_dir, checkpoints, output_dir, *extra) -> list:
+    return ["--dataset_name", "rte", "--data_dir", str(glue_dir), "--checkpoint_dir", str(checkpoints),
+            "--output_dir", str(output_dir), "--max_train_samples", str(N_TRAIN), "--max_query_examples",
+            str(N_QUERY), "--max_seq_length", "32", "--query_batch_size", "4", "--train_batch_size", "8", *extra]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, glue_dir, checkpoints):
+    """Uninterrupted ekfac and identity scores, one process."""
+    output_dir = tmp_path_factory.mktemp("reference")
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        for strategy in ("ekfac", "identity"):
+            run_analyze(monkeypatch, glue_dir, checkpoints, output_dir, "--factor_strategy", strategy)
+    return {name: scores_of(output_dir, name) for name in ("ekfac", "identity")}
+
+
+@pytest.mark.parametrize("step", ["after_covariance", "after_eigendecomposition", "scores_saved", "before_publish:2"])
+def test_killed_run_resumes_to_the_uninterrupted_scores(monkeypatch, glue_dir, checkpoints, reference, tmp_path, step):
+    """SIGKILL at a named step (between factor stages; between kronfluence's save and publishing; after sealing,
+    before the rename): nothing is published half-done, and the rerun's scores equal an uninterrupted run's."""
+    killed = run_script("analyze.py", *analyze_argv(glue_dir, checkpoints, tmp_path), GLUE_KILL_AT=step)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert not (tmp_path / "rte" / "scores_ekfac").exists()
+    run_analyze(monkeypatch, glue_dir, checkpoints, tmp_path)
+    np.testing.assert_array_equal(scores_of(tmp_path, "ekfac"), reference["ekfac"])
+
+
+def test_interrupted_overwrite_never_serves_stale_factors(monkeypatch, glue_dir, checkpoints, tiny_model_dir,
+                                                          reference, tmp_path):
+    """Factors of checkpoint A; analysing checkpoint B is refused; B with --overwrite killed mid-fit leaves A's
+    results published and B still refused; B with --overwrite then equals a clean B run."""
+    other = tmp_path / "checkpoint_b"
+    model, tokenizer, meta = pipeline.load_checkpoint(str(checkpoints / "rte"), "rte")
+    torch.manual_seed(1)
+    with torch.no_grad():
+        model.classifier.weight.add_(torch.randn_like(model.classifier.weight))
+    pipeline.save_checkpoint(model, tokenizer, str(other / "rte"), {"task": "rte", "num_labels": 2})
+    out = tmp_path / "out"
+    run_analyze(monkeypatch, glue_dir, checkpoints, out)
+    with pytest.raises(pipeline.UserError, match=r"other arguments \(checkpoint_sha256 differ\).*--overwrite"):
+        run_analyze(monkeypatch, glue_dir, other, out)
+    killed = run_script("analyze.py", *analyze_argv(glue_dir, other, out, "--overwrite"),
+                        GLUE_KILL_AT="after_covariance")
+    assert killed.returncode == -9
+    with pytest.raises(pipeline.UserError, match="checkpoint_sha256 differ"):
+        run_analyze(monkeypatch, glue_dir, other, out)
+    np.testing.assert_array_equal(scores_of(out, "ekfac"), reference["ekfac"])  # A's, intact
+    run_analyze(monkeypatch, glue_dir, other, out, "--overwrite")
+    run_analyze(monkeypatch, glue_dir, other, tmp_path / "clean")
+    np.testing.assert_array_equal(scores_of(out, "ekfac"), scores_of(tmp_path / "clean", "ekfac"))
+    assert not np.array_equal(scores_of(out, "ekfac"), reference["ekfac"])
+
+
+def test_two_processes_on_one_folder(glue_dir, checkpoints, reference, tmp_path):
+    """The same command twice at once: one computes, the other waits and reuses; scores in dataset order exactly
+    once (an unlocked in-place reorder applied the permutation twice). A race, so three rounds."""
+    import subprocess
+
+    from conftest import ROOT
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    for round_ in range(3):
+        argv = [sys.executable, str(ROOT / "analyze.py"),
+                *analyze_argv(glue_dir, checkpoints, tmp_path / str(round_), "--factor_strategy", "identity")]
+        processes = [subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                     for _ in range(2)]
+        logs = [p.communicate(timeout=600)[1] for p in processes]
+        assert [p.returncode for p in processes] == [0, 0], logs
+        assert sum("Reusing scores" in log for log in logs) >= 1
+        np.testing.assert_array_equal(scores_of(tmp_path / str(round_), "identity"), reference["identity"])
+
+
+def test_damaged_scores_are_recomputed_by_analyze(monkeypatch, glue_dir, checkpoints, reference, tmp_path, capsys):
+    """A scores file cut in half: `--inspect_query` (which reads through the rerun) recomputes, never a traceback."""
+    run_analyze(monkeypatch, glue_dir, checkpoints, tmp_path, "--factor_strategy", "identity")
+    path = tmp_path / "rte" / "scores_identity" / "pairwise_scores.safetensors"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    run_analyze(monkeypatch, glue_dir, checkpoints, tmp_path, "--factor_strategy", "identity", "--inspect_query", "0")
+    np.testing.assert_array_equal(scores_of(tmp_path, "identity"), reference["identity"])
+    assert f"[train {int(np.argmax(reference['identity'][0]))}]" in capsys.readouterr().out
+
+
+def test_bad_output_and_sizes(checkpoints, tmp_path):
+    common = ["--dataset_name", "rte", "--checkpoint_dir", str(checkpoints)]
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert_user_error(run_script("analyze.py", *common, "--data_dir", str(tmp_path), "--output_dir", str(blocker)),
+                      "RTE/train.tsv")  # data is checked first, then the output folder
+    for flag in ("--train_batch_size", "--query_batch_size", "--top_k"):
+        assert_user_error(run_script("analyze.py", *common, flag, "0"), f"{flag}: expected a positive integer")
+    assert_user_error(run_script("analyze.py", *common, "--top_k", "-3"), "--top_k: expected a positive integer")

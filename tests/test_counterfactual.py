@@ -188,6 +188,10 @@ def test_script_end_to_end_and_missing_scores(tiny_model_dir, glue_dir, scores_d
     assert_user_error(run_script("run_counterfactual.py", *common, "--methods", "ekfac", "kfac", "--output_dir",
                                  str(tmp_path / "x")), "no finished scores 'kfac'", "python analyze.py",
                       "--factor_strategy kfac")
+    damaged = scores_dir / "rte" / "scores_identity" / "pairwise_scores.safetensors"
+    damaged.write_bytes(damaged.read_bytes()[:100])
+    assert_user_error(run_script("run_counterfactual.py", *common, "--methods", "identity", "--output_dir",
+                                 str(tmp_path / "x")), "scores 'identity'", "is damaged", "--factor_strategy identity")
     out = tmp_path / "out"
     result = run_script("run_counterfactual.py", *common, "--output_dir", str(out), "--figure",
                         str(tmp_path / "figure" / "counterfactual.png"), "--methods", "ekfac", "--num_target", "4",

@@ -3,6 +3,7 @@ the bad inputs."""
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -88,14 +89,45 @@ def test_build_resumes_missing_runs_and_shards_match_one_process(built, tmp_path
     evaluate_lds.build(args)
     np.testing.assert_allclose(np.load(os.path.join(single, "margins.npy")), sharded, atol=1e-5)
 
-    # Kill midway = a run file missing: only it is redone, and the merge comes back the same.
-    before = run_mtimes(single)
-    os.remove(os.path.join(single, "runs", "mask0001_repeat000.npz"))
-    os.remove(os.path.join(single, "margins.npy"))
+    # Killed after its second run (SIGKILL): the rerun redoes only the missing runs and merges the same margins.
+    killed = str(tmp_path / "killed")
+    result = run_script("evaluate_lds.py", *built["argv"], "--lds_dir", killed, GLUE_KILL_AT="lds_run_saved:2")
+    assert result.returncode == -9 and len(os.listdir(os.path.join(killed, "runs"))) == 2
+    assert not os.path.exists(os.path.join(killed, "ground_truth.json"))
+    before = run_mtimes(killed)
+    args = evaluate_lds.parse_args(built["argv"] + ["--lds_dir", killed])
     evaluate_lds.build(args)
-    redone = {name for name, mtime in run_mtimes(single).items() if mtime != before[name]}
-    assert redone == {"mask0001_repeat000.npz"}
-    np.testing.assert_allclose(np.load(os.path.join(single, "margins.npy")), sharded, atol=1e-5)
+    assert all(run_mtimes(killed)[name] == mtime for name, mtime in before.items())
+    np.testing.assert_allclose(np.load(os.path.join(killed, "margins.npy")), sharded, atol=1e-5)
+
+    # A corrupt run file is redone by the build, never a numpy traceback.
+    path = os.path.join(killed, "runs", "mask0001_repeat000.npz")
+    with open(path, "r+b") as f:
+        f.truncate(100)
+    before = run_mtimes(killed)
+    evaluate_lds.build(args)
+    assert {name for name, mtime in run_mtimes(killed).items() if mtime != before[name]} == {"mask0001_repeat000.npz"}
+    np.testing.assert_allclose(np.load(os.path.join(killed, "margins.npy")), sharded, atol=1e-5)
+
+
+def test_damaged_ground_truth_and_scores_are_one_line(built, tmp_path):
+    """`score` is a consumer: a damaged input is one line naming the command that repairs it."""
+    folder = str(tmp_path / "gt")
+    shutil.copytree(built["folder"], folder)
+    argv = ["score", *built["argv"][1:], "--lds_dir", folder, "--strategies", "identity"]
+    write_scores(built["output_dir"], "identity", np.ones((8, 32)), built["glue_dir"])
+    margins = os.path.join(folder, "margins.npy")
+    with open(margins, "r+b") as f:
+        f.truncate(64)
+    assert_user_error(run_script("evaluate_lds.py", *argv), "margins.npy does not match its recorded sha256",
+                      "rerun `python evaluate_lds.py build`")
+    evaluate_lds.build(evaluate_lds.parse_args(["build", *argv[1:-2]]))  # repairs from the kept runs
+    np.testing.assert_array_equal(np.load(margins), np.load(os.path.join(built["folder"], "margins.npy")))
+    scores = os.path.join(built["output_dir"], "rte", "scores_identity", "pairwise_scores.safetensors")
+    with open(scores, "r+b") as f:
+        f.truncate(os.path.getsize(scores) // 2)
+    assert_user_error(run_script("evaluate_lds.py", *argv), "scores 'identity'", "is damaged",
+                      "python analyze.py --dataset_name rte")
 
 
 def test_score_table_json_plot_and_query(built, tmp_path, capsys):

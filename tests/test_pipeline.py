@@ -1,6 +1,7 @@
 """Data loading (real GLUE and fixtures), metrics, the training loop, checkpoints and train.py."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -174,6 +175,16 @@ def test_checkpoint_round_trip(tiny_model_dir, glue_dir, tmp_path):
         pipeline.load_checkpoint(str(tmp_path / "rte"), "mnli")
     with pytest.raises(pipeline.UserError, match="no checkpoint at"):
         pipeline.load_checkpoint(str(tmp_path / "none"), "rte")
+    # A checkpoint whose config says another label count (not transformers' size-mismatch traceback).
+    pipeline.save_checkpoint(pipeline.construct_model(tiny_model_dir, "mnli"), tokenizer, str(tmp_path / "x" / "rte"),
+                             {"task": "rte", "num_labels": 2})
+    with pytest.raises(pipeline.UserError, match="trained for 'rte' with 3 labels, not 'rte' with 2"):
+        pipeline.load_checkpoint(str(tmp_path / "x" / "rte"), "rte")
+    # A changed file: the manifest catches it.
+    weights = tmp_path / "rte" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8])
+    with pytest.raises(pipeline.UserError, match="model.safetensors does not match its recorded sha256.*retrain"):
+        pipeline.load_checkpoint(str(tmp_path / "rte"), "rte")
 
 
 def test_hub_unreachable_is_one_line():
@@ -185,6 +196,12 @@ def test_hub_unreachable_is_one_line():
 
 
 def test_train_script_end_to_end(tiny_model_dir, glue_dir, tmp_path):
+    """Killed while saving: no checkpoint that looks complete; the next save cleans the orphan up."""
+    argv = ["--dataset_name", "mnli", "--data_dir", str(glue_dir), "--model_name_or_path", tiny_model_dir,
+            "--checkpoint_dir", str(tmp_path), "--num_train_epochs", "1", "--train_batch_size", "8",
+            "--max_seq_length", "32", "--learning_rate", "1e-3"]
+    assert run_script("train.py", *argv, GLUE_KILL_AT="checkpoint_saved").returncode == -9
+    assert not (tmp_path / "mnli").exists() and list((tmp_path / ".staging").glob("mnli-*"))
     result = run_script("train.py", "--dataset_name", "mnli", "--data_dir", str(glue_dir), "--model_name_or_path",
                         tiny_model_dir, "--checkpoint_dir", str(tmp_path), "--num_train_epochs", "1",
                         "--train_batch_size", "8", "--max_seq_length", "32", "--learning_rate", "1e-3")
@@ -197,6 +214,8 @@ def test_train_script_end_to_end(tiny_model_dir, glue_dir, tmp_path):
     assert metrics["train_samples"] == 48 and metrics["eval_matched_samples"] == 16
     meta = json.loads((folder / "glue_checkpoint.json").read_text())
     assert meta["task"] == "mnli" and meta["num_labels"] == 3 and meta["args"]["seed"] == 1004
+    assert set(meta["files"]) >= {"model.safetensors", "config.json", "all_results.json"}
+    assert not list((tmp_path / ".staging").glob("mnli-*"))
 
 
 def test_train_script_bad_input(tiny_model_dir, glue_dir, tmp_path):
@@ -212,3 +231,10 @@ def test_train_script_bad_input(tiny_model_dir, glue_dir, tmp_path):
     assert_user_error(run_script("train.py", "--dataset_name", "rte", "--data_dir", str(glue_dir),
                                  "--model_name_or_path", tiny_model_dir, "--checkpoint_dir", str(blocker / "x")),
                       "cannot write to")
+    assert_user_error(run_script("train.py", "--dataset_name", "rte", "--data_dir", str(glue_dir),
+                                 "--num_train_epochs", "0", *common), "--num_train_epochs: expected a positive integer")
+    shutil.copytree(glue_dir / "RTE", tmp_path / "glue" / "RTE")
+    (tmp_path / "glue" / "RTE" / "dev.tsv").write_text("index\tsentence1\tsentence2\tlabel\n")
+    result = run_script("train.py", "--dataset_name", "rte", "--data_dir", str(tmp_path / "glue"), *common)
+    assert_user_error(result, "RTE/dev.tsv has no examples")
+    assert "Epoch" not in result.stderr  # found before any training
