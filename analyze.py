@@ -127,22 +127,36 @@ def tracked_modules(model: nn.Module, patterns) -> list:
 FACTOR_STAGES = ("covariance", "eigendecomposition", "lambda")
 
 
+def on_main(fn, *args, **kwargs):
+    """Runs a decision or write on disk in the main process only and hands its result to every rank: under torchrun
+    all ranks compute, one writes."""
+    main = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+    result = [fn(*args, **kwargs) if main else None]
+    if torch.distributed.is_initialized():
+        torch.distributed.broadcast_object_list(result, src=0)
+    return result[0]
+
+
 def fit_factors(analyzer_at, public: str, signature: dict, factors_name: str, factor_args, train_dataset,
                 batch_size: int | None, seed: int, overwrite: bool) -> dict:
     """Reuses the published factors for `signature`, or fits them in their private folder, resuming after the last
     stage whose files verify, and publishes them. Each stage is seeded (the true Fisher samples labels), so a
     resumed fit equals an uninterrupted one."""
-    meta = artifacts.reuse(public, FACTORS_META, "factors", signature, overwrite)
+    meta = on_main(artifacts.reuse, public, FACTORS_META, "factors", signature, overwrite)
     if meta is not None:
         logger.info("Reusing factors %s", public)
         return meta
     root = artifacts.staging_dir(public, signature)
     work = os.path.join(root, f"factors_{factors_name}")
-    if overwrite:
-        shutil.rmtree(root, ignore_errors=True)
-    else:
-        artifacts.salvage_stages(public, FACTORS_META, signature, root, work, list(FACTOR_STAGES))
-    done = artifacts.finished_stages(root, work, list(FACTOR_STAGES))
+
+    def resumable_stages():
+        if overwrite:
+            shutil.rmtree(root, ignore_errors=True)
+        else:
+            artifacts.salvage_stages(public, FACTORS_META, signature, root, work, list(FACTOR_STAGES))
+        return artifacts.finished_stages(root, work, list(FACTOR_STAGES))
+
+    done = on_main(resumable_stages)
     if done:
         logger.info("Resuming factors after the %s stage(s) in %s", ", ".join(done), root)
     analyzer = analyzer_at(root)
@@ -160,12 +174,16 @@ def fit_factors(analyzer_at, public: str, signature: dict, factors_name: str, fa
         before, start = artifacts.files_in(work), time.time()
         run()
         timings[f"{stage}_seconds"] = time.time() - start
-        artifacts.record_stage(root, work, stage, before)
+        on_main(artifacts.record_stage, root, work, stage, before)
         artifacts.kill_point(f"after_{stage}")
-    meta = artifacts.publish(work, public, FACTORS_META, {
-        "signature": signature, "stages": artifacts.stage_files(root, list(FACTOR_STAGES)), **timings})
-    artifacts.clean_staging(public)
-    return meta
+
+    def publish():
+        published = artifacts.publish(work, public, FACTORS_META, {
+            "signature": signature, "stages": artifacts.stage_files(root, list(FACTOR_STAGES)), **timings})
+        artifacts.clean_staging(public)
+        return published
+
+    return on_main(publish)
 
 
 def compute_scores(analyzer, root: str, public: str, args, names: tuple, score_args, datasets: tuple,
@@ -187,14 +205,18 @@ def compute_scores(analyzer, root: str, public: str, args, names: tuple, score_a
     meta["scores_seconds"] = time.time() - start
     artifacts.kill_point("scores_saved")
     work = os.path.join(root, f"scores_{scores_name}")
-    if train_order is not None:
-        reorder_scores(os.path.join(work, "pairwise_scores.safetensors"), train_order, query_order)
-        if args.compute_self_scores:
-            reorder_scores(os.path.join(work, "self_scores.safetensors"), train_order)
-    meta = artifacts.publish(work, public, artifacts.SCORES_META, meta)
-    shutil.rmtree(root, ignore_errors=True)
-    artifacts.clean_staging(public)
-    return meta
+
+    def publish():
+        if train_order is not None:
+            reorder_scores(os.path.join(work, "pairwise_scores.safetensors"), train_order, query_order)
+            if args.compute_self_scores:
+                reorder_scores(os.path.join(work, "self_scores.safetensors"), train_order)
+        published = artifacts.publish(work, public, artifacts.SCORES_META, meta)
+        shutil.rmtree(root, ignore_errors=True)
+        artifacts.clean_staging(public)
+        return published
+
+    return on_main(publish)
 
 
 def reorder_scores(path: str, train_order: np.ndarray, query_order: np.ndarray | None = None) -> None:
@@ -213,6 +235,9 @@ def main():
         raise UserError("torchrun without CUDA: kronfluence only synchronises factors across CUDA "
                                  "processes, so a CPU launch would fit wrong factors; run one process instead")
     main_process = int(os.environ.get("RANK", "0")) == 0
+    if distributed:
+        torch.distributed.init_process_group(backend="nccl")
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
@@ -247,7 +272,8 @@ def main():
     logger.info("  Task = %s, train = %d, queries = %d, strategy = %s, scores = %s", args.dataset_name,
                 len(train_text), len(query_text), args.factor_strategy, scores_name)
     with artifacts.lock(scores_public, enabled=main_process):
-        meta = artifacts.reuse(scores_public, artifacts.SCORES_META, "scores", scores_signature, args.overwrite)
+        meta = on_main(artifacts.reuse, scores_public, artifacts.SCORES_META, "scores", scores_signature,
+                       args.overwrite)
         if meta is None:
             train_dataset, query_dataset = (
                 pipeline.tokenize(d, args.dataset_name, tokenizer, args.max_seq_length, args.pad_to_max_length)
@@ -266,10 +292,8 @@ def main():
             if not args.stock_kronfluence:
                 logger.info("Token-factored trackers on %d modules", fast_factors.install_fast_trackers(model))
             if distributed:
-                local_rank = int(os.environ["LOCAL_RANK"])
-                torch.distributed.init_process_group(backend="nccl")
-                torch.cuda.set_device(local_rank)
-                model = torch.nn.parallel.DistributedDataParallel(model.cuda(), device_ids=[local_rank])
+                device = torch.cuda.current_device()
+                model = torch.nn.parallel.DistributedDataParallel(model.cuda(), device_ids=[device])
 
             def analyzer_at(root: str) -> Analyzer:
                 analyzer = Analyzer(analysis_name=os.path.basename(root), model=model, task=analysis_task,
@@ -278,13 +302,13 @@ def main():
                 return analyzer
 
             scores_root = artifacts.staging_dir(scores_public, scores_signature)
-            shutil.rmtree(scores_root, ignore_errors=True)
+            on_main(shutil.rmtree, scores_root, ignore_errors=True)
             with artifacts.lock(factors_public, enabled=main_process):
                 factor_batch_size = args.factor_batch_size or (args.train_batch_size if args.device == "cpu" else None)
                 factors_meta = fit_factors(analyzer_at, factors_public, factors_signature, factors_name, factor_args,
                                            train_dataset, factor_batch_size, args.seed, args.overwrite)
                 # A snapshot: another process may replace the published factors while these scores are computed.
-                artifacts.link_tree(factors_public, os.path.join(scores_root, f"factors_{factors_name}"))
+                on_main(artifacts.link_tree, factors_public, os.path.join(scores_root, f"factors_{factors_name}"))
             meta = {"signature": scores_signature, "provenance": provenance, "order": "dataset",
                     "scores_name": scores_name, "factors_name": factors_name, "strategy": args.factor_strategy,
                     "checkpoint_dir": checkpoint_dir, "checkpoint_metrics": checkpoint_meta.get("metrics"),

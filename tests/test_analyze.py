@@ -249,12 +249,12 @@ def test_damaged_scores_are_recomputed_by_analyze(monkeypatch, glue_dir, checkpo
     assert f"[train {int(np.argmax(reference['identity'][0]))}]" in capsys.readouterr().out
 
 
-def test_bad_output_and_sizes(checkpoints, tmp_path):
+def test_bad_output_and_sizes(glue_dir, checkpoints, tmp_path):
     common = ["--dataset_name", "rte", "--checkpoint_dir", str(checkpoints)]
     blocker = tmp_path / "file"
     blocker.write_text("")
-    assert_user_error(run_script("analyze.py", *common, "--data_dir", str(tmp_path), "--output_dir", str(blocker)),
-                      "RTE/train.tsv")  # data is checked first, then the output folder
+    assert_user_error(run_script("analyze.py", *analyze_argv(glue_dir, checkpoints, blocker)),
+                      f"cannot write to {blocker}/rte")
     for flag in ("--train_batch_size", "--query_batch_size", "--top_k"):
         assert_user_error(run_script("analyze.py", *common, flag, "0"), f"{flag}: expected a positive integer")
     assert_user_error(run_script("analyze.py", *common, "--top_k", "-3"), "--top_k: expected a positive integer")
