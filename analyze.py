@@ -18,6 +18,7 @@ import time
 
 import numpy as np
 import torch
+import transformers
 from kronfluence.analyzer import Analyzer, prepare_model
 from kronfluence.arguments import FactorArguments, ScoreArguments
 from kronfluence.utils.common.factor_arguments import all_low_precision_factor_arguments
@@ -170,7 +171,7 @@ def fit_factors(analyzer_at, public: str, signature: dict, factors_name: str, fa
         if stage in done:
             continue
         artifacts.kill_point(f"before_{stage}")
-        pipeline.set_seed(seed + i)
+        transformers.set_seed(seed + i)
         before, start = artifacts.files_in(work), time.time()
         run()
         timings[f"{stage}_seconds"] = time.time() - start

@@ -167,7 +167,7 @@ def load_or_make_masks(folder: str, args, train_labels) -> np.ndarray:
 
 def load_run(folder: str, mask: int, repeat: int, num_query: int) -> dict | None:
     """A finished retrain's margins and correct flags (None if missing; a damaged one is deleted, to be redone)."""
-    return artifacts.load_run(run_path(folder, mask, repeat), {"margins": (num_query,), "correct": (num_query,)})
+    return artifacts.load_run(run_path(folder, mask, repeat), {"margins": (num_query,)})
 
 
 def retrain_runs(folder: str, args, masks: np.ndarray, train_text, query_text) -> None:
@@ -187,10 +187,10 @@ def retrain_runs(folder: str, args, masks: np.ndarray, train_text, query_text) -
         for m, r in progress:
             seed = run_seed(args.seed, m, r)
             result = retrain(np.flatnonzero(masks[m]), seed)
-            artifacts.save_arrays(run_path(folder, m, r), margins=result["margins"], correct=result["correct"],
-                                  seed=np.array(seed))
+            artifacts.save_arrays(run_path(folder, m, r), **result, seed=np.array(seed))
             artifacts.kill_point("lds_run_saved")
-            progress.set_postfix(query_acc=f"{result['correct'].mean():.3f}")
+            if "correct" in result:  # classification
+                progress.set_postfix(query_acc=f"{result['correct'].mean():.3f}")
 
 
 def merge_runs(folder: str, args, provenance: dict) -> bool:
@@ -205,8 +205,9 @@ def merge_runs(folder: str, args, provenance: dict) -> bool:
                         missing, args.num_masks * args.num_repeats)
             return False
         margins = np.stack([[run["margins"] for run in row] for row in runs])  # (masks, repeats, queries)
-        correct = np.stack([[run["correct"] for run in row] for row in runs])
-        summary = {"num_runs": int(margins.shape[0] * margins.shape[1]), "query_accuracy": float(correct.mean()),
+        correct = [run["correct"] for row in runs for run in row if "correct" in run]  # none for regression
+        summary = {"num_runs": int(margins.shape[0] * margins.shape[1]),
+                   "query_accuracy": float(np.mean(correct)) if correct else None,
                    # How reproducible one retrain is: over masks, Spearman between two seeds' margins, mean over
                    # queries.
                    "repeat_spearman": (float(spearman_rows(margins[:, 0].T, margins[:, 1].T).mean())
@@ -356,9 +357,11 @@ def score(args) -> None:
 
     table = lds_table(scores, masks, margins, args.num_bootstrap, args.seed)
     title = (f"LDS on {args.dataset_name}: {num_masks} masks x {args.num_repeats} repeats keeping "
-             f"{int(masks[0].sum())} of {masks.shape[1]} examples, {num_query} queries; retrains' query accuracy "
-             f"{summary['query_accuracy']:.3f}" + (f", seed-to-seed Spearman {summary['repeat_spearman']:.3f}"
-                                                    if summary["repeat_spearman"] is not None else ""))
+             f"{int(masks[0].sum())} of {masks.shape[1]} examples, {num_query} queries"
+             + (f"; retrains' query accuracy {summary['query_accuracy']:.3f}"
+                if summary["query_accuracy"] is not None else "")
+             + (f", seed-to-seed Spearman {summary['repeat_spearman']:.3f}"
+                if summary["repeat_spearman"] is not None else ""))
     print_table(table, title)
     results_path = os.path.join(folder, "lds_results.json")
     artifacts.atomic_write_json({"ground_truth": folder, "num_masks": num_masks, "num_queries": num_query,

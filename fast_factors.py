@@ -33,6 +33,9 @@ faster at mean length 39 and 6.2x at mean length 14; self-influence scores 6.9x 
 Usage: `model = prepare_model(model, task); install_fast_trackers(model)`, then use `Analyzer` as usual.
 """
 
+import warnings
+
+import kronfluence
 import torch
 from kronfluence.factor.config import FactorConfig
 from kronfluence.module.linear import TrackedLinear
@@ -48,6 +51,7 @@ from kronfluence.utils.constants import (
 )
 
 __all__ = ["install_fast_trackers"]
+KRONFLUENCE_VERSION = "1.0.1"  # the tracker internals these classes extend
 
 
 def _tokens_cheaper(module, activation, rotations):
@@ -165,7 +169,16 @@ class _FastSelfScoreTracker(SelfScoreTracker):
 
 def install_fast_trackers(model):
     """Swap in the token-factored Lambda and self-score trackers on every tracked `nn.Linear` of a model returned by
-    `kronfluence.analyzer.prepare_model`; call it right after `prepare_model`. Returns the number of modules."""
+    `kronfluence.analyzer.prepare_model`; call it right after `prepare_model`. Returns the number of modules.
+
+    The trackers use kronfluence's internals as of KRONFLUENCE_VERSION; with another version the stock trackers
+    stay (one warning, 0 modules), since a silent change there could make the scores wrong.
+    """
+    if kronfluence.__version__ != KRONFLUENCE_VERSION:
+        warnings.warn(f"fast_factors was written against kronfluence {KRONFLUENCE_VERSION}, found "
+                      f"{kronfluence.__version__}: using kronfluence's own trackers (slower, same scores)",
+                      stacklevel=2)
+        return 0
     count = 0
     for module in model.modules():
         if isinstance(module, TrackedLinear):

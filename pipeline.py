@@ -10,7 +10,6 @@ import csv
 import logging
 import math
 import os
-import random
 from dataclasses import dataclass
 
 import numpy as np
@@ -387,12 +386,6 @@ def train_config(args) -> TrainConfig:
                        lr_scheduler_type=args.lr_scheduler_type, warmup_ratio=args.warmup_ratio, bf16=args.bf16)
 
 
-def set_seed(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
 def _autocast(device, bf16: bool):
     return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=bf16)
 
@@ -442,6 +435,8 @@ def train_model(model: nn.Module, dataset: Dataset, data_collator, config: Train
 def finetune(model_name_or_path: str, task_name: str, dataset: Dataset, data_collator, config: TrainConfig,
              seed: int, device: str = "cpu", disable_tqdm: bool = False) -> nn.Module:
     """The one recipe: seed, fresh head on the pretrained encoder, `train_model`. Same seed + data -> same weights."""
+    from transformers import set_seed
+
     set_seed(seed)
     model = construct_model(model_name_or_path, task_name)
     return train_model(model, dataset, data_collator, config, seed=seed, device=device, disable_tqdm=disable_tqdm)
@@ -573,6 +568,6 @@ def retrainer(args, train_text: Dataset, query_text: Dataset):
         measured = query_dataset if queries is None else query_dataset.select(queries)
         results = evaluate(model, measured, data_collator, args.dataset_name, batch_size=64, device=device,
                            bf16=config.bf16)
-        return {"margins": results["margins"], "correct": results.get("correct", results["margins"] > 0)}
+        return {k: results[k] for k in ("margins", "correct") if k in results}  # regression: no correct flag
 
     return retrain

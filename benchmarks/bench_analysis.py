@@ -26,6 +26,7 @@ import time
 
 import numpy as np
 import torch
+import transformers
 from kronfluence.analyzer import Analyzer, prepare_model
 from kronfluence.utils.common.factor_arguments import all_low_precision_factor_arguments, default_factor_arguments
 from kronfluence.utils.common.score_arguments import all_low_precision_score_arguments, default_score_arguments
@@ -90,7 +91,7 @@ def build_model(args, vocab_size: int):
                                                                          **shape))
     path = pipeline.resolve_model_path(pipeline.PACKAGED_MODEL)
     layers = {"num_hidden_layers": 2} if args.quick else {}
-    pipeline.set_seed(0)
+    transformers.set_seed(0)
     return AutoModelForSequenceClassification.from_pretrained(path, num_labels=2, **layers)
 
 
@@ -126,7 +127,7 @@ def analyse(model, tokenizer, train_text, query_text, args, seed_recipe: bool, o
             per_device_query_batch_size=args.query_batch_size, per_device_train_batch_size=args.train_batch_size),
     }
     for name, run in stages.items():
-        pipeline.set_seed(0)  # both recipes sample Fisher labels from the same stream
+        transformers.set_seed(0)  # both recipes sample Fisher labels from the same stream
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
         start = time.perf_counter()

@@ -162,3 +162,14 @@ def test_install_before_fitting_only():
     next(m for m in model.modules() if isinstance(m, TrackedModule)).set_mode(ModuleMode.LAMBDA)
     with pytest.raises(RuntimeError):
         install_fast_trackers(model)
+
+
+def test_other_kronfluence_version_keeps_the_stock_trackers(monkeypatch):
+    import kronfluence
+
+    monkeypatch.setattr(kronfluence, "__version__", "9.9.9")
+    model = prepare_model(make_model("nobias"), TinyTask())
+    with pytest.warns(UserWarning, match="written against kronfluence 1.0.1, found 9.9.9"):
+        assert install_fast_trackers(model) == 0
+    tracked = next(m for m in model.modules() if isinstance(m, TrackedModule))
+    assert type(tracked._trackers[ModuleMode.LAMBDA]).__module__.startswith("kronfluence.")

@@ -6,6 +6,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+import transformers
 
 import pipeline
 from conftest import assert_user_error, fixture_examples, run_script
@@ -160,7 +161,7 @@ def test_regression_stsb(tiny_model_dir, glue_dir):
 
 def test_checkpoint_round_trip(tiny_model_dir, glue_dir, tmp_path):
     dataset, collate = tiny_setup(tiny_model_dir, glue_dir, "rte", n=8)
-    pipeline.set_seed(0)
+    transformers.set_seed(0)
     model = pipeline.construct_model(tiny_model_dir, "rte")
     tokenizer = pipeline.load_tokenizer(tiny_model_dir)
     pipeline.save_checkpoint(model, tokenizer, str(tmp_path / "rte"), {"task": "rte", "num_labels": 2})
@@ -238,3 +239,15 @@ def test_train_script_bad_input(tiny_model_dir, glue_dir, tmp_path):
     result = run_script("train.py", "--dataset_name", "rte", "--data_dir", str(tmp_path / "glue"), *common)
     assert_user_error(result, "RTE/dev.tsv has no examples")
     assert "Epoch" not in result.stderr  # found before any training
+
+
+def test_regression_retrain_has_margins_and_no_correct_flag(tiny_model_dir, glue_dir):
+    """STS-B predicts a score: nothing is 'correct', so the retrainer reports margins (predictions) only."""
+    import argparse
+
+    args = argparse.Namespace(model_name_or_path=tiny_model_dir, dataset_name="stsb", max_seq_length=32,
+                              pad_to_max_length=False, device="cpu", **vars(pipeline.TrainConfig(
+                                  learning_rate=1e-3, train_batch_size=8, num_train_epochs=1)))
+    train, queries = pipeline.load_train_and_queries("stsb", str(glue_dir), 16, 4)
+    result = pipeline.retrainer(args, train, queries)(np.arange(16), seed=0)
+    assert set(result) == {"margins"} and result["margins"].shape == (4,) and np.isfinite(result["margins"]).all()
