@@ -3,69 +3,45 @@
     python analyze.py --dataset_name sst2 --query_batch_size 175 --train_batch_size 128 \
         --checkpoint_dir ./checkpoints --factor_strategy ekfac [--use_half_precision]
 
-Factors go to `<output_dir>/<dataset_name>/factors_<strategy>[_half]/`, scores to
+The data, model and truncation are the checkpoint's (train.py's flags); a flag given here overrides them, with a
+warning, and is recorded. Factors go to `<output_dir>/<dataset_name>/factors_<strategy>[_half]/`, scores to
 `<output_dir>/<dataset_name>/scores_<strategy>[_half][_qlrR]/pairwise_scores.safetensors` (kronfluence's layout), with
 `glue_scores.json` beside them. Row i / column j of the scores are query i / training example j in dataset order.
-Rerunning the same command reuses finished factors and scores; a killed run resumes from the last finished stage.
+Rerunning the same command reuses finished factors and scores; a killed run resumes after its last finished stage.
 """
 
-import argparse
-import fnmatch
-import logging
-import os
-import shutil
-import time
+import cli
 
-import numpy as np
-import torch
-import transformers
-from kronfluence.analyzer import Analyzer, prepare_model
-from kronfluence.arguments import FactorArguments, ScoreArguments
-from kronfluence.utils.common.factor_arguments import all_low_precision_factor_arguments
-from kronfluence.utils.common.score_arguments import all_low_precision_score_arguments
-from kronfluence.utils.dataset import DataLoaderKwargs
-from safetensors.torch import load_file, save_file
-from torch import nn
-
-import artifacts
-import fast_factors
-import pipeline
-from cli import UserError, cli, positive_int
-from task import GlueTask
-
-logger = logging.getLogger(__name__)
 STRATEGIES = ["identity", "diagonal", "kfac", "ekfac"]
-FACTORS_META = "glue_factors.json"
 
 
 def damping(value: str):
     return None if value == "auto" else float(value)
 
 
-def parse_args():
-    parser = argparse.ArgumentParser(description="Influence analysis on a GLUE task.")
-    pipeline.add_data_args(parser, max_train_help="Analyse the first N training examples (default: as train.py).")
-    parser.add_argument("--checkpoint_dir", type=str, default="./checkpoints",
-                        help="Where train.py saved <checkpoint_dir>/<dataset_name>/.")
-    parser.add_argument("--output_dir", type=str, default="./influence_results", help="Root of factors and scores.")
-    parser.add_argument("--factor_strategy", type=str, default="ekfac", help=f"One of {STRATEGIES}.")
+def parse_args(argv=None):
+    parser = cli.parser("Influence analysis on a GLUE task.")
+    cli.add_data_args(parser, checkpoint=True)
+    parser.add_argument("--output_dir", default="./influence_results", help="Root of factors and scores.")
+    parser.add_argument("--factor_strategy", default="ekfac", help=f"One of {STRATEGIES}.")
     parser.add_argument("--use_half_precision", action="store_true",
                         help="bfloat16 factors and scores (kronfluence's all-low-precision arguments).")
-    parser.add_argument("--query_gradient_rank", type=positive_int, default=None,
+    parser.add_argument("--query_gradient_rank", type=cli.positive_int, default=None,
                         help="Low-rank approximation of query gradients (names the scores <strategy>_qlrR).")
     parser.add_argument("--damping_factor", type=damping, default=1e-8,
-                        help="Damping for the inverse Hessian ('auto': 0.1 x mean eigenvalue). Default: the seed's.")
-    parser.add_argument("--scores_name", type=str, default=None,
+                        help="Damping for the inverse Hessian ('auto': 0.1 x mean eigenvalue); the seed's default.")
+    parser.add_argument("--scores_name", default=None,
                         help="Name the scores (default: <strategy>[_half][_qlrR], as the seed); e.g. for a damping "
                              "ablation that reuses the factors.")
-    parser.add_argument("--query_batch_size", type=positive_int, default=8, help="Queries per batch.")
-    parser.add_argument("--train_batch_size", type=positive_int, default=8, help="Training examples per scoring batch.")
-    parser.add_argument("--factor_batch_size", type=positive_int, default=None,
+    parser.add_argument("--query_batch_size", type=cli.positive_int, default=8, help="Queries per batch.")
+    parser.add_argument("--train_batch_size", type=cli.positive_int, default=8,
+                        help="Training examples per scoring batch.")
+    parser.add_argument("--factor_batch_size", type=cli.positive_int, default=None,
                         help="Examples per batch when fitting factors (default: kronfluence's search on GPU, "
                              "--train_batch_size on CPU, where the search can exhaust memory).")
-    parser.add_argument("--max_query_examples", type=positive_int, default=2000,
+    parser.add_argument("--max_query_examples", type=cli.positive_int, default=2000,
                         help="Use the first min(len(validation), N) validation examples as queries.")
-    parser.add_argument("--tracked_modules", type=str, nargs="+", default=None,
+    parser.add_argument("--tracked_modules", nargs="+", default=None,
                         help="Only nn.Linear modules whose names match these glob patterns (default: all).")
     parser.add_argument("--compute_self_scores", action="store_true",
                         help="Also compute self-influence of every training example (finds mislabeled data).")
@@ -77,17 +53,47 @@ def parse_args():
     parser.add_argument("--seed", type=int, default=0, help="Seeds the labels sampled for the true Fisher.")
     parser.add_argument("--float64", action="store_true",
                         help="Model, factors and scores in float64 (exactness checks).")
-    parser.add_argument("--attn_implementation", type=str, default=None, help="e.g. 'eager' (default: the model's).")
+    parser.add_argument("--attn_implementation", default=None, help="e.g. 'eager' (default: the model's).")
     parser.add_argument("--overwrite", action="store_true", help="Recompute factors and scores even if present.")
     parser.add_argument("--profile", action="store_true", help="Print kronfluence's profiler table.")
-    parser.add_argument("--inspect_query", type=int, default=None,
+    parser.add_argument("--inspect_query", "--query_index", type=int, default=None,
                         help="Print this query and its most positively and negatively influential training examples.")
-    parser.add_argument("--top_k", type=positive_int, default=3,
+    parser.add_argument("--top_k", type=cli.positive_int, default=3,
                         help="How many examples --inspect_query prints per side.")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.factor_strategy not in STRATEGIES:
         parser.error(f"unknown --factor_strategy '{args.factor_strategy}'; choose one of {', '.join(STRATEGIES)}")
-    return args
+    return cli.from_checkpoint(args, args.checkpoint_dir)
+
+
+if __name__ == "__main__":
+    cli.cli(parse_args)  # --help and argument errors answer here, before the heavy imports below
+
+import fnmatch  # noqa: E402
+import logging  # noqa: E402
+import os  # noqa: E402
+import shutil  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from kronfluence.analyzer import Analyzer, prepare_model  # noqa: E402
+from kronfluence.arguments import FactorArguments, ScoreArguments  # noqa: E402
+from kronfluence.utils.common.factor_arguments import all_low_precision_factor_arguments  # noqa: E402
+from kronfluence.utils.common.score_arguments import all_low_precision_score_arguments  # noqa: E402
+from kronfluence.utils.dataset import DataLoaderKwargs  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+from torch import nn  # noqa: E402
+
+import artifacts  # noqa: E402
+import fast_factors  # noqa: E402
+import pipeline  # noqa: E402
+from cli import UserError  # noqa: E402
+from task import GlueTask  # noqa: E402
+
+logger = logging.getLogger("analyze")
+FACTORS_META = "glue_factors.json"
 
 
 def influence_arguments(args) -> tuple:
@@ -228,38 +234,63 @@ def reorder_scores(path: str, train_order: np.ndarray, query_order: np.ndarray |
         save_file(tensors, tmp)
 
 
+def prepare(args, model, tokenizer, train_text, query_text) -> tuple:
+    """Tokenized splits sorted by length (dynamic padding: each batch pads to a similar length; the scores are mapped
+    back), the model wrapped for kronfluence with the token-factored trackers, and `analyzer_at(folder)`."""
+    train_dataset, query_dataset = (
+        pipeline.tokenize(d, args.dataset_name, tokenizer, args.max_seq_length, args.pad_to_max_length)
+        for d in (train_text, query_text))
+    train_order = query_order = None
+    if not args.pad_to_max_length:
+        train_order, query_order = pipeline.length_order(train_dataset), pipeline.length_order(query_dataset)
+        train_dataset, query_dataset = train_dataset.select(train_order), query_dataset.select(query_order)
+    analysis_task = GlueTask(tracked_modules(model, args.tracked_modules))
+    model = prepare_model(model.double() if args.float64 else model, analysis_task)
+    if not args.stock_kronfluence:
+        fast_factors.install_fast_trackers(model)
+    if torch.distributed.is_initialized():
+        model = torch.nn.parallel.DistributedDataParallel(model.cuda(), device_ids=[torch.cuda.current_device()])
+
+    def analyzer_at(root: str) -> Analyzer:
+        analyzer = Analyzer(analysis_name=os.path.basename(root), model=model, task=analysis_task,
+                            cpu=args.device == "cpu", profile=args.profile, output_dir=os.path.dirname(root))
+        analyzer.set_dataloader_kwargs(DataLoaderKwargs(collate_fn=pipeline.collator(tokenizer)))
+        return analyzer
+
+    return analyzer_at, (query_dataset, train_dataset), (train_order, query_order)
+
+
 def main():
     args = parse_args()
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    cli.setup_logging(args.verbose)
+    cli.log_overrides(args)
     distributed = "LOCAL_RANK" in os.environ  # torchrun, even with one process: kronfluence's DDP path
     if distributed and not torch.cuda.is_available():
-        raise UserError("torchrun without CUDA: kronfluence only synchronises factors across CUDA "
-                                 "processes, so a CPU launch would fit wrong factors; run one process instead")
-    main_process = int(os.environ.get("RANK", "0")) == 0
+        raise UserError("torchrun without CUDA: kronfluence only synchronises factors across CUDA processes, so a "
+                        "CPU launch would fit wrong factors; run one process instead")
     if distributed:
         torch.distributed.init_process_group(backend="nccl")
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    if args.allow_tf32:
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    args.device = pipeline.torch_device(args.device)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.allow_tf32
 
-    # Data: the same examples, in the same order, as train.py; queries are the first validation examples.
+    # Checkpoint and data: the same examples, in the same order, as train.py; queries are the first validation ones.
     checkpoint_dir = os.path.join(args.checkpoint_dir, args.dataset_name)
     model, tokenizer, checkpoint_meta = pipeline.load_checkpoint(checkpoint_dir, args.dataset_name,
                                                                  args.attn_implementation)
     train_text, query_text = pipeline.load_train_and_queries(args.dataset_name, args.data_dir,
                                                              args.max_train_samples, args.max_query_examples)
     if args.inspect_query is not None and not 0 <= args.inspect_query < len(query_text):
-        raise UserError(f"--inspect_query {args.inspect_query} is out of range: there are "
-                                 f"{len(query_text)} queries")
-    task_dir = artifacts.make_output_dir(os.path.join(args.output_dir, args.dataset_name))
+        raise UserError(f"--inspect_query {args.inspect_query} is out of range: there are {len(query_text)} queries")
+    artifacts.check_writable(args.output_dir)
     factors_name, factor_args, scores_name, score_args = influence_arguments(args)
-    factors_public = os.path.join(task_dir, f"factors_{factors_name}")
+    factors_public = os.path.join(args.output_dir, args.dataset_name, f"factors_{factors_name}")
     scores_public = artifacts.scores_dir(args.output_dir, args.dataset_name, scores_name)
 
     # Signatures: everything that changes the factors / the scores. Provenance: what readers check against.
     provenance = {**pipeline.data_provenance(args.dataset_name, train_text, query_text, args.max_seq_length),
-                  "data_dir": args.data_dir,
-                  "model_name_or_path": checkpoint_meta.get("args", {}).get("model_name_or_path"),
+                  "data_dir": args.data_dir, "model_name_or_path": args.model_name_or_path,
                   "checkpoint_sha256": checkpoint_meta["files"]["model.safetensors"]["sha256"]}
     factors_signature = {**{k: provenance[k] for k in ("checkpoint_sha256", "dataset_name", "num_train", "train_data",
                                                        "max_seq_length")},
@@ -270,62 +301,37 @@ def main():
                         "self_scores": args.compute_self_scores}
 
     logger.info("***** Running influence analysis *****")
-    logger.info("  Task = %s, train = %d, queries = %d, strategy = %s, scores = %s", args.dataset_name,
-                len(train_text), len(query_text), args.factor_strategy, scores_name)
+    logger.info("  Task = %s, train = %d, queries = %d, strategy = %s, scores = %s, batch sizes = %d queries x %d "
+                "train, device = %s", args.dataset_name, len(train_text), len(query_text), args.factor_strategy,
+                scores_name, args.query_batch_size, args.train_batch_size, args.device)
     with artifacts.lock(scores_public, enabled=main_process):
         meta = on_main(artifacts.reuse, scores_public, artifacts.SCORES_META, "scores", scores_signature,
                        args.overwrite)
-        if meta is None:
-            train_dataset, query_dataset = (
-                pipeline.tokenize(d, args.dataset_name, tokenizer, args.max_seq_length, args.pad_to_max_length)
-                for d in (train_text, query_text))
-            # Dynamic padding: sort by length so each batch pads to a similar length; scores are mapped back.
-            train_order = query_order = None
-            if not args.pad_to_max_length:
-                train_order, query_order = pipeline.length_order(train_dataset), pipeline.length_order(query_dataset)
-                train_dataset, query_dataset = train_dataset.select(train_order), query_dataset.select(query_order)
-
-            # Model: kronfluence wraps the tracked modules; then the token-factored trackers replace the stock ones.
-            analysis_task = GlueTask(tracked_modules(model, args.tracked_modules))
-            if args.float64:
-                model = model.double()
-            model = prepare_model(model, analysis_task)
-            if not args.stock_kronfluence:
-                logger.info("Token-factored trackers on %d modules", fast_factors.install_fast_trackers(model))
-            if distributed:
-                device = torch.cuda.current_device()
-                model = torch.nn.parallel.DistributedDataParallel(model.cuda(), device_ids=[device])
-
-            def analyzer_at(root: str) -> Analyzer:
-                analyzer = Analyzer(analysis_name=os.path.basename(root), model=model, task=analysis_task,
-                                    cpu=args.device == "cpu", profile=args.profile, output_dir=os.path.dirname(root))
-                analyzer.set_dataloader_kwargs(DataLoaderKwargs(collate_fn=pipeline.collator(tokenizer)))
-                return analyzer
-
+        if meta is not None:
+            logger.info("Reusing scores %s", scores_public)
+        else:
+            analyzer_at, datasets, orders = prepare(args, model, tokenizer, train_text, query_text)
             scores_root = artifacts.staging_dir(scores_public, scores_signature)
             on_main(shutil.rmtree, scores_root, ignore_errors=True)
             with artifacts.lock(factors_public, enabled=main_process):
                 factor_batch_size = args.factor_batch_size or (args.train_batch_size if args.device == "cpu" else None)
                 factors_meta = fit_factors(analyzer_at, factors_public, factors_signature, factors_name, factor_args,
-                                           train_dataset, factor_batch_size, args.seed, args.overwrite)
+                                           datasets[1], factor_batch_size, args.seed, args.overwrite)
                 # A snapshot: another process may replace the published factors while these scores are computed.
                 on_main(artifacts.link_tree, factors_public, os.path.join(scores_root, f"factors_{factors_name}"))
             meta = {"signature": scores_signature, "provenance": provenance, "order": "dataset",
                     "scores_name": scores_name, "factors_name": factors_name, "strategy": args.factor_strategy,
                     "checkpoint_dir": checkpoint_dir, "checkpoint_metrics": checkpoint_meta.get("metrics"),
-                    "shape": [len(query_dataset), len(train_dataset)], "args": vars(args),
+                    "shape": [len(query_text), len(train_text)], "args": vars(args), "overrides": args.overrides,
                     **{k: v for k, v in factors_meta.items() if k.endswith("_seconds")}}
             meta = compute_scores(analyzer_at(scores_root), scores_root, scores_public, args,
-                                  (factors_name, scores_name), score_args, (query_dataset, train_dataset),
-                                  (train_order, query_order), meta)
-            logger.info("Scores %s written to %s", scores_name, scores_public)
-        else:
-            logger.info("Reusing scores %s in %s", scores_name, scores_public)
+                                  (factors_name, scores_name), score_args, datasets, orders, meta)
     if not main_process:
         return
 
     scores, _ = artifacts.load_scores(args.output_dir, args.dataset_name, scores_name)
-    logger.info("Scores %s: shape %s", scores_name, scores.shape)
+    logger.info("Scores %s (%d queries x %d training examples, dataset order): %s", scores_name, *scores.shape,
+                os.path.join(scores_public, "pairwise_scores.safetensors"))
     if args.compute_self_scores:
         self_scores, _ = artifacts.load_scores(args.output_dir, args.dataset_name, scores_name, kind="self")
         logger.info("Highest self-influence (candidates for mislabeled data): %s",
@@ -336,4 +342,4 @@ def main():
 
 
 if __name__ == "__main__":
-    cli(main)
+    cli.cli(main)

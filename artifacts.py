@@ -53,6 +53,18 @@ def make_output_dir(path: str) -> str:
     return path
 
 
+def check_writable(path: str) -> str:
+    """Fails now, not after hours of work, if `path` could not be created or written; creates nothing (a failed
+    run leaves no empty folder)."""
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+        problem = "is not a directory" if not os.path.isdir(existing) else "is not writable"
+        raise UserError(f"cannot write to {path}: {existing} {problem}; choose another directory")
+    return path
+
+
 @contextmanager
 def atomic_path(path: str, suffix: str = ""):
     """Yields a temporary name beside `path`, renamed over it once written: a file that exists is complete."""

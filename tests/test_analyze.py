@@ -254,7 +254,7 @@ def test_bad_output_and_sizes(glue_dir, checkpoints, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")
     assert_user_error(run_script("analyze.py", *analyze_argv(glue_dir, checkpoints, blocker)),
-                      f"cannot write to {blocker}/rte")
+                      f"cannot write to {blocker}: {blocker} is not a directory")
     for flag in ("--train_batch_size", "--query_batch_size", "--top_k"):
         assert_user_error(run_script("analyze.py", *common, flag, "0"), f"{flag}: expected a positive integer")
     assert_user_error(run_script("analyze.py", *common, "--top_k", "-3"), "--top_k: expected a positive integer")

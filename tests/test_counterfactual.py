@@ -51,8 +51,8 @@ def varied(query, seed):
 def run_main(monkeypatch, retrain, glue_dir, scores_dir, output_dir, *extra):
     """run_counterfactual.main on the fixture RTE with `retrain` in place of real fine-tuning."""
     monkeypatch.setattr(pipeline, "retrainer", lambda args, train_text, query_text: retrain)
-    argv = ["run_counterfactual.py", "--dataset_name", "rte", "--data_dir", str(glue_dir), "--scores_dir",
-            str(scores_dir), "--output_dir", str(output_dir), "--figure", str(output_dir / "fig.png"),
+    argv = ["run_counterfactual.py", "--dataset_name", "rte", "--data_dir", str(glue_dir), "--output_dir",
+            str(scores_dir), "--counterfactual_dir", str(output_dir), "--figure", str(output_dir / "fig.png"),
             "--train_batch_size", "8", "--num_target", "6", "--remove_intervals", "2", "4", "6",
             "--num_base_repeat", "2", "--num_repeat", "2", "--max_seq_length", "32", *extra]
     monkeypatch.setattr(sys, "argv", argv)
@@ -67,7 +67,7 @@ def test_random_baseline_draws_training_examples_with_the_query_label(glue_dir, 
     train_text = pipeline.load_glue("rte", "train", str(glue_dir))
     train_labels = np.array(train_text["label"])
     query_labels = pipeline.load_glue("rte", "validation", str(glue_dir), 6)["label"]
-    args = argparse.Namespace(methods=["ekfac", "random"], scores_dir=str(scores_dir), dataset_name="rte", seed=3,
+    args = argparse.Namespace(strategies=["ekfac", "random"], output_dir=str(scores_dir), dataset_name="rte", seed=3,
                               data_dir=str(glue_dir), max_seq_length=32)
     rankings = rc.load_rankings(args, train_text, query_labels)
     assert list(rankings) == ["ekfac", "random"]
@@ -169,7 +169,7 @@ def test_bad_input(monkeypatch, glue_dir, scores_dir, tmp_path):
     with pytest.raises(pipeline.UserError, match="other data than this run .max_seq_length 32 vs 64"):
         run_main(monkeypatch, Stub(), glue_dir, scores_dir, out, "--max_seq_length", "64")
     write_scores(scores_dir, "kfac", np.zeros((4, N_TRAIN)), glue_dir)
-    with pytest.raises(pipeline.UserError, match="scores 'kfac' cover 4 queries, fewer than --num_target 6"):
+    with pytest.raises(pipeline.UserError, match="scores 'kfac' cover 4 queries, fewer than --max_query_examples 6"):
         run_main(monkeypatch, Stub(), glue_dir, scores_dir, out, "--methods", "kfac")
     with pytest.raises(pipeline.UserError, match="'stsb' is regression"):
         run_main(monkeypatch, Stub(), glue_dir, scores_dir, out, "--dataset_name", "stsb")
@@ -184,16 +184,15 @@ def test_bad_input(monkeypatch, glue_dir, scores_dir, tmp_path):
 
 def test_script_end_to_end_and_missing_scores(tiny_model_dir, glue_dir, scores_dir, tmp_path):
     common = ["--dataset_name", "rte", "--data_dir", str(glue_dir), "--model_name_or_path", tiny_model_dir,
-              "--scores_dir", str(scores_dir), "--max_seq_length", "32", "--device", "cpu"]
-    assert_user_error(run_script("run_counterfactual.py", *common, "--methods", "ekfac", "kfac", "--output_dir",
-                                 str(tmp_path / "x")), "no finished scores 'kfac'", "python analyze.py",
-                      "--factor_strategy kfac")
+              "--output_dir", str(scores_dir), "--max_seq_length", "32", "--device", "cpu"]
+    assert_user_error(run_script("run_counterfactual.py", *common, "--methods", "ekfac", "kfac"),
+                      "no finished scores 'kfac'", "python analyze.py", "--factor_strategy kfac")
     damaged = scores_dir / "rte" / "scores_identity" / "pairwise_scores.safetensors"
     damaged.write_bytes(damaged.read_bytes()[:100])
-    assert_user_error(run_script("run_counterfactual.py", *common, "--methods", "identity", "--output_dir",
-                                 str(tmp_path / "x")), "scores 'identity'", "is damaged", "--factor_strategy identity")
+    assert_user_error(run_script("run_counterfactual.py", *common, "--methods", "identity"), "scores 'identity'",
+                      "is damaged", "--factor_strategy identity")
     out = tmp_path / "out"
-    result = run_script("run_counterfactual.py", *common, "--output_dir", str(out), "--figure",
+    result = run_script("run_counterfactual.py", *common, "--counterfactual_dir", str(out), "--figure",
                         str(tmp_path / "figure" / "counterfactual.png"), "--methods", "ekfac", "--num_target", "4",
                         "--remove_intervals", "2", "4", "--num_base_repeat", "1", "--num_repeat", "1",
                         "--num_train_epochs", "1", "--train_batch_size", "8", "--learning_rate", "1e-3")

@@ -1,0 +1,128 @@
+"""The command line as a user meets it: data flags given once (to train.py) for the whole chain, quiet output,
+instant --help and argument errors, and an offline hub that fails at once."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import analyze
+import cli
+import evaluate_lds
+import run_counterfactual
+from conftest import ROOT, assert_user_error, run_script
+
+SCRIPTS = ("train.py", "analyze.py", "evaluate_lds.py", "run_counterfactual.py")
+
+
+def progress_free_lines(output: str) -> list:
+    """What a terminal keeps once the progress bars are done: non-empty lines that are not tqdm bars."""
+    return [line for line in output.replace("\r", "\n").splitlines() if line.strip() and "%|" not in line]
+
+
+def run_main(module, monkeypatch, *argv):
+    monkeypatch.setattr(sys, "argv", [f"{module.__name__}.py", *argv])
+    module.main()
+
+
+def test_chain_with_the_data_flags_given_once(monkeypatch, tiny_model_dir, glue_dir, tmp_path):
+    """train.py gets the data, model and recipe; analyze, LDS and counterfactual get --checkpoint_dir and their own
+    few flags, and record what they used. A result-changing override is logged and recorded."""
+    checkpoints, out = tmp_path / "checkpoints", tmp_path / "influence_results"
+    trained = run_script("train.py", "--dataset_name", "rte", "--data_dir", str(glue_dir), "--model_name_or_path",
+                         tiny_model_dir, "--max_train_samples", "32", "--max_seq_length", "32", "--num_train_epochs",
+                         "1", "--train_batch_size", "8", "--learning_rate", "1e-3",
+                         "--checkpoint_dir", str(checkpoints))
+    assert trained.returncode == 0, trained.stderr
+    assert len(progress_free_lines(trained.stdout + trained.stderr)) <= 20
+
+    own = ["--dataset_name", "rte", "--checkpoint_dir", str(checkpoints), "--output_dir", str(out)]
+    result = run_script("analyze.py", *own, "--max_query_examples", "8", "--query_batch_size", "8",
+                        "--train_batch_size", "8", "--factor_strategy", "identity", "--inspect_query", "0",
+                        "--top_k", "1")
+    assert result.returncode == 0, result.stderr
+    lines = progress_free_lines(result.stdout + result.stderr)
+    assert len(lines) <= 30, "\n".join(lines)  # the README's promise: quiet without --verbose
+    assert not any("Tracking modules" in line or "BertForSequenceClassification(" in line for line in lines)
+    meta = json.loads((out / "rte" / "scores_identity" / "glue_scores.json").read_text())
+    assert meta["provenance"]["data_dir"] == str(glue_dir) and meta["provenance"]["max_seq_length"] == 32
+    assert meta["provenance"]["num_train"] == 32 and meta["provenance"]["model_name_or_path"] == tiny_model_dir
+    assert meta["overrides"] == {}
+    rerun = run_script("analyze.py", *own, "--max_query_examples", "8", "--factor_strategy", "identity")
+    assert "Reusing scores" in rerun.stderr
+
+    lds = [*own, "--max_query_examples", "8", "--num_masks", "3", "--num_repeats", "1"]
+    run_main(evaluate_lds, monkeypatch, "build", *lds)
+    run_main(evaluate_lds, monkeypatch, "score", *lds, "--strategies", "identity", "--num_bootstrap", "20")
+    folder = evaluate_lds.ground_truth_dir(evaluate_lds.parse_args(["score", *lds]))
+    recorded = json.loads(open(os.path.join(folder, "experiment_args.json")).read())
+    assert recorded["data_dir"] == str(glue_dir) and recorded["max_train_samples"] == 32
+    assert recorded["recipe"]["learning_rate"] == 1e-3 and recorded["model_name_or_path"] == tiny_model_dir
+    assert os.path.isfile(os.path.join(folder, "lds_results.json")) and os.path.isfile(os.path.join(folder, "lds.png"))
+
+    counterfactual = [*own, "--strategies", "identity", "--max_query_examples", "2", "--remove_intervals", "2",
+                      "--num_base_repeat", "1", "--num_repeat", "1"]
+    monkeypatch.setattr(run_counterfactual.pipeline, "retrainer", lambda args, train, queries: stub_retrain)
+    run_main(run_counterfactual, monkeypatch, *counterfactual)
+    folder = run_counterfactual.results_dir(run_counterfactual.parse_args(counterfactual))
+    assert folder.startswith(str(out / "rte" / "counterfactual_"))
+    assert os.path.isfile(os.path.join(folder, "counterfactual_results.json"))
+    assert os.path.isfile(os.path.join(folder, "counterfactual.png"))  # under the results, not the README's figure
+
+    args = analyze.parse_args([*own, "--max_seq_length", "16"])
+    assert args.overrides == {"max_seq_length": {"checkpoint": 32, "here": 16}} and args.data_dir == str(glue_dir)
+
+
+def stub_retrain(keep, seed, queries):
+    import numpy as np
+
+    return {"correct": np.ones(len(queries), dtype=bool), "margins": np.ones(len(queries))}
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_help_and_argument_errors_answer_before_torch(script):
+    """--help (with defaults) and argument errors come before the heavy imports: neither torch nor transformers."""
+    for argv, code in ((["--help"], 0), (["--top_k", "0"] if script == "analyze.py" else ["--dataset_name", "x"], 2)):
+        result = subprocess.run([sys.executable, "-X", "importtime", str(ROOT / script), *argv], capture_output=True,
+                                text=True, timeout=60)
+        imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines() if "import time:" in line}
+        assert result.returncode == code, result.stderr[-500:]
+        assert not imported & {"torch", "transformers", "datasets", "kronfluence"}
+    if script != "evaluate_lds.py":  # its --help lists the subcommands, each with a description
+        assert "(default: " in subprocess.run([sys.executable, str(ROOT / script), "--help"], capture_output=True,
+                                              text=True, timeout=60).stdout
+
+
+def test_evaluate_lds_subcommands_have_descriptions():
+    result = subprocess.run([sys.executable, str(ROOT / "evaluate_lds.py"), "--help"], capture_output=True, text=True,
+                            timeout=60)
+    assert "Retrain on random subsets" in result.stdout and "LDS of influence scores" in result.stdout
+    build = " ".join(subprocess.run([sys.executable, str(ROOT / "evaluate_lds.py"), "build", "--help"],
+                                    capture_output=True, text=True, timeout=60).stdout.split())
+    assert "the LDS ground truth" in build and "(default: 100)" in build
+
+
+def test_offline_hub_fails_at_once_with_the_fix(tiny_model_dir, tmp_path):
+    result = run_script("train.py", "--dataset_name", "rte", "--model_name_or_path", tiny_model_dir,
+                        "--checkpoint_dir", str(tmp_path / "checkpoints"), HF_HUB_OFFLINE="1")
+    assert_user_error(result, "from the Hugging Face hub", "pass --data_dir")
+    assert "retry" not in result.stderr.lower() and "Retrying" not in result.stdout
+    assert not (tmp_path / "checkpoints").exists()  # a failed run leaves no empty folder
+
+
+def test_unreachable_hub_means_offline(monkeypatch):
+    """Without HF_HUB_OFFLINE, a run that needs the hub checks it once; unreachable, the run goes offline."""
+    import argparse
+    import socket
+
+    def unreachable(*args, **kwargs):
+        raise OSError("Name or service not known")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(socket, "create_connection", unreachable)
+    cli.offline_if_hub_unreachable(argparse.Namespace(data_dir="glue", model_name_or_path=cli.PACKAGED_MODEL))
+    assert "HF_HUB_OFFLINE" not in os.environ  # needs no hub: not even checked
+    cli.offline_if_hub_unreachable(argparse.Namespace(data_dir=None, model_name_or_path=cli.PACKAGED_MODEL))
+    assert os.environ["HF_HUB_OFFLINE"] == "1"
