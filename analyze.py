@@ -260,18 +260,35 @@ def prepare(args, model, tokenizer, train_text, query_text) -> tuple:
     return analyzer_at, (query_dataset, train_dataset), (train_order, query_order)
 
 
+def join_torchrun() -> bool:
+    """Under torchrun (even with one process: kronfluence's DDP path), joins the process group. True on the main
+    process, the one that decides and writes."""
+    if "LOCAL_RANK" not in os.environ:
+        return True
+    if not torch.cuda.is_available():
+        raise UserError("torchrun without CUDA: kronfluence only synchronises factors across CUDA processes, so a "
+                        "CPU launch would fit wrong factors; run one process instead")
+    torch.distributed.init_process_group(backend="nccl")
+    torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    return torch.distributed.get_rank() == 0
+
+
+def signatures(args, provenance: dict, factor_args, score_args) -> tuple:
+    """Everything that changes the factors, and the scores: a result is reused only for the same signature."""
+    factors = {**{k: provenance[k] for k in ("checkpoint_sha256", "dataset_name", "num_train", "train_data",
+                                             "max_seq_length")},
+               "pad_to_max_length": args.pad_to_max_length, "tracked_modules": args.tracked_modules,
+               "float64": args.float64, "seed": args.seed, "factor_args": factor_args.to_str_dict()}
+    scores = {**factors, "num_query": provenance["num_query"], "query_data": provenance["query_data"],
+              "score_args": score_args.to_str_dict(), "self_scores": args.compute_self_scores}
+    return factors, scores
+
+
 def main():
     args = parse_args()
     cli.setup_logging(args.verbose)
     cli.log_overrides(args)
-    distributed = "LOCAL_RANK" in os.environ  # torchrun, even with one process: kronfluence's DDP path
-    if distributed and not torch.cuda.is_available():
-        raise UserError("torchrun without CUDA: kronfluence only synchronises factors across CUDA processes, so a "
-                        "CPU launch would fit wrong factors; run one process instead")
-    if distributed:
-        torch.distributed.init_process_group(backend="nccl")
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    main_process = int(os.environ.get("RANK", "0")) == 0
+    main_process = join_torchrun()
     args.device = pipeline.torch_device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.allow_tf32
 
@@ -288,17 +305,10 @@ def main():
     factors_public = os.path.join(args.output_dir, args.dataset_name, f"factors_{factors_name}")
     scores_public = artifacts.scores_dir(args.output_dir, args.dataset_name, scores_name)
 
-    # Signatures: everything that changes the factors / the scores. Provenance: what readers check against.
     provenance = {**pipeline.data_provenance(args.dataset_name, train_text, query_text, args.max_seq_length),
                   "data_dir": args.data_dir, "model_name_or_path": args.model_name_or_path,
                   "checkpoint_sha256": checkpoint_meta["files"]["model.safetensors"]["sha256"]}
-    factors_signature = {**{k: provenance[k] for k in ("checkpoint_sha256", "dataset_name", "num_train", "train_data",
-                                                       "max_seq_length")},
-                         "pad_to_max_length": args.pad_to_max_length, "tracked_modules": args.tracked_modules,
-                         "float64": args.float64, "seed": args.seed, "factor_args": factor_args.to_str_dict()}
-    scores_signature = {**factors_signature, "num_query": provenance["num_query"],
-                        "query_data": provenance["query_data"], "score_args": score_args.to_str_dict(),
-                        "self_scores": args.compute_self_scores}
+    factors_signature, scores_signature = signatures(args, provenance, factor_args, score_args)
 
     logger.info("***** Running influence analysis *****")
     logger.info("  Task = %s, train = %d, queries = %d, strategy = %s, scores = %s, batch sizes = %d queries x %d "
@@ -310,6 +320,10 @@ def main():
         if meta is not None:
             logger.info("Reusing scores %s", scores_public)
         else:
+            meta = {"signature": scores_signature, "provenance": provenance, "order": "dataset",
+                    "scores_name": scores_name, "factors_name": factors_name, "strategy": args.factor_strategy,
+                    "checkpoint_dir": checkpoint_dir, "checkpoint_metrics": checkpoint_meta.get("metrics"),
+                    "shape": [len(query_text), len(train_text)], "args": vars(args), "overrides": args.overrides}
             analyzer_at, datasets, orders = prepare(args, model, tokenizer, train_text, query_text)
             scores_root = artifacts.staging_dir(scores_public, scores_signature)
             on_main(shutil.rmtree, scores_root, ignore_errors=True)
@@ -319,11 +333,7 @@ def main():
                                            datasets[1], factor_batch_size, args.seed, args.overwrite)
                 # A snapshot: another process may replace the published factors while these scores are computed.
                 on_main(artifacts.link_tree, factors_public, os.path.join(scores_root, f"factors_{factors_name}"))
-            meta = {"signature": scores_signature, "provenance": provenance, "order": "dataset",
-                    "scores_name": scores_name, "factors_name": factors_name, "strategy": args.factor_strategy,
-                    "checkpoint_dir": checkpoint_dir, "checkpoint_metrics": checkpoint_meta.get("metrics"),
-                    "shape": [len(query_text), len(train_text)], "args": vars(args), "overrides": args.overrides,
-                    **{k: v for k, v in factors_meta.items() if k.endswith("_seconds")}}
+            meta.update({k: v for k, v in factors_meta.items() if k.endswith("_seconds")})
             meta = compute_scores(analyzer_at(scores_root), scores_root, scores_public, args,
                                   (factors_name, scores_name), score_args, datasets, orders, meta)
     if not main_process:

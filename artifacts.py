@@ -6,8 +6,8 @@ counterfactual runs) follows three rules, so that a kill, a rerun or a second pr
 - Write once. Work happens in a private folder named by the result's signature (everything that changes it). The
   finished folder gets a metadata JSON listing each file's sha256 and size, then becomes visible under its public
   name in one rename. Nothing public is ever rewritten in place.
-- One writer. `lock` takes an exclusive `flock` on `<result>.lock`: a second process waits, then finds the result
-  published. The kernel drops the lock with its process, so a killed run blocks no one.
+- One writer. `lock` takes an exclusive `flock` on `.staging/<result>.lock`: a second process waits, then finds the
+  result published. The kernel drops the lock with its process, so a killed run blocks no one.
 - Verified reads. `read` checks the metadata, every file's size and sha256, and (with `expected`) the provenance the
   reader is about to rely on. A damaged result raises `Damaged`: its owner recomputes it, a consumer reports it.
 

@@ -111,6 +111,7 @@ from tqdm.auto import tqdm  # noqa: E402
 
 import artifacts  # noqa: E402
 import pipeline  # noqa: E402
+import sweeps  # noqa: E402
 from cli import UserError  # noqa: E402
 
 logger = logging.getLogger("evaluate_lds")
@@ -187,7 +188,7 @@ def load_run(folder: str, mask: int, repeat: int, num_query: int) -> dict | None
 def retrain_runs(folder: str, args, masks: np.ndarray, train_text, query_text) -> None:
     """Retrains this shard's missing or damaged (mask, repeat) runs, saving each as it ends."""
     runs = [(m, r) for m in range(args.num_masks) for r in range(args.num_repeats)]
-    mine = pipeline.shard(runs, args.shard_index, args.num_shards)
+    mine = sweeps.shard(runs, args.shard_index, args.num_shards)
     pending = [(m, r) for m, r in mine if load_run(folder, m, r, len(query_text)) is None]
     logger.info("***** Building LDS ground truth in %s *****", folder)
     logger.info("  Runs = %d (%d masks x %d repeats), this shard = %d, already done = %d, keep %d of %d examples",
@@ -195,7 +196,7 @@ def retrain_runs(folder: str, args, masks: np.ndarray, train_text, query_text) -
                 int(masks[0].sum()), masks.shape[1])
     if not pending:
         return
-    retrain = pipeline.retrainer(args, train_text, query_text)
+    retrain = sweeps.retrainer(args, train_text, query_text)
     os.makedirs(os.path.join(folder, "runs"), exist_ok=True)
     with tqdm(pending, desc=f"Retrains (shard {args.shard_index}/{args.num_shards})", unit="run") as progress:
         for m, r in progress:

@@ -331,6 +331,16 @@ def load_checkpoint(checkpoint_dir: str, task_name: str, attn_implementation: st
 # ----------------------------------------------------------------------------------------------------------------------
 # Training and evaluation
 
+def torch_device(device: str) -> str:
+    """`--device auto` is cuda when there is one; under torchrun every process trains on its own GPU
+    (cuda:LOCAL_RANK), not all on the first."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and "LOCAL_RANK" in os.environ:
+        return f"cuda:{os.environ['LOCAL_RANK']}"
+    return device
+
+
 def train_config(args) -> TrainConfig:
     return TrainConfig(learning_rate=args.learning_rate, weight_decay=args.weight_decay,
                        num_train_epochs=args.num_train_epochs, train_batch_size=args.train_batch_size,
@@ -466,55 +476,3 @@ def show_influences(scores: np.ndarray, index: int, queries: Dataset, train: Dat
         print(f"\nTop {top_k} {title} influential training examples ({name}):")
         for j in picks:
             print(f"[train {j}]\n{show(train[int(j)], scores[index, j])}")
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Retraining experiments (LDS ground truth, counterfactual): resumable, shardable runs
-
-def shard(items: list, shard_index: int, num_shards: int) -> list:
-    """Every `num_shards`-th item from `shard_index`: shards never overlap and together cover all items."""
-    if not 0 <= shard_index < num_shards:
-        raise UserError(f"--shard_index must be in [0, {num_shards}), got {shard_index}")
-    return items[shard_index::num_shards]
-
-
-def torch_device(device: str) -> str:
-    """`--device auto` is cuda when there is one; under torchrun every process trains on its own GPU
-    (cuda:LOCAL_RANK), not all on the first."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and "LOCAL_RANK" in os.environ:
-        return f"cuda:{os.environ['LOCAL_RANK']}"
-    return device
-
-
-def quiet_retrains() -> None:
-    """Each retrain's model-load report, weight-loading bar and epoch losses would bury the progress bar over
-    hundreds of retrains; keep warnings only."""
-    from transformers.utils import logging as transformers_logging
-
-    transformers_logging.set_verbosity_error()
-    transformers_logging.disable_progress_bar()
-    logger.setLevel(logging.WARNING)
-
-
-def retrainer(args, train_text: Dataset, query_text: Dataset):
-    """retrain(keep, seed, queries=None): fine-tunes on the kept training examples with the train.py recipe and
-    returns the queries' `margins` (the quantity task.py measures) and `correct` flags. Tokenizes once for all
-    retrains of the LDS ground truth and the counterfactual test."""
-    tokenizer = load_tokenizer(args.model_name_or_path)
-    train_dataset, query_dataset = (
-        tokenize(d, args.dataset_name, tokenizer, args.max_seq_length, args.pad_to_max_length)
-        for d in (train_text, query_text))
-    data_collator, config, device = collator(tokenizer), train_config(args), torch_device(args.device)
-    quiet_retrains()
-
-    def retrain(keep, seed: int, queries: list | None = None) -> dict:
-        model = finetune(args.model_name_or_path, args.dataset_name, train_dataset.select(np.asarray(keep).tolist()),
-                         data_collator, config, seed=seed, device=device, disable_tqdm=True)
-        measured = query_dataset if queries is None else query_dataset.select(queries)
-        results = evaluate(model, measured, data_collator, args.dataset_name, batch_size=64, device=device,
-                           bf16=config.bf16)
-        return {k: results[k] for k in ("margins", "correct") if k in results}  # regression: no correct flag
-
-    return retrain

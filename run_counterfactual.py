@@ -87,6 +87,7 @@ from tqdm.auto import tqdm  # noqa: E402
 
 import artifacts  # noqa: E402
 import pipeline  # noqa: E402
+import sweeps  # noqa: E402
 from cli import UserError  # noqa: E402
 
 logger = logging.getLogger("run_counterfactual")
@@ -202,7 +203,7 @@ def run_experiment(args, rankings: dict, n_train: int, retrain) -> dict | None:
     for method in rankings:
         os.makedirs(os.path.join(runs, method), exist_ok=True)
     candidates = list(range(len(rankings[RANDOM])))
-    mine = pipeline.shard(candidates, args.shard_index, args.num_shards)
+    mine = sweeps.shard(candidates, args.shard_index, args.num_shards)
 
     # Every shard needs all base models; starting at a different one lets concurrent shards split the work.
     base_seeds = np.roll(args.seed + np.arange(args.num_base_repeat), -args.shard_index)
@@ -320,7 +321,7 @@ def main():
     logger.info("***** Running counterfactual retraining *****")
     logger.info("  Task = %s, train = %d, candidates = %d, rankings = %s, k = %s, results = %s", args.dataset_name,
                 len(train_text), len(query_text), list(rankings), args.remove_intervals, folder)
-    results = run_experiment(args, rankings, len(train_text), pipeline.retrainer(args, train_text, query_text))
+    results = run_experiment(args, rankings, len(train_text), sweeps.retrainer(args, train_text, query_text))
     if results is None:
         return
     for i, k in enumerate(results["remove_intervals"]):

@@ -64,7 +64,7 @@ def test_chain_with_the_data_flags_given_once(monkeypatch, tiny_model_dir, glue_
 
     counterfactual = [*own, "--strategies", "identity", "--max_query_examples", "2", "--remove_intervals", "2",
                       "--num_base_repeat", "1", "--num_repeat", "1"]
-    monkeypatch.setattr(run_counterfactual.pipeline, "retrainer", lambda args, train, queries: stub_retrain)
+    monkeypatch.setattr(run_counterfactual.sweeps, "retrainer", lambda args, train, queries: stub_retrain)
     run_main(run_counterfactual, monkeypatch, *counterfactual)
     folder = run_counterfactual.results_dir(run_counterfactual.parse_args(counterfactual))
     assert folder.startswith(str(out / "rte" / "counterfactual_"))

@@ -12,6 +12,7 @@ import pytest
 import artifacts
 import pipeline
 import run_counterfactual as rc
+import sweeps
 from conftest import assert_user_error, run_script, write_scores
 
 N_TRAIN, N_DEV = 48, 16  # conftest's fixture sizes
@@ -50,7 +51,7 @@ def varied(query, seed):
 
 def run_main(monkeypatch, retrain, glue_dir, scores_dir, output_dir, *extra):
     """run_counterfactual.main on the fixture RTE with `retrain` in place of real fine-tuning."""
-    monkeypatch.setattr(pipeline, "retrainer", lambda args, train_text, query_text: retrain)
+    monkeypatch.setattr(sweeps, "retrainer", lambda args, train_text, query_text: retrain)
     argv = ["run_counterfactual.py", "--dataset_name", "rte", "--data_dir", str(glue_dir), "--output_dir",
             str(scores_dir), "--counterfactual_dir", str(output_dir), "--figure", str(output_dir / "fig.png"),
             "--train_batch_size", "8", "--num_target", "6", "--remove_intervals", "2", "4", "6",

@@ -9,6 +9,7 @@ import torch
 import transformers
 
 import pipeline
+import sweeps
 from conftest import assert_user_error, fixture_examples, run_script
 
 # (train, dev) example counts and a verbatim first dev row from ../shared/glue_data/README.md and the files.
@@ -249,5 +250,5 @@ def test_regression_retrain_has_margins_and_no_correct_flag(tiny_model_dir, glue
                               pad_to_max_length=False, device="cpu", **vars(pipeline.TrainConfig(
                                   learning_rate=1e-3, train_batch_size=8, num_train_epochs=1)))
     train, queries = pipeline.load_train_and_queries("stsb", str(glue_dir), 16, 4)
-    result = pipeline.retrainer(args, train, queries)(np.arange(16), seed=0)
+    result = sweeps.retrainer(args, train, queries)(np.arange(16), seed=0)
     assert set(result) == {"margins"} and result["margins"].shape == (4,) and np.isfinite(result["margins"]).all()

@@ -1,0 +1,51 @@
+"""Retraining sweeps (the LDS ground truth, the counterfactual test): hundreds of fine-tunings with train.py's
+recipe, split over processes and quiet enough that one progress bar tells the state."""
+
+import logging
+
+import numpy as np
+from datasets import Dataset
+
+import pipeline
+from cli import UserError
+
+
+def shard(items: list, shard_index: int, num_shards: int) -> list:
+    """Every `num_shards`-th item from `shard_index`: shards never overlap and together cover all items."""
+    if not 0 <= shard_index < num_shards:
+        raise UserError(f"--shard_index must be in [0, {num_shards}), got {shard_index}")
+    return items[shard_index::num_shards]
+
+
+def quiet_retrains() -> None:
+    """Each retrain's model-load report, weight-loading bar and epoch losses would bury the progress bar over
+    hundreds of retrains; keep warnings only."""
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    logging.getLogger("pipeline").setLevel(logging.WARNING)
+
+
+def retrainer(args, train_text: Dataset, query_text: Dataset):
+    """retrain(keep, seed, queries=None): fine-tunes on the kept training examples with the train.py recipe and
+    returns the queries' `margins` (the quantity task.py measures) and `correct` flags. Tokenizes once for all
+    retrains of the LDS ground truth and the counterfactual test."""
+    tokenizer = pipeline.load_tokenizer(args.model_name_or_path)
+    train_dataset, query_dataset = (
+        pipeline.tokenize(d, args.dataset_name, tokenizer, args.max_seq_length, args.pad_to_max_length)
+        for d in (train_text, query_text))
+    data_collator, config = pipeline.collator(tokenizer), pipeline.train_config(args)
+    device = pipeline.torch_device(args.device)
+    quiet_retrains()
+
+    def retrain(keep, seed: int, queries: list | None = None) -> dict:
+        kept = train_dataset.select(np.asarray(keep).tolist())
+        model = pipeline.finetune(args.model_name_or_path, args.dataset_name, kept, data_collator, config, seed=seed,
+                                  device=device, disable_tqdm=True)
+        measured = query_dataset if queries is None else query_dataset.select(queries)
+        results = pipeline.evaluate(model, measured, data_collator, args.dataset_name, batch_size=64, device=device,
+                           bf16=config.bf16)
+        return {k: results[k] for k in ("margins", "correct") if k in results}  # regression: no correct flag
+
+    return retrain
