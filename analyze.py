@@ -37,8 +37,9 @@ def parse_args(argv=None):
     parser.add_argument("--train_batch_size", type=cli.positive_int, default=8,
                         help="Training examples per scoring batch.")
     parser.add_argument("--factor_batch_size", type=cli.positive_int, default=None,
-                        help="Examples per batch when fitting factors (default: kronfluence's search on GPU, "
-                             "--train_batch_size on CPU, where the search can exhaust memory).")
+                        help="Examples per batch when fitting factors (default: kronfluence's search on one GPU; "
+                             "--train_batch_size on CPU, where the search can exhaust memory, and under torchrun, "
+                             "where kronfluence cannot search).")
     parser.add_argument("--max_query_examples", type=cli.positive_int, default=2000,
                         help="Use the first min(len(validation), N) validation examples as queries.")
     parser.add_argument("--tracked_modules", nargs="+", default=None,
@@ -63,12 +64,16 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.factor_strategy not in STRATEGIES:
         parser.error(f"unknown --factor_strategy '{args.factor_strategy}'; choose one of {', '.join(STRATEGIES)}")
-    return cli.from_checkpoint(args, args.checkpoint_dir)
+    args = cli.from_checkpoint(args, args.checkpoint_dir)
+    if "model_name_or_path" in args.overrides:
+        parser.error("--model_name_or_path: analyze.py analyses the model in --checkpoint_dir; pass it to train.py")
+    return args
 
 
 if __name__ == "__main__":
     cli.cli(parse_args)  # --help and argument errors answer here, before the heavy imports below
 
+import datetime  # noqa: E402
 import fnmatch  # noqa: E402
 import logging  # noqa: E402
 import os  # noqa: E402
@@ -127,7 +132,7 @@ def tracked_modules(model: nn.Module, patterns) -> list:
     chosen = [name for name in names if any(fnmatch.fnmatch(name, p) for p in patterns)]
     if not chosen:
         raise UserError(f"--tracked_modules {' '.join(patterns)} matches no nn.Linear module "
-                                 f"(e.g. {names[0]}, {names[-1]})")
+                        f"(e.g. {names[0]}, {names[-1]})")
     return chosen
 
 
@@ -260,16 +265,17 @@ def prepare(args, model, tokenizer, train_text, query_text) -> tuple:
     return analyzer_at, (query_dataset, train_dataset), (train_order, query_order)
 
 
-def join_torchrun() -> bool:
+def join_torchrun(device: str) -> bool:
     """Under torchrun (even with one process: kronfluence's DDP path), joins the process group. True on the main
     process, the one that decides and writes."""
     if "LOCAL_RANK" not in os.environ:
         return True
-    if not torch.cuda.is_available():
+    if not torch.cuda.is_available() or device == "cpu":
         raise UserError("torchrun without CUDA: kronfluence only synchronises factors across CUDA processes, so a "
                         "CPU launch would fit wrong factors; run one process instead")
-    torch.distributed.init_process_group(backend="nccl")
     torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    # The main process may wait on another process's lock for long: the others must not time out meanwhile.
+    torch.distributed.init_process_group(backend="nccl", timeout=datetime.timedelta(days=1))
     return torch.distributed.get_rank() == 0
 
 
@@ -287,8 +293,8 @@ def signatures(args, provenance: dict, factor_args, score_args) -> tuple:
 def main():
     args = parse_args()
     cli.setup_logging(args.verbose)
-    cli.log_overrides(args)
-    main_process = join_torchrun()
+    cli.log_configuration(args)
+    main_process = join_torchrun(args.device)
     args.device = pipeline.torch_device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.allow_tf32
 
@@ -316,7 +322,7 @@ def main():
                 scores_name, args.query_batch_size, args.train_batch_size, args.device)
     with artifacts.lock(scores_public, enabled=main_process):
         meta = on_main(artifacts.reuse, scores_public, artifacts.SCORES_META, "scores", scores_signature,
-                       args.overwrite)
+                       args.overwrite, "another --scores_name or --output_dir")
         if meta is not None:
             logger.info("Reusing scores %s", scores_public)
         else:
@@ -328,7 +334,8 @@ def main():
             scores_root = artifacts.staging_dir(scores_public, scores_signature)
             on_main(shutil.rmtree, scores_root, ignore_errors=True)
             with artifacts.lock(factors_public, enabled=main_process):
-                factor_batch_size = args.factor_batch_size or (args.train_batch_size if args.device == "cpu" else None)
+                search = args.device != "cpu" and not torch.distributed.is_initialized()
+                factor_batch_size = args.factor_batch_size or (None if search else args.train_batch_size)
                 factors_meta = fit_factors(analyzer_at, factors_public, factors_signature, factors_name, factor_args,
                                            datasets[1], factor_batch_size, args.seed, args.overwrite)
                 # A snapshot: another process may replace the published factors while these scores are computed.
@@ -336,6 +343,8 @@ def main():
             meta.update({k: v for k, v in factors_meta.items() if k.endswith("_seconds")})
             meta = compute_scores(analyzer_at(scores_root), scores_root, scores_public, args,
                                   (factors_name, scores_name), score_args, datasets, orders, meta)
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
     if not main_process:
         return
 

@@ -5,7 +5,8 @@ counterfactual runs) follows three rules, so that a kill, a rerun or a second pr
 
 - Write once. Work happens in a private folder named by the result's signature (everything that changes it). The
   finished folder gets a metadata JSON listing each file's sha256 and size, then becomes visible under its public
-  name in one rename. Nothing public is ever rewritten in place.
+  name by a rename (two when it replaces an older result, moved aside first: a reader in between finds nothing,
+  never a mix). Nothing public is ever rewritten in place.
 - One writer. `lock` takes an exclusive `flock` on `.staging/<result>.lock`: a second process waits, then finds the
   result published. The kernel drops the lock with its process, so a killed run blocks no one.
 - Verified reads. `read` checks the metadata, every file's size and sha256, and (with `expected`) the provenance the
@@ -19,6 +20,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import time
@@ -136,8 +138,9 @@ def clean_staging(public: str) -> None:
     """Removes every private folder of `public` (call it under the lock, once nothing in them can be resumed)."""
     parent, name = os.path.split(os.path.abspath(public))
     staging = os.path.join(parent, STAGING)
+    own = re.compile(rf"{re.escape(name)}(-[0-9a-f]{{16}}|\.replaced-\d+)")  # not scores_ekfac-x's folders
     for entry in os.listdir(staging) if os.path.isdir(staging) else []:
-        if entry.startswith((f"{name}-", f"{name}.replaced-")):
+        if own.fullmatch(entry):
             shutil.rmtree(os.path.join(staging, entry), ignore_errors=True)
 
 
@@ -211,7 +214,8 @@ def read(folder: str, meta_name: str, what: str, expected: dict | None = None) -
     return meta
 
 
-def reuse(folder: str, meta_name: str, what: str, signature: dict, overwrite: bool) -> dict | None:
+def reuse(folder: str, meta_name: str, what: str, signature: dict, overwrite: bool,
+          keep_both: str = "another --output_dir") -> dict | None:
     """The owner's read: the published result for `signature`, or None when it must be (re)computed (missing,
     damaged, or --overwrite). A result made with other arguments is refused, never silently replaced."""
     if overwrite:
@@ -228,7 +232,7 @@ def reuse(folder: str, meta_name: str, what: str, signature: dict, overwrite: bo
         saved = meta.get("signature", {})
         changed = sorted(k for k in signature.keys() | saved.keys() if signature.get(k) != saved.get(k))
         raise UserError(f"{folder} holds {what} computed with other arguments ({', '.join(changed)} differ); pass "
-                        "--overwrite to recompute or --output_dir to keep both")
+                        f"--overwrite to recompute them, or {keep_both} to keep both")
     return meta
 
 
@@ -399,7 +403,7 @@ def load_run(path: str, shapes: dict) -> dict | None:
     return None
 
 
-def claim_experiment(folder: str, arguments: dict) -> None:
+def claim_experiment(folder: str, arguments: dict, keep_both: str) -> None:
     """Records the arguments a results folder was built with; refuses to mix runs built with other arguments."""
     make_output_dir(folder)
     path = os.path.join(folder, "experiment_args.json")
@@ -410,6 +414,6 @@ def claim_experiment(folder: str, arguments: dict) -> None:
         changed = sorted(k for k in arguments.keys() | saved.keys() if arguments.get(k) != saved.get(k))
         if changed:
             raise UserError(f"{folder} holds runs built with other arguments ({', '.join(changed)} differ); "
-                            "use another output folder or delete it")
+                            f"pass {keep_both}, or delete that folder")
     else:
         atomic_write_json(arguments, path)

@@ -131,11 +131,11 @@ def from_checkpoint(args, checkpoint_dir: str | None, recipe: bool = False) -> a
     """Fills every data (and with `recipe`, fine-tuning) flag not given on the command line: from the checkpoint's
     `glue_checkpoint.json` in `checkpoint_dir/<dataset_name>` when there is one, else the built-in default. A flag
     given explicitly wins; if it changes the result (it differs from the checkpoint's), it is listed in
-    `args.overrides` (logged by `log_overrides`, recorded with the results)."""
+    `args.overrides` (logged by `log_configuration`; analyze.py records them in glue_scores.json)."""
     defaults = {**DATA_DEFAULTS, **(RECIPE_DEFAULTS if recipe else {})}
-    saved = {}
+    saved, args.configured_by = {}, None
     if checkpoint_dir is not None:
-        path = os.path.join(checkpoint_dir, args.dataset_name, CHECKPOINT_META)
+        path = args.configured_by = os.path.join(checkpoint_dir, args.dataset_name, CHECKPOINT_META)
         try:
             with open(path) as f:
                 saved = json.load(f).get("args", {})
@@ -167,8 +167,12 @@ def offline_if_hub_unreachable(args) -> None:
         os.environ["HF_HUB_OFFLINE"] = "1"
 
 
-def log_overrides(args) -> None:
-    for key, values in getattr(args, "overrides", {}).items():
+def log_configuration(args) -> None:
+    """Where the data, model and recipe flags came from, and which flags override the checkpoint's."""
+    if args.configured_by is not None and not os.path.isfile(args.configured_by):
+        logger.warning("no checkpoint at %s: the data, model and recipe flags are this command's or their defaults",
+                       os.path.dirname(args.configured_by))
+    for key, values in args.overrides.items():
         logger.warning("--%s %s overrides the checkpoint's %s", key, values["here"], values["checkpoint"])
 
 

@@ -134,6 +134,7 @@ def ground_truth_arguments(args) -> dict:
 def ground_truth_dir(args) -> str:
     if args.lds_dir is not None:
         return args.lds_dir
+    # 10 hex digits, not artifacts.digest's 16: the names of the ground truths already built.
     digest = hashlib.sha256(json.dumps(ground_truth_arguments(args), sort_keys=True).encode()).hexdigest()[:10]
     return os.path.join(args.output_dir, args.dataset_name, f"lds_{digest}")
 
@@ -236,7 +237,7 @@ def merge_runs(folder: str, args, provenance: dict) -> bool:
 
 def build(args) -> None:
     folder = ground_truth_dir(args)
-    artifacts.claim_experiment(folder, ground_truth_arguments(args))
+    artifacts.claim_experiment(folder, ground_truth_arguments(args), keep_both="another --lds_dir")
     train_text, query_text = pipeline.load_train_and_queries(args.dataset_name, args.data_dir, args.max_train_samples,
                                                            args.max_query_examples)
     provenance = pipeline.data_provenance(args.dataset_name, train_text, query_text, args.max_seq_length)
@@ -281,7 +282,8 @@ def load_ground_truth(args, provenance: dict) -> tuple:
     except artifacts.Damaged as err:
         raise UserError(f"{err}; rerun `python evaluate_lds.py build` with the same flags to repair it (finished "
                         "retrains are kept)") from None
-    artifacts.claim_experiment(folder, ground_truth_arguments(args))  # refuses a folder built with other arguments
+    # Refuses a folder built with other arguments.
+    artifacts.claim_experiment(folder, ground_truth_arguments(args), keep_both="another --lds_dir")
     masks = np.load(os.path.join(folder, "masks.npy"), allow_pickle=False)
     return folder, masks, np.load(os.path.join(folder, "margins.npy"), allow_pickle=False), summary
 
@@ -364,7 +366,7 @@ def score(args) -> None:
     folder, masks, margins, summary = load_ground_truth(args, provenance)
     num_masks, num_query = margins.shape
     if args.inspect_query is not None and not 0 <= args.inspect_query < num_query:
-        raise UserError(f"--query_index {args.inspect_query} is out of range: there are {num_query} queries")
+        raise UserError(f"--inspect_query {args.inspect_query} is out of range: there are {num_query} queries")
     # Verified, and computed on the ground truth's data (same examples, order, queries and truncation).
     scores = {name: artifacts.load_scores(args.output_dir, args.dataset_name, name, provenance)[0]
               for name in args.strategies}
@@ -394,7 +396,7 @@ def score(args) -> None:
 def main():
     args = parse_args()
     cli.setup_logging(args.verbose)
-    cli.log_overrides(args)
+    cli.log_configuration(args)
     if args.stratify_masks and pipeline.get_task(args.dataset_name).is_regression:
         raise UserError(f"--stratify_masks needs classes; {args.dataset_name} is a regression task")
     if args.command == "build":

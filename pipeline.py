@@ -28,7 +28,6 @@ from cli import CHECKPOINT_META, PACKAGED_MODEL, TASKS, TrainConfig, UserError
 logger = logging.getLogger(__name__)
 
 
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Tasks
 
@@ -462,8 +461,6 @@ def show_influences(scores: np.ndarray, index: int, queries: Dataset, train: Dat
     """Prints query `index` (text, label) and its `top_k` most positively and negatively influential training
     examples under the score set `name`, as the seed README shows them."""
     task = get_task(task_name)
-    if not 0 <= index < len(scores):
-        raise UserError(f"query index {index} is out of range: there are {len(scores)} queries")
 
     def show(example, score=None):
         label = example["label"] if task.is_regression else task.labels[example["label"]]

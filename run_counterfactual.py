@@ -39,7 +39,7 @@ FLIP_BELOW = 0.5  # a query is flipped once its mean accuracy over the retrains 
 RESULTS_JSON = "counterfactual_results.json"
 # Arguments that do not change any result, so a results folder may be resumed or merged with other values.
 NOT_RESULTS = ("shard_index", "num_shards", "device", "output_dir", "counterfactual_dir", "figure", "plot_only",
-               "verbose", "checkpoint_dir", "overrides")
+               "verbose", "checkpoint_dir", "configured_by", "overrides")
 
 
 def parse_args(argv=None):
@@ -139,12 +139,12 @@ def check_intervals(intervals: list, rankings: dict, n_train: int, batch_size: i
     k = intervals[-1]
     if n_train - k < batch_size:
         raise UserError(f"--remove_intervals {k} leaves {n_train - k} of {n_train} training examples, less "
-                                 f"than one batch of {batch_size}; remove fewer or use a larger --max_train_samples")
+                        f"than one batch of {batch_size}; remove fewer or use a larger --max_train_samples")
     for method, per_query in rankings.items():
         for query, ranking in enumerate(per_query):
             if len(ranking) < k:
                 raise UserError(f"--remove_intervals {k}: query {query} has only {len(ranking)} training "
-                                         f"examples that '{method}' can remove (random: those with its label)")
+                                f"examples that '{method}' can remove (random: those with its label)")
 
 
 def rankings_fingerprint(rankings: dict, k: int) -> dict:
@@ -211,8 +211,8 @@ def run_experiment(args, rankings: dict, n_train: int, retrain) -> dict | None:
     queries = [q for q in candidates if base[q] == 1.0]
     if not queries:
         raise UserError(f"no query passes the base filter: none of the {len(candidates)} candidates is "
-                                 f"classified correctly by all {args.num_base_repeat} base models; train better "
-                                 "(e.g. --learning_rate, --num_train_epochs) or raise --max_query_examples")
+                        f"classified correctly by all {args.num_base_repeat} base models; train better "
+                        "(e.g. --learning_rate, --num_train_epochs) or raise --max_query_examples")
     passing = set(queries)
     my_queries = [q for q in mine if q in passing]
     logger.info("%d of %d candidate queries pass the base filter; this shard tests %d of them", len(queries),
@@ -298,7 +298,7 @@ def plot(results_path: str, figure_path: str) -> None:
 def main():
     args = parse_args()
     cli.setup_logging(args.verbose)
-    cli.log_overrides(args)
+    cli.log_configuration(args)
     folder = results_dir(args)
     figure = args.figure or os.path.join(folder, "counterfactual.png")
     if args.plot_only:
@@ -307,16 +307,16 @@ def main():
     task = pipeline.get_task(args.dataset_name)
     if task.is_regression:
         raise UserError(f"the counterfactual test needs a classification task; '{args.dataset_name}' is "
-                                 "regression, with no prediction to flip")
+                        "regression, with no prediction to flip")
 
     # Data: the training set analyze.py scored, and its first queries as candidates.
     train_text, query_text = pipeline.load_train_and_queries(args.dataset_name, args.data_dir,
                                                              args.max_train_samples, args.max_query_examples)
     rankings = load_rankings(args, train_text, query_text["label"])
     check_intervals(args.remove_intervals, rankings, len(train_text), args.train_batch_size)
-    artifacts.claim_experiment(folder, {
-        **{k: v for k, v in vars(args).items() if k not in NOT_RESULTS},
-        "rankings": rankings_fingerprint(rankings, args.remove_intervals[-1])})
+    arguments = {**{k: v for k, v in vars(args).items() if k not in NOT_RESULTS},
+                 "rankings": rankings_fingerprint(rankings, args.remove_intervals[-1])}
+    artifacts.claim_experiment(folder, arguments, keep_both="another --counterfactual_dir")
 
     logger.info("***** Running counterfactual retraining *****")
     logger.info("  Task = %s, train = %d, candidates = %d, rankings = %s, k = %s, results = %s", args.dataset_name,

@@ -322,7 +322,8 @@ def step_retrain(args, numbers: Numbers, deadline: float) -> None:
         configs, min_runs = [(p, n) for p in ("fp32", "bf16") for n in (1, args.num_procs)], 3
     numbers["recipe"] = " ".join(sizes)
     cmd = [sys.executable, "evaluate_lds.py", "build", "--dataset_name", "rte", "--data_dir", args.data_dir,
-           "--model_name_or_path", pretrained, *sizes, "--num_masks", "1000", "--num_repeats", "1"]
+           "--model_name_or_path", pretrained, *sizes, "--num_masks", "1000", "--num_repeats", "1",
+           "--checkpoint_dir", os.path.join(work, "no_checkpoint")]  # every flag as given here, none from ./checkpoints
     for i, (precision, procs) in enumerate(configs):
         cap = (deadline - time.time()) / (len(configs) - i)
         name = f"{precision}_x{procs}"

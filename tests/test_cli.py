@@ -73,6 +73,15 @@ def test_chain_with_the_data_flags_given_once(monkeypatch, tiny_model_dir, glue_
 
     args = analyze.parse_args([*own, "--max_seq_length", "16"])
     assert args.overrides == {"max_seq_length": {"checkpoint": 32, "here": 16}} and args.data_dir == str(glue_dir)
+    with pytest.raises(SystemExit):  # analyze.py analyses the checkpoint's model, whatever this flag says
+        analyze.parse_args([*own, "--model_name_or_path", "bert-base-cased"])
+
+
+def test_a_missing_checkpoint_is_named(tmp_path, caplog):
+    args = evaluate_lds.parse_args(["build", "--checkpoint_dir", str(tmp_path / "typo")])
+    assert (args.learning_rate, args.model_name_or_path) == (3e-5, "bert-base-cased")  # the flags' defaults
+    cli.log_configuration(args)
+    assert f"no checkpoint at {tmp_path / 'typo' / 'rte'}" in caplog.text
 
 
 def stub_retrain(keep, seed, queries):
