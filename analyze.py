@@ -61,9 +61,14 @@ def parse_args(argv=None):
                         help="Print this query and its most positively and negatively influential training examples.")
     parser.add_argument("--top_k", type=cli.positive_int, default=3,
                         help="How many examples --inspect_query prints per side.")
+    parser.add_argument("--html", default=None,
+                        help="With --inspect_query: write a page of the top examples with each word coloured by its "
+                             "per-token influence (and the numbers as JSON beside it).")
     args = parser.parse_args(argv)
     if args.factor_strategy not in STRATEGIES:
         parser.error(f"unknown --factor_strategy '{args.factor_strategy}'; choose one of {', '.join(STRATEGIES)}")
+    if args.html is not None and args.inspect_query is None:
+        parser.error("--html draws the query of --inspect_query; pass both")
     args = cli.from_checkpoint(args, args.checkpoint_dir)
     if "model_name_or_path" in args.overrides:
         parser.error("--model_name_or_path: analyze.py analyses the model in --checkpoint_dir; pass it to train.py")
@@ -73,11 +78,13 @@ def parse_args(argv=None):
 if __name__ == "__main__":
     cli.cli(parse_args)  # --help and argument errors answer here, before the heavy imports below
 
+import copy  # noqa: E402
 import datetime  # noqa: E402
 import fnmatch  # noqa: E402
 import logging  # noqa: E402
 import os  # noqa: E402
 import shutil  # noqa: E402
+import tempfile  # noqa: E402
 import time  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -94,6 +101,7 @@ from torch import nn  # noqa: E402
 import artifacts  # noqa: E402
 import fast_factors  # noqa: E402
 import pipeline  # noqa: E402
+import report  # noqa: E402
 from cli import UserError  # noqa: E402
 from task import GlueTask  # noqa: E402
 
@@ -231,6 +239,70 @@ def compute_scores(analyzer, root: str, public: str, args, names: tuple, score_a
     return on_main(publish)
 
 
+def top_examples(row: np.ndarray, k: int) -> list:
+    """The k most positively, then the k most negatively influential training examples (no index twice)."""
+    order = np.argsort(-row, kind="stable")
+    return list(dict.fromkeys([*order[:k].tolist(), *order[::-1][:k].tolist()]))
+
+
+def token_scores(args, model, tokenizer, factors_public: str, factors_name: str, score_args, query,
+                 train) -> np.ndarray:
+    """Per-token influence of each training example in `train` on the one query: (examples, tokens), in `train`'s
+    order, zero past each example's length. Computed by kronfluence (per-token and per-module scores, in one batch)
+    for these few examples only: for the whole training set it would be queries x examples x tokens. Modules whose
+    input has no token axis (the pooler, the classifier) act on the [CLS] state, so their scores go to [CLS]; so an
+    example's per-token scores sum to its pairwise score."""
+    analyzer_at, (query_dataset, train_dataset), (train_order, _) = prepare(args, model, tokenizer, train, query)
+    staging = os.path.join(os.path.dirname(factors_public), artifacts.STAGING)
+    root = tempfile.mkdtemp(prefix=f"tokens-{os.getpid()}-", dir=staging)
+    try:
+        with artifacts.lock(factors_public):
+            artifacts.read(factors_public, FACTORS_META, "factors")
+            artifacts.link_tree(factors_public, os.path.join(root, f"factors_{factors_name}"))
+        token_args = copy.deepcopy(score_args)
+        token_args.compute_per_token_scores = token_args.compute_per_module_scores = True
+        analyzer = analyzer_at(root)
+        analyzer.compute_pairwise_scores(
+            scores_name="tokens", factors_name=factors_name, query_dataset=query_dataset, train_dataset=train_dataset,
+            per_device_query_batch_size=1, per_device_train_batch_size=len(train_dataset), score_args=token_args,
+            overwrite_output_dir=True)
+        per_module = [s[0].double() for s in analyzer.load_pairwise_scores("tokens").values()]  # (examples, ...)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    tokens = sum(s for s in per_module if s.dim() == 2)
+    tokens[:, 0] += sum((s for s in per_module if s.dim() == 1), torch.zeros(len(tokens), dtype=tokens.dtype))
+    if train_order is not None:
+        tokens = tokens[torch.from_numpy(np.argsort(train_order))]
+    return tokens.numpy()
+
+
+def write_token_report(args, tokenizer, scores: np.ndarray, picks: list, tokens: np.ndarray, query_text, train_text,
+                       scores_name: str) -> None:
+    """--html: the page (report.py) and, beside it, the same numbers as JSON (per token and per word)."""
+    task = pipeline.get_task(args.dataset_name)
+    label = (lambda y: y) if task.is_regression else (lambda y: task.labels[y])
+    query = query_text[args.inspect_query]
+    examples = []
+    for rank, (index, row) in enumerate(zip(picks, tokens)):
+        example = train_text[index]
+        texts = [example[key] for key in task.keys]
+        encoding = tokenizer(*texts, truncation=True, max_length=args.max_seq_length, return_offsets_mapping=True)
+        examples.append({
+            "title": f"{'most positive' if scores[args.inspect_query, index] >= 0 else 'most negative'} #{rank + 1}",
+            "index": index, "label": label(example["label"]), "score": float(scores[args.inspect_query, index]),
+            "tokens": encoding.tokens(), "token_scores": row[:len(encoding.tokens())].tolist(),
+            "words": report.words(encoding, texts, row)})
+    title = (f"{args.dataset_name}: which words of the top training examples drive query {args.inspect_query} "
+             f"({scores_name})")
+    query_view = {"index": args.inspect_query, "label": label(query["label"]), "texts": [query[k] for k in task.keys]}
+    artifacts.make_output_dir(os.path.dirname(os.path.abspath(args.html)))
+    with artifacts.atomic_path(args.html) as tmp, open(tmp, "w") as f:
+        f.write(report.page(title, query_view, examples))
+    artifacts.atomic_write_json({"query": query_view, "scores_name": scores_name, "examples": examples},
+                                os.path.splitext(args.html)[0] + ".json")
+    logger.info("Token-level report: %s (numbers: %s)", args.html, os.path.splitext(args.html)[0] + ".json")
+
+
 def reorder_scores(path: str, train_order: np.ndarray, query_order: np.ndarray | None = None) -> None:
     """Rewrites kronfluence's scores, computed on length-sorted data, in dataset order (in the private folder)."""
     tensors = {name: pipeline.to_dataset_order(scores, train_order, query_order)
@@ -358,6 +430,12 @@ def main():
     if args.inspect_query is not None:
         pipeline.show_influences(scores, args.inspect_query, query_text, train_text, args.dataset_name, args.top_k,
                                  scores_name)
+    if args.html is not None:
+        picks = top_examples(scores[args.inspect_query], args.top_k)
+        model, tokenizer, _ = pipeline.load_checkpoint(checkpoint_dir, args.dataset_name, args.attn_implementation)
+        tokens = token_scores(args, model, tokenizer, factors_public, factors_name, score_args,
+                              query_text.select([args.inspect_query]), train_text.select(picks))
+        write_token_report(args, tokenizer, scores, picks, tokens, query_text, train_text, scores_name)
 
 
 if __name__ == "__main__":

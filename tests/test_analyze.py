@@ -258,3 +258,59 @@ def test_bad_output_and_sizes(glue_dir, checkpoints, tmp_path):
     for flag in ("--train_batch_size", "--query_batch_size", "--top_k"):
         assert_user_error(run_script("analyze.py", *common, flag, "0"), f"{flag}: expected a positive integer")
     assert_user_error(run_script("analyze.py", *common, "--top_k", "-3"), "--top_k: expected a positive integer")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Token-level influence (--html)
+
+def test_token_scores_sum_to_pairwise_and_ignore_padding(monkeypatch, glue_dir, checkpoints, tmp_path):
+    """Per-token scores of each top example sum to its pairwise score (float64), and padding to max length gives
+    the same per-token scores as dynamic padding."""
+    exact = ["--float64", "--attn_implementation", "eager", "--use_empirical_fisher", "--inspect_query", "1",
+             "--top_k", "2"]
+    reports = {}
+    for padding in ("dynamic", "padded"):
+        extra = ["--pad_to_max_length"] if padding == "padded" else []
+        run_analyze(monkeypatch, glue_dir, checkpoints, tmp_path / padding, *exact, *extra, "--html",
+                    str(tmp_path / f"{padding}.html"))
+        reports[padding] = json.loads((tmp_path / f"{padding}.json").read_text())
+    pairwise = scores_of(tmp_path / "dynamic", "ekfac")
+    examples = reports["dynamic"]["examples"]
+    assert [e["index"] for e in examples] == analyze.top_examples(pairwise[1], 2) and len(examples) == 4
+    for example, padded in zip(examples, reports["padded"]["examples"]):
+        assert len(example["token_scores"]) == len(example["tokens"]) > 3
+        np.testing.assert_allclose(sum(example["token_scores"]), pairwise[1, example["index"]], rtol=1e-5)
+        np.testing.assert_allclose(padded["token_scores"], example["token_scores"], rtol=1e-6,
+                                   atol=1e-8 * np.abs(example["token_scores"]).max())
+
+
+def test_html_shows_every_word_in_order(monkeypatch, glue_dir, checkpoints, tmp_path):
+    import html
+    import re
+    import subprocess
+
+    page = tmp_path / "report.html"
+    run_analyze(monkeypatch, glue_dir, checkpoints, tmp_path, "--factor_strategy", "identity", "--inspect_query", "2",
+                "--top_k", "1", "--html", str(page))
+    text, report = page.read_text(), json.loads((tmp_path / "report.json").read_text())
+    train = pipeline.load_glue("rte", "train", str(glue_dir), N_TRAIN)
+    blocks = text.split('<div class="ex">')[1:]
+    assert len(blocks) == len(report["examples"]) == 2
+    for block, example in zip(blocks, report["examples"]):
+        chips = [html.unescape(chip) for chip in re.findall(r'<span class="w"[^>]*>(.*?)</span>', block)]
+        assert chips == [word for _, word, _ in example["words"]]
+        for segment, key in enumerate(("sentence1", "sentence2")):
+            shown = "".join(word for part, word, _ in example["words"] if part == segment)
+            assert train[example["index"]][key].replace(" ", "").startswith(shown) and shown  # in order, truncated
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.skip("chromium not installed: the page was not rendered")
+    shot = tmp_path / "report.png"
+    subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", f"--screenshot={shot}",
+                    "--window-size=900,700", page.as_uri()], capture_output=True, timeout=120)
+    assert shot.stat().st_size > 10_000
+
+
+def test_html_needs_a_query(checkpoints):
+    result = run_script("analyze.py", "--dataset_name", "rte", "--checkpoint_dir", str(checkpoints), "--html", "x.html")
+    assert_user_error(result, "--html draws the query of --inspect_query")
