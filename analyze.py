@@ -375,7 +375,8 @@ def main():
     model, tokenizer, checkpoint_meta = pipeline.load_checkpoint(checkpoint_dir, args.dataset_name,
                                                                  args.attn_implementation)
     train_text, query_text = pipeline.load_train_and_queries(args.dataset_name, args.data_dir,
-                                                             args.max_train_samples, args.max_query_examples)
+                                                             args.max_train_samples, args.max_query_examples,
+                                                             args.label_noise, args.label_noise_seed)
     if args.inspect_query is not None and not 0 <= args.inspect_query < len(query_text):
         raise UserError(f"--inspect_query {args.inspect_query} is out of range: there are {len(query_text)} queries")
     artifacts.check_writable(args.output_dir)

@@ -46,6 +46,17 @@ def positive_int(value: str) -> int:
     return number
 
 
+def fraction(value: str) -> float:
+    """argparse type for a fraction of the training set, in [0, 1)."""
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got '{value}'") from None
+    if not 0 <= number < 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {number}")
+    return number
+
+
 def parser(description: str, **kwargs) -> argparse.ArgumentParser:
     """An ArgumentParser that shows every default in --help."""
     return argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -69,7 +80,7 @@ class TrainConfig:
 
 
 DATA_DEFAULTS = {"data_dir": None, "model_name_or_path": "bert-base-cased", "max_seq_length": 128,
-                 "pad_to_max_length": False, "max_train_samples": None}
+                 "pad_to_max_length": False, "max_train_samples": None, "label_noise": 0.0, "label_noise_seed": 0}
 RECIPE_DEFAULTS = asdict(TrainConfig())
 
 
@@ -91,6 +102,11 @@ def add_data_args(parser, dataset_name: str = "sst2", checkpoint: bool = False) 
                              f"{default}off)")
     parser.add_argument("--max_train_samples", type=positive_int, default=argparse.SUPPRESS,
                         help=f"Use the first N training examples (default: {default}all; RTE: 2432)")
+    parser.add_argument("--label_noise", type=fraction, default=argparse.SUPPRESS,
+                        help=f"Flip the labels of this fraction of the training examples, each to another class "
+                             f"(mislabeled data for the detection experiment) (default: {default}0)")
+    parser.add_argument("--label_noise_seed", type=int, default=argparse.SUPPRESS,
+                        help=f"Which examples --label_noise flips, and to what (default: {default}0)")
     parser.add_argument("--device", default="auto", help="Torch device ('auto': cuda if available, else cpu).")
     if checkpoint:
         parser.add_argument("--checkpoint_dir", default="./checkpoints",

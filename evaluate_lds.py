@@ -128,7 +128,10 @@ def ground_truth_arguments(args) -> dict:
             "max_query_examples": args.max_query_examples, "num_masks": args.num_masks,
             "subset_fraction": args.subset_fraction, "num_repeats": args.num_repeats,
             "stratify_masks": args.stratify_masks, "seed": args.seed,
-            "recipe": dataclasses.asdict(pipeline.train_config(args))}
+            "recipe": dataclasses.asdict(pipeline.train_config(args)),
+            # Only when set, so that the ground truths built before label noise existed keep their names.
+            **({"label_noise": args.label_noise, "label_noise_seed": args.label_noise_seed}
+               if args.label_noise else {})}
 
 
 def ground_truth_dir(args) -> str:
@@ -239,7 +242,8 @@ def build(args) -> None:
     folder = ground_truth_dir(args)
     artifacts.claim_experiment(folder, ground_truth_arguments(args), keep_both="another --lds_dir")
     train_text, query_text = pipeline.load_train_and_queries(args.dataset_name, args.data_dir, args.max_train_samples,
-                                                           args.max_query_examples)
+                                                             args.max_query_examples, args.label_noise,
+                                                             args.label_noise_seed)
     provenance = pipeline.data_provenance(args.dataset_name, train_text, query_text, args.max_seq_length)
     masks = load_or_make_masks(folder, args, train_text["label"])
     if args.merge_only:
@@ -361,7 +365,8 @@ def plot_table(table: dict, path: str, title: str) -> None:
 
 def score(args) -> None:
     train_text, query_text = pipeline.load_train_and_queries(args.dataset_name, args.data_dir, args.max_train_samples,
-                                                           args.max_query_examples)
+                                                             args.max_query_examples, args.label_noise,
+                                                             args.label_noise_seed)
     provenance = pipeline.data_provenance(args.dataset_name, train_text, query_text, args.max_seq_length)
     folder, masks, margins, summary = load_ground_truth(args, provenance)
     num_masks, num_query = margins.shape

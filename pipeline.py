@@ -196,11 +196,32 @@ def train_size(task_name: str, max_train_samples: int | None) -> int | None:
 
 
 def load_train_and_queries(task_name: str, data_dir: str | None, max_train_samples: int | None,
-                           max_queries: int | None) -> tuple:
-    """(train, queries) as text: the examples analyze.py scores, the LDS masks cover and the retrains measure."""
+                           max_queries: int | None, label_noise: float = 0.0, label_noise_seed: int = 0) -> tuple:
+    """(train, queries) as text: the examples analyze.py scores, the LDS masks cover and the retrains measure, with
+    the checkpoint's label noise (the training set the model saw)."""
     train = load_glue(task_name, "train", data_dir, train_size(task_name, max_train_samples))
+    train, _ = flip_labels(train, task_name, label_noise, label_noise_seed)
     queries = load_glue(task_name, get_task(task_name).eval_splits[0], data_dir, max_queries)
     return train, queries
+
+
+def flip_labels(dataset: Dataset, task_name: str, fraction: float, seed: int) -> tuple:
+    """Flips the labels of round(fraction * n) examples, each uniformly to another class: known mislabeled data.
+    Deterministic in (fraction, seed), so every script that reads the checkpoint's flags sees the same labels.
+    Returns the dataset and [[index, original label, noisy label], ...]."""
+    if fraction == 0:
+        return dataset, []
+    task = get_task(task_name)
+    if task.is_regression:
+        raise UserError(f"--label_noise flips classes; {task_name} is a regression task")
+    rng = np.random.default_rng(seed)
+    labels = list(dataset["label"])
+    flips = []
+    for index in sorted(rng.choice(len(labels), round(fraction * len(labels)), replace=False).tolist()):
+        noisy = int(rng.choice([c for c in range(task.num_labels) if c != labels[index]]))
+        flips.append([index, labels[index], noisy])
+        labels[index] = noisy
+    return dataset.remove_columns("label").add_column("label", labels), flips
 
 
 def tokenize(dataset: Dataset, task_name: str, tokenizer, max_seq_length: int = 128,
@@ -285,9 +306,10 @@ def construct_model(model_name_or_path: str, task_name: str, attn_implementation
     return _from_pretrained(AutoModelForSequenceClassification, model_name_or_path, config=config, **kwargs)
 
 
-def save_checkpoint(model: nn.Module, tokenizer, checkpoint_dir: str, meta: dict) -> None:
-    """config + safetensors + tokenizer + `glue_checkpoint.json` (with every file's sha256), published in one
-    rename (artifacts.py): a killed save leaves no checkpoint that looks complete, and the next save cleans up."""
+def save_checkpoint(model: nn.Module, tokenizer, checkpoint_dir: str, meta: dict, extra: dict | None = None) -> None:
+    """config + safetensors + tokenizer + `glue_checkpoint.json` (with every file's sha256) + `extra` JSON files,
+    published in one rename (artifacts.py): a killed save leaves no checkpoint that looks complete, and the next
+    save cleans up."""
     artifacts.make_output_dir(os.path.dirname(os.path.abspath(checkpoint_dir)))
     with artifacts.lock(checkpoint_dir):
         artifacts.clean_staging(checkpoint_dir)  # leftovers of killed saves
@@ -295,6 +317,8 @@ def save_checkpoint(model: nn.Module, tokenizer, checkpoint_dir: str, meta: dict
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
         artifacts.atomic_write_json(meta.get("metrics", {}), os.path.join(staging, "all_results.json"))  # as HF's
+        for name, obj in (extra or {}).items():
+            artifacts.atomic_write_json(obj, os.path.join(staging, name))
         artifacts.kill_point("checkpoint_saved")
         artifacts.publish(staging, checkpoint_dir, CHECKPOINT_META, meta)
 

@@ -311,7 +311,8 @@ def main():
 
     # Data: the training set analyze.py scored, and its first queries as candidates.
     train_text, query_text = pipeline.load_train_and_queries(args.dataset_name, args.data_dir,
-                                                             args.max_train_samples, args.max_query_examples)
+                                                             args.max_train_samples, args.max_query_examples,
+                                                             args.label_noise, args.label_noise_seed)
     rankings = load_rankings(args, train_text, query_text["label"])
     check_intervals(args.remove_intervals, rankings, len(train_text), args.train_batch_size)
     arguments = {**{k: v for k, v in vars(args).items() if k not in NOT_RESULTS},

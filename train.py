@@ -53,9 +53,10 @@ def main():
     tokenizer = pipeline.load_tokenizer(args.model_name_or_path)
     collate = pipeline.collator(tokenizer)
     max_train_samples = pipeline.train_size(args.dataset_name, args.max_train_samples)
-    train_dataset = pipeline.tokenize(
-        pipeline.load_glue(args.dataset_name, "train", args.data_dir, max_train_samples),
-        args.dataset_name, tokenizer, args.max_seq_length, args.pad_to_max_length)
+    train_text = pipeline.load_glue(args.dataset_name, "train", args.data_dir, max_train_samples)
+    train_text, flips = pipeline.flip_labels(train_text, args.dataset_name, args.label_noise, args.label_noise_seed)
+    train_dataset = pipeline.tokenize(train_text, args.dataset_name, tokenizer, args.max_seq_length,
+                                      args.pad_to_max_length)
     eval_datasets = {
         split: pipeline.tokenize(pipeline.load_glue(args.dataset_name, split, args.data_dir, args.max_eval_samples),
                                  args.dataset_name, tokenizer, args.max_seq_length, args.pad_to_max_length)
@@ -63,6 +64,9 @@ def main():
     }
     config = pipeline.train_config(args)
 
+    if flips:
+        logger.info("Label noise: flipped %d of %d training labels (recorded in label_noise.json)", len(flips),
+                    len(train_text))
     logger.info("***** Running training *****")
     logger.info("  Task = %s, examples = %d, epochs = %d, batch size = %d, steps = %d, seed = %d, device = %s",
                 args.dataset_name, len(train_dataset), config.num_train_epochs, config.train_batch_size,
@@ -84,7 +88,9 @@ def main():
         logger.info("  %s = %s", key, value)
 
     meta = {"task": args.dataset_name, "num_labels": task.num_labels, "args": vars(args), "metrics": metrics}
-    pipeline.save_checkpoint(model, tokenizer, checkpoint_dir, meta)
+    noise = {"label_noise.json": {"fraction": args.label_noise, "seed": args.label_noise_seed,
+                                  "flipped": [{"index": i, "label": y, "noisy_label": z} for i, y, z in flips]}}
+    pipeline.save_checkpoint(model, tokenizer, checkpoint_dir, meta, extra=noise if flips else None)
     logger.info("Saved checkpoint to %s", checkpoint_dir)
 
 

@@ -252,3 +252,32 @@ def test_regression_retrain_has_margins_and_no_correct_flag(tiny_model_dir, glue
     train, queries = pipeline.load_train_and_queries("stsb", str(glue_dir), 16, 4)
     result = sweeps.retrainer(args, train, queries)(np.arange(16), seed=0)
     assert set(result) == {"margins"} and result["margins"].shape == (4,) and np.isfinite(result["margins"]).all()
+
+
+def test_label_noise_is_reproducible_recorded_and_read_downstream(tiny_model_dir, glue_dir, tmp_path):
+    """train.py --label_noise flips a known, recorded set of labels; every later script, reading the checkpoint's
+    flags, analyses the same noisy training set."""
+    import analyze
+
+    result = run_script("train.py", "--dataset_name", "mnli", "--data_dir", str(glue_dir), "--model_name_or_path",
+                        tiny_model_dir, "--checkpoint_dir", str(tmp_path), "--num_train_epochs", "1",
+                        "--train_batch_size", "8", "--max_seq_length", "32", "--label_noise", "0.25",
+                        "--label_noise_seed", "3")
+    assert result.returncode == 0, result.stderr
+    recorded = json.loads((tmp_path / "mnli" / "label_noise.json").read_text())
+    clean = pipeline.load_glue("mnli", "train", str(glue_dir))["label"]
+    assert recorded["fraction"] == 0.25 and len(recorded["flipped"]) == 12  # of 48
+    assert all(flip["label"] == clean[flip["index"]] != flip["noisy_label"] for flip in recorded["flipped"])
+    args = analyze.parse_args(["--dataset_name", "mnli", "--checkpoint_dir", str(tmp_path)])
+    assert (args.label_noise, args.label_noise_seed) == (0.25, 3)
+    noisy, _ = pipeline.load_train_and_queries("mnli", str(glue_dir), None, 4, args.label_noise, args.label_noise_seed)
+    expected = list(clean)
+    for flip in recorded["flipped"]:
+        expected[flip["index"]] = flip["noisy_label"]
+    assert noisy["label"] == expected
+    _, again = pipeline.flip_labels(pipeline.load_glue("mnli", "train", str(glue_dir)), "mnli", 0.25, 3)
+    assert [[f["index"], f["label"], f["noisy_label"]] for f in recorded["flipped"]] == again
+    assert pipeline.flip_labels(pipeline.load_glue("mnli", "train", str(glue_dir)), "mnli", 0.25, 4)[1] != again
+    with pytest.raises(pipeline.UserError, match="regression"):
+        pipeline.flip_labels(pipeline.load_glue("stsb", "train", str(glue_dir)), "stsb", 0.1, 0)
+    assert_user_error(run_script("train.py", "--label_noise", "1.5"), "--label_noise: expected a number in [0, 1)")
