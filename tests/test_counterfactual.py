@@ -146,6 +146,13 @@ def test_resume_redoes_nothing_finished(monkeypatch, glue_dir, scores_dir, tmp_p
     run_main(monkeypatch, again, glue_dir, scores_dir, tmp_path / "a")
     assert again.calls == []
 
+    # A corrupt run file: the rerun redoes that retrain alone (no numpy traceback) and gathers the same results.
+    damaged = sorted((tmp_path / "a" / "runs" / "ekfac").glob("*.npz"))[0]
+    damaged.write_bytes(damaged.read_bytes()[:50])
+    repaired = Stub(flip_at=varied)
+    run_main(monkeypatch, repaired, glue_dir, scores_dir, tmp_path / "a")
+    assert len(repaired.calls) == 1 and read_results(tmp_path / "a") == read_results(tmp_path / "b")
+
 
 def test_shards_merge_to_one_process(monkeypatch, glue_dir, scores_dir, tmp_path):
     shards = [Stub(flip_at=varied), Stub(flip_at=varied)]
