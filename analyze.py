@@ -61,6 +61,9 @@ def parse_args(argv=None):
                         help="Print this query and its most positively and negatively influential training examples.")
     parser.add_argument("--top_k", type=cli.positive_int, default=3,
                         help="How many examples --inspect_query prints per side.")
+    parser.add_argument("--inspect_self", type=cli.positive_int, default=None,
+                        help="With --compute_self_scores: print the K training examples of highest self-influence "
+                             "(the whole ranking is in self_influence_ranking.csv beside the scores).")
     parser.add_argument("--html", default=None,
                         help="With --inspect_query: write a page of the top examples with each word coloured by its "
                              "per-token influence (and the numbers as JSON beside it).")
@@ -69,6 +72,8 @@ def parse_args(argv=None):
         parser.error(f"unknown --factor_strategy '{args.factor_strategy}'; choose one of {', '.join(STRATEGIES)}")
     if args.html is not None and args.inspect_query is None:
         parser.error("--html draws the query of --inspect_query; pass both")
+    if args.inspect_self is not None and not args.compute_self_scores:
+        parser.error("--inspect_self ranks self-influence scores; pass --compute_self_scores too")
     args = cli.from_checkpoint(args, args.checkpoint_dir)
     if "model_name_or_path" in args.overrides:
         parser.error("--model_name_or_path: analyze.py analyses the model in --checkpoint_dir; pass it to train.py")
@@ -79,6 +84,7 @@ if __name__ == "__main__":
     cli.cli(parse_args)  # --help and argument errors answer here, before the heavy imports below
 
 import copy  # noqa: E402
+import csv  # noqa: E402
 import datetime  # noqa: E402
 import fnmatch  # noqa: E402
 import logging  # noqa: E402
@@ -107,6 +113,7 @@ from task import GlueTask  # noqa: E402
 
 logger = logging.getLogger("analyze")
 FACTORS_META = "glue_factors.json"
+SELF_RANKING = "self_influence_ranking.csv"
 
 
 def influence_arguments(args) -> tuple:
@@ -207,9 +214,10 @@ def fit_factors(analyzer_at, public: str, signature: dict, factors_name: str, fa
 
 
 def compute_scores(analyzer, root: str, public: str, args, names: tuple, score_args, datasets: tuple,
-                   orders: tuple, meta: dict) -> dict:
+                   orders: tuple, meta: dict, train_text) -> dict:
     """Pairwise (and self) scores in the private folder `root`, where the factors are already linked; mapped back
-    to dataset order there, then published. Always from scratch: one stage, nothing to resume."""
+    to dataset order there (with the self-influence ranking beside them), then published. Always from scratch: one
+    stage, nothing to resume."""
     factors_name, scores_name = names
     query_dataset, train_dataset = datasets
     train_order, query_order = orders
@@ -231,12 +239,28 @@ def compute_scores(analyzer, root: str, public: str, args, names: tuple, score_a
             reorder_scores(os.path.join(work, "pairwise_scores.safetensors"), train_order, query_order)
             if args.compute_self_scores:
                 reorder_scores(os.path.join(work, "self_scores.safetensors"), train_order)
+        if args.compute_self_scores:
+            self_scores = load_file(os.path.join(work, "self_scores.safetensors"))["all_modules"].float().numpy()
+            write_self_ranking(os.path.join(work, SELF_RANKING), self_scores, train_text, args.dataset_name)
         published = artifacts.publish(work, public, artifacts.SCORES_META, meta)
         shutil.rmtree(root, ignore_errors=True)
         artifacts.clean_staging(public)
         return published
 
     return on_main(publish)
+
+
+def write_self_ranking(path: str, self_scores: np.ndarray, train_text, task_name: str) -> None:
+    """Every training example, highest self-influence first (an example the model could only fit by memorising it:
+    the candidates for a wrong label), with its label and text: what a researcher reads to clean the data."""
+    task = pipeline.get_task(task_name)
+    with artifacts.atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["rank", "index", "self_influence", "label", *task.keys])
+        for rank, index in enumerate(np.argsort(-self_scores, kind="stable").tolist()):
+            example = train_text[index]
+            label = example["label"] if task.is_regression else task.labels[example["label"]]
+            writer.writerow([rank + 1, index, f"{self_scores[index]:.6g}", label, *(example[k] for k in task.keys)])
 
 
 def top_examples(row: np.ndarray, k: int) -> list:
@@ -415,7 +439,7 @@ def main():
                 on_main(artifacts.link_tree, factors_public, os.path.join(scores_root, f"factors_{factors_name}"))
             meta.update({k: v for k, v in factors_meta.items() if k.endswith("_seconds")})
             meta = compute_scores(analyzer_at(scores_root), scores_root, scores_public, args,
-                                  (factors_name, scores_name), score_args, datasets, orders, meta)
+                                  (factors_name, scores_name), score_args, datasets, orders, meta, train_text)
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     if not main_process:
@@ -425,9 +449,16 @@ def main():
     logger.info("Scores %s (%d queries x %d training examples, dataset order): %s", scores_name, *scores.shape,
                 os.path.join(scores_public, "pairwise_scores.safetensors"))
     if args.compute_self_scores:
-        self_scores, _ = artifacts.load_scores(args.output_dir, args.dataset_name, scores_name, kind="self")
-        logger.info("Highest self-influence (candidates for mislabeled data): %s",
-                    np.argsort(-self_scores, kind="stable")[:10].tolist())
+        artifacts.load_scores(args.output_dir, args.dataset_name, scores_name, kind="self")  # verified
+        ranking = os.path.join(scores_public, SELF_RANKING)
+        logger.info("Training examples by self-influence (candidates for wrong labels first): %s", ranking)
+        if args.inspect_self is not None:
+            with open(ranking, newline="") as f:
+                rows = list(csv.reader(f))
+            print(f"\nTop {args.inspect_self} training examples by self-influence ({scores_name}):")
+            for rank, index, score, label, *texts in rows[1:args.inspect_self + 1]:
+                print(f"[{rank}. train {index}]  self-influence: {float(score):.4g}  label: {label}\n  "
+                      + "\n  ".join(texts))
     if args.inspect_query is not None:
         pipeline.show_influences(scores, args.inspect_query, query_text, train_text, args.dataset_name, args.top_k,
                                  scores_name)

@@ -314,3 +314,20 @@ def test_html_shows_every_word_in_order(monkeypatch, glue_dir, checkpoints, tmp_
 def test_html_needs_a_query(checkpoints):
     result = run_script("analyze.py", "--dataset_name", "rte", "--checkpoint_dir", str(checkpoints), "--html", "x.html")
     assert_user_error(result, "--html draws the query of --inspect_query")
+
+
+def test_self_influence_ranking_beside_the_scores(monkeypatch, glue_dir, checkpoints, tmp_path, capsys):
+    import csv
+
+    run_analyze(monkeypatch, glue_dir, checkpoints, tmp_path, "--factor_strategy", "identity",
+                "--compute_self_scores", "--inspect_self", "3")
+    self_scores, meta = artifacts.load_scores(str(tmp_path), "rte", "identity", kind="self")
+    assert "self_influence_ranking.csv" in meta["files"]  # published with the scores, sha256 recorded
+    with open(tmp_path / "rte" / "scores_identity" / "self_influence_ranking.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    train = pipeline.load_glue("rte", "train", str(glue_dir), N_TRAIN)
+    assert [int(r["index"]) for r in rows] == np.argsort(-self_scores, kind="stable").tolist()
+    assert all(r["sentence1"] == train[int(r["index"])]["sentence1"] for r in rows)
+    np.testing.assert_allclose([float(r["self_influence"]) for r in rows], np.sort(self_scores)[::-1], rtol=1e-5)
+    out = capsys.readouterr().out
+    assert "Top 3 training examples by self-influence (identity)" in out and out.count("self-influence: ") == 3
