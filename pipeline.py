@@ -455,7 +455,8 @@ def glue_metrics(task_name: str, predictions: np.ndarray, labels: np.ndarray) ->
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset: Dataset, data_collator, task_name: str, batch_size: int = 32,
              device: str = "cpu", bf16: bool = False, disable_tqdm: bool = True, desc: str = "Evaluating") -> dict:
-    """Returns GLUE metrics, the mean per-example loss, and per-example `margins` / `correct` arrays."""
+    """Returns GLUE metrics, the mean loss, and per-example arrays: `margins`, `losses`, and for classification
+    `correct` and `probabilities`."""
     regression = get_task(task_name).is_regression
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=data_collator)
     model.to(device).eval()
@@ -472,8 +473,10 @@ def evaluate(model: nn.Module, dataset: Dataset, data_collator, task_name: str, 
     predictions = logits.squeeze(-1) if regression else logits.argmax(-1)
     results = {"loss": loss_sum / len(dataset), **glue_metrics(task_name, predictions.numpy(), labels.numpy())}
     results["margins"] = margins(logits, labels).numpy()
+    results["losses"] = task_loss(logits, labels, regression, reduction="none").numpy()
     if not regression:
         results["correct"] = (predictions == labels).numpy()
+        results["probabilities"] = torch.softmax(logits, dim=-1).numpy()
     return results
 
 

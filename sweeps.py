@@ -27,10 +27,11 @@ def quiet_retrains() -> None:
     logging.getLogger("pipeline").setLevel(logging.WARNING)
 
 
-def retrainer(args, train_text: Dataset, query_text: Dataset):
+def retrainer(args, train_text: Dataset, query_text: Dataset, outputs: tuple = ("margins", "correct")):
     """retrain(keep, seed, queries=None): fine-tunes on the kept training examples with the train.py recipe and
-    returns the queries' `margins` (the quantity task.py measures) and `correct` flags. Tokenizes once for all
-    retrains of the LDS ground truth and the counterfactual test."""
+    returns `outputs` of the queries (pipeline.evaluate's per-example arrays: by default the `margins` task.py
+    measures and the `correct` flags). Tokenizes once for all retrains of a sweep (LDS, counterfactual, the
+    cross-validation of detect_mislabeled.py)."""
     tokenizer = pipeline.load_tokenizer(args.model_name_or_path)
     train_dataset, query_dataset = (
         pipeline.tokenize(d, args.dataset_name, tokenizer, args.max_seq_length, args.pad_to_max_length)
@@ -45,7 +46,7 @@ def retrainer(args, train_text: Dataset, query_text: Dataset):
                                   device=device, disable_tqdm=True)
         measured = query_dataset if queries is None else query_dataset.select(queries)
         results = pipeline.evaluate(model, measured, data_collator, args.dataset_name, batch_size=64, device=device,
-                           bf16=config.bf16)
-        return {k: results[k] for k in ("margins", "correct") if k in results}  # regression: no correct flag
+                                    bf16=config.bf16)
+        return {k: results[k] for k in outputs if k in results}  # regression: no correct flag
 
     return retrain

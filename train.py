@@ -35,6 +35,8 @@ import logging  # noqa: E402
 import os  # noqa: E402
 import time  # noqa: E402
 
+import numpy as np  # noqa: E402
+
 import artifacts  # noqa: E402
 import pipeline  # noqa: E402
 
@@ -82,7 +84,7 @@ def main():
     for prefix, dataset in named.items():
         results = pipeline.evaluate(model, dataset, collate, args.dataset_name, args.eval_batch_size, args.device,
                                     args.bf16, disable_tqdm=False, desc=f"Evaluating ({prefix})")
-        metrics.update({f"{prefix}_{k}": v for k, v in results.items() if k not in ("margins", "correct")})
+        metrics.update({f"{prefix}_{k}": v for k, v in results.items() if np.ndim(v) == 0})
         metrics[f"{prefix}_samples"] = len(dataset)
     for key, value in metrics.items():
         logger.info("  %s = %s", key, value)
