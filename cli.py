@@ -1,4 +1,4 @@
-"""Command-line plumbing shared by the four scripts: the flags, the checkpoint as the source of the configuration,
+"""Command-line plumbing shared by the scripts: the flags, the checkpoint as the source of the configuration,
 logging, and user errors as one line.
 
 Light on purpose (argparse and json only): every script parses its arguments before importing torch, so `--help`

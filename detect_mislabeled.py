@@ -24,7 +24,7 @@ import cli
 BASELINES = ("loss", "cleanlab", "random")
 INSPECTED = (0.05, 0.10, 0.20)  # fractions of the training set a researcher reads, top of the ranking first
 NOT_RESULTS = ("device", "output_dir", "detection_dir", "figure", "verbose", "checkpoint_dir", "configured_by",
-               "overrides")
+               "overrides", "summarize")
 
 
 def parse_args(argv=None):
@@ -42,6 +42,8 @@ def parse_args(argv=None):
                         help="Cross-validation folds for cleanlab's out-of-sample probabilities.")
     parser.add_argument("--seed", type=int, default=0, help="Seeds the folds, their retrains and the random ranking.")
     parser.add_argument("--figure", default=None, help="Where the figure goes (default: beside the results).")
+    parser.add_argument("--summarize", nargs="+", default=None, metavar="RESULTS_JSON",
+                        help="Only print mean ± sd over these detection_results.json (e.g. one per noise seed).")
     args = parser.parse_args(argv)
     if args.num_folds < 2:
         parser.error("--num_folds must be at least 2")
@@ -158,9 +160,30 @@ def plot(curves: dict, path: str, title: str) -> None:
     plt.close(fig)
 
 
+def summarize(paths: list) -> None:
+    """Mean ± sd of every metric over several runs (noise seeds), as the README's table."""
+    runs = []
+    for path in paths:
+        try:
+            with open(path) as f:
+                runs.append(json.load(f)["results"])
+        except (OSError, ValueError, KeyError):
+            raise UserError(f"{path} is not a detection_results.json; run detect_mislabeled.py first") from None
+    metrics = list(next(iter(runs[0].values())))
+    print(f"{len(runs)} runs: mean ± sd")
+    print(f"{'ranking':<12}" + "".join(f"{m:>20}" for m in metrics))
+    for name in runs[0]:
+        values = np.array([[run[name][m] for m in metrics] for run in runs])
+        print(f"{name:<12}" + "".join(f"{f'{mu:.3f} ± {sd:.3f}':>20}"
+                                      for mu, sd in zip(values.mean(0), values.std(0, ddof=1 if len(runs) > 1 else 0))))
+
+
 def main():
     args = parse_args()
     cli.setup_logging(args.verbose)
+    if args.summarize:
+        summarize(args.summarize)
+        return
     cli.log_configuration(args)
     noise_path = os.path.join(args.checkpoint_dir, args.dataset_name, "label_noise.json")
     if not os.path.isfile(noise_path):

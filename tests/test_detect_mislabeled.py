@@ -52,6 +52,12 @@ def test_experiment_end_to_end(tiny_model_dir, glue_dir, tmp_path):
     rows = (tmp_path / "detection" / "detection_rankings.csv").read_text().splitlines()
     assert len(rows) == 49 and rows[0] == "index,flipped,label,identity,loss,cleanlab,random"
     assert "ROC AUC" in result.stdout
+    path = str(tmp_path / "detection" / "detection_results.json")
+    summary = run_script("detect_mislabeled.py", "--summarize", path, path)
+    assert summary.returncode == 0 and "2 runs: mean ± sd" in summary.stdout
+    identity = results["results"]["identity"]["roc_auc"]
+    row = next(line for line in summary.stdout.splitlines() if line.startswith("identity"))
+    assert f"{identity:.3f} ± 0.000" in row
     clean = run_script("train.py", "--dataset_name", "rte", "--data_dir", str(glue_dir), "--model_name_or_path",
                        tiny_model_dir, "--max_seq_length", "32", "--num_train_epochs", "1", "--train_batch_size", "8",
                        "--checkpoint_dir", str(tmp_path / "clean"))
