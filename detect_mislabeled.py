@@ -114,21 +114,14 @@ def cleanlab_suspicion(labels: np.ndarray, probabilities: np.ndarray) -> np.ndar
     return flagged.astype(float) + (1.0 - quality)  # quality is in [0, 1]: flagged examples rank first
 
 
-def training_losses(args) -> np.ndarray:
+def training_losses(args, train_text) -> np.ndarray:
     """The final model's loss on each of its (noisy) training examples."""
     checkpoint = os.path.join(args.checkpoint_dir, args.dataset_name)
     model, tokenizer, _ = pipeline.load_checkpoint(checkpoint, args.dataset_name)
-    train_text = noisy_training_set(args)
     dataset = pipeline.tokenize(train_text, args.dataset_name, tokenizer, args.max_seq_length, args.pad_to_max_length)
     results = pipeline.evaluate(model, dataset, pipeline.collator(tokenizer), args.dataset_name, batch_size=64,
                                 device=pipeline.torch_device(args.device))
     return results["losses"]
-
-
-def noisy_training_set(args):
-    train = pipeline.load_glue(args.dataset_name, "train", args.data_dir,
-                               pipeline.train_size(args.dataset_name, args.max_train_samples))
-    return pipeline.flip_labels(train, args.dataset_name, args.label_noise, args.label_noise_seed)[0]
 
 
 def self_influence(args, name: str, train_text) -> np.ndarray:
@@ -191,7 +184,8 @@ def main():
     artifacts.read(os.path.dirname(noise_path), pipeline.CHECKPOINT_META, "checkpoint")  # verified, label_noise too
     with open(noise_path) as f:
         flipped_indices = [flip["index"] for flip in json.load(f)["flipped"]]
-    train_text = noisy_training_set(args)
+    train_text, _ = pipeline.load_training_set(args.dataset_name, args.data_dir, args.max_train_samples,
+                                               args.label_noise, args.label_noise_seed)
     flipped = np.zeros(len(train_text), dtype=bool)
     flipped[flipped_indices] = True
     arguments = {k: v for k, v in vars(args).items() if k not in NOT_RESULTS}
@@ -202,7 +196,7 @@ def main():
     logger.info("***** Ranking %d training examples, %d of them with flipped labels *****", len(flipped),
                 flipped.sum())
     suspicion = {name: self_influence(args, name, train_text) for name in args.strategies}
-    suspicion["loss"] = training_losses(args)
+    suspicion["loss"] = training_losses(args, train_text)
     labels = np.array(train_text["label"])
     suspicion["cleanlab"] = cleanlab_suspicion(labels, cross_validated_probabilities(args, train_text, folder))
     suspicion["random"] = np.random.default_rng(args.seed).permutation(len(flipped)).astype(float)

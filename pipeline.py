@@ -199,10 +199,16 @@ def load_train_and_queries(task_name: str, data_dir: str | None, max_train_sampl
                            max_queries: int | None, label_noise: float = 0.0, label_noise_seed: int = 0) -> tuple:
     """(train, queries) as text: the examples analyze.py scores, the LDS masks cover and the retrains measure, with
     the checkpoint's label noise (the training set the model saw)."""
-    train = load_glue(task_name, "train", data_dir, train_size(task_name, max_train_samples))
-    train, _ = flip_labels(train, task_name, label_noise, label_noise_seed)
+    train, _ = load_training_set(task_name, data_dir, max_train_samples, label_noise, label_noise_seed)
     queries = load_glue(task_name, get_task(task_name).eval_splits[0], data_dir, max_queries)
     return train, queries
+
+
+def load_training_set(task_name: str, data_dir: str | None, max_train_samples: int | None,
+                      label_noise: float = 0.0, label_noise_seed: int = 0) -> tuple:
+    """The training examples as text, with `label_noise` flipped labels, and the flips (see `flip_labels`)."""
+    train = load_glue(task_name, "train", data_dir, train_size(task_name, max_train_samples))
+    return flip_labels(train, task_name, label_noise, label_noise_seed)
 
 
 def flip_labels(dataset: Dataset, task_name: str, fraction: float, seed: int) -> tuple:

@@ -54,9 +54,8 @@ def main():
     # Data: every split is read and checked before the first training step.
     tokenizer = pipeline.load_tokenizer(args.model_name_or_path)
     collate = pipeline.collator(tokenizer)
-    max_train_samples = pipeline.train_size(args.dataset_name, args.max_train_samples)
-    train_text = pipeline.load_glue(args.dataset_name, "train", args.data_dir, max_train_samples)
-    train_text, flips = pipeline.flip_labels(train_text, args.dataset_name, args.label_noise, args.label_noise_seed)
+    train_text, flips = pipeline.load_training_set(args.dataset_name, args.data_dir, args.max_train_samples,
+                                                   args.label_noise, args.label_noise_seed)
     train_dataset = pipeline.tokenize(train_text, args.dataset_name, tokenizer, args.max_seq_length,
                                       args.pad_to_max_length)
     eval_datasets = {
