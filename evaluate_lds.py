@@ -73,6 +73,8 @@ def parse_args(argv=None):
                     "over the kept training examples (Spearman), for every score set and two baselines.")
     score.add_argument("--strategies", "--methods", nargs="+", default=["ekfac"],
                        help="Score sets as analyze.py names them (identity diagonal kfac ekfac ekfac_half ...).")
+    score.add_argument("--reference", default=None,
+                       help="The set every other is compared with, paired (default: ekfac if scored, else identity).")
     score.add_argument("--num_bootstrap", type=cli.positive_int, default=1000,
                        help="Mask resamples for the confidence intervals.")
     score.add_argument("--figure", default=None, help="Where the bar plot goes (default: lds.png in the ground truth "
@@ -82,8 +84,23 @@ def parse_args(argv=None):
     score.add_argument("--top_k", type=cli.positive_int, default=3,
                        help="How many examples --inspect_query prints per side.")
 
+    curve = commands.add_parser(
+        "ensembles", parents=[common], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        help="LDS against the number of ensembled models.",
+        description="For each method, the LDS of its single-model score sets (<method>_seed<S>, from analyze.py "
+                    "--checkpoint_dir <ensemble>) and of their ensembles of 1, 2, 4, ... models (disjoint groups of "
+                    "members, combined as analyze.py combines them), mean ± sd over groups; with --stability_dir, "
+                    "also how much each changes when only randomness changes.")
+    curve.add_argument("--strategies", "--methods", nargs="+", default=["ekfac"],
+                       help="Methods whose members are in <output_dir>/<dataset_name>/scores_<method>_seed<S>/.")
+    curve.add_argument("--stability_dir", default=None,
+                       help="Another --output_dir holding the same members computed with another analyze.py --seed "
+                            "(resampled Fisher labels; TRAK: another projection): report agreement with it.")
+    curve.add_argument("--figure", default=None,
+                       help="Where the plot goes (default: lds_ensembles.png in the ground truth folder).")
+
     argv = sys.argv[1:] if argv is None else list(argv)
-    if not argv or argv[0] not in ("build", "score", "-h", "--help"):
+    if not argv or argv[0] not in ("build", "score", "ensembles", "-h", "--help"):
         argv = ["score", *argv]  # bare `python evaluate_lds.py [flags]` scores
     args = parser.parse_args(argv)
     if not 0 < args.subset_fraction < 1:
@@ -103,6 +120,7 @@ import hashlib  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
 import os  # noqa: E402
+import re  # noqa: E402
 import time  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -110,6 +128,7 @@ from scipy.stats import rankdata  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 import artifacts  # noqa: E402
+import ensembles  # noqa: E402
 import pipeline  # noqa: E402
 import sweeps  # noqa: E402
 from cli import UserError  # noqa: E402
@@ -303,9 +322,15 @@ def baseline_scores(args, train_labels, query_labels) -> dict:
     return {name: baselines[name] for name in BASELINES if name in baselines}
 
 
-def lds_table(scores: dict, masks: np.ndarray, margins: np.ndarray, num_bootstrap: int, seed: int) -> dict:
+def lds_per_query(scores: np.ndarray, masks: np.ndarray, margin_ranks: np.ndarray) -> np.ndarray:
+    """Each query's Spearman, over masks, between its margin and the sum of its scores over the kept examples."""
+    return pearson_rows(rankdata(scores.astype(np.float64) @ masks.T.astype(np.float64), axis=1), margin_ranks)
+
+
+def lds_table(scores: dict, masks: np.ndarray, margins: np.ndarray, num_bootstrap: int, seed: int,
+              reference: str | None = None) -> dict:
     """Per score set: LDS (mean over queries), its standard error over queries, a 95% bootstrap interval over masks,
-    and, when `identity` is present, the paired difference against it (same queries, same mask resamples)."""
+    and the paired difference against the `reference` set (same queries, same mask resamples)."""
     # Spearman = Pearson of ranks. The bootstrap resamples masks and keeps each mask's rank in the full set:
     # re-ranking a resample ties its duplicated masks, which biases the interval away from the estimate.
     margin_ranks = rankdata(margins.T, axis=1)  # (queries, masks)
@@ -325,20 +350,23 @@ def lds_table(scores: dict, masks: np.ndarray, margins: np.ndarray, num_bootstra
     table = {}
     for name in scores:
         table[name] = summary(per_query[name], boot[name])
-        if "identity" in scores and name != "identity":
-            table[name]["vs_identity"] = summary(per_query[name] - per_query["identity"],
-                                                 boot[name] - boot["identity"])
+        if reference in scores and name != reference:
+            table[name]["versus"] = {"reference": reference, **summary(per_query[name] - per_query[reference],
+                                                                       boot[name] - boot[reference])}
     return table
 
 
-def print_table(table: dict, title: str) -> None:
+def print_table(table: dict, title: str, reference: str | None) -> None:
     print(f"\n{title}")
-    print(f"{'scores':<14}{'LDS':>8}{'± SE (queries)':>16}{'95% CI (masks)':>20}{'vs identity [95% CI masks]':>30}")
+    width = max(14, *(len(name) + 2 for name in table))
+    print(f"{'scores':<{width}}{'LDS':>8}{'± SE (queries)':>16}{'95% CI (masks)':>20}"
+          + (f"{f'vs {reference} [95% CI masks]':>32}" if reference else ""))
     for name, row in table.items():
-        diff = row.get("vs_identity")
+        diff = row.get("versus")
         versus = f"{diff['mean']:+.3f} [{diff['ci95_masks'][0]:+.3f}, {diff['ci95_masks'][1]:+.3f}]" if diff else ""
         low, high = row["ci95_masks"]
-        print(f"{name:<14}{row['mean']:>8.3f}{row['se_queries']:>16.3f}{f'[{low:.3f}, {high:.3f}]':>20}{versus:>30}")
+        print(f"{name:<{width}}{row['mean']:>8.3f}{row['se_queries']:>16.3f}{f'[{low:.3f}, {high:.3f}]':>20}"
+              f"{versus:>32}")
 
 
 def plot_table(table: dict, path: str, title: str) -> None:
@@ -363,12 +391,18 @@ def plot_table(table: dict, path: str, title: str) -> None:
     plt.close(fig)
 
 
-def score(args) -> None:
+def data_and_ground_truth(args) -> tuple:
+    """(train_text, query_text, provenance, (folder, masks, margins, summary)): what every score set is checked
+    against, and the verified ground truth built on it."""
     train_text, query_text = pipeline.load_train_and_queries(args.dataset_name, args.data_dir, args.max_train_samples,
                                                              args.max_query_examples, args.label_noise,
                                                              args.label_noise_seed)
     provenance = pipeline.data_provenance(args.dataset_name, train_text, query_text, args.max_seq_length)
-    folder, masks, margins, summary = load_ground_truth(args, provenance)
+    return train_text, query_text, provenance, load_ground_truth(args, provenance)
+
+
+def score(args) -> None:
+    train_text, query_text, provenance, (folder, masks, margins, summary) = data_and_ground_truth(args)
     num_masks, num_query = margins.shape
     if args.inspect_query is not None and not 0 <= args.inspect_query < num_query:
         raise UserError(f"--inspect_query {args.inspect_query} is out of range: there are {num_query} queries")
@@ -377,14 +411,17 @@ def score(args) -> None:
               for name in args.strategies}
     scores.update(baseline_scores(args, train_text["label"], query_text["label"]))
 
-    table = lds_table(scores, masks, margins, args.num_bootstrap, args.seed)
+    reference = args.reference or next((n for n in ("ekfac", "identity") if n in scores), None)
+    if reference not in scores and args.reference is not None:
+        raise UserError(f"--reference {reference} is not among the scored sets; add it to --strategies")
+    table = lds_table(scores, masks, margins, args.num_bootstrap, args.seed, reference)
     title = (f"LDS on {args.dataset_name}: {num_masks} masks x {args.num_repeats} repeats keeping "
              f"{int(masks[0].sum())} of {masks.shape[1]} examples, {num_query} queries"
              + (f"; retrains' query accuracy {summary['query_accuracy']:.3f}"
                 if summary["query_accuracy"] is not None else "")
              + (f", seed-to-seed Spearman {summary['repeat_spearman']:.3f}"
                 if summary["repeat_spearman"] is not None else ""))
-    print_table(table, title)
+    print_table(table, title, reference if reference in scores else None)
     results_path = os.path.join(folder, "lds_results.json")
     artifacts.atomic_write_json({"ground_truth": folder, "num_masks": num_masks, "num_queries": num_query,
                                 "num_train": int(masks.shape[1]), "num_bootstrap": args.num_bootstrap,
@@ -398,16 +435,114 @@ def score(args) -> None:
                                  args.top_k, name)
 
 
+def agreement(a: np.ndarray, b: np.ndarray, k: int = 10) -> dict:
+    """How alike two score sets on the same queries are: per-query Spearman, overlap of the top-k training examples
+    (out of k) and how often the top-1 is the same, each averaged over queries."""
+    top_a, top_b = np.argsort(-a, axis=1)[:, :k], np.argsort(-b, axis=1)[:, :k]
+    overlap = [len(set(x) & set(y)) for x, y in zip(top_a, top_b)]
+    return {"spearman": float(spearman_rows(a, b).mean()), f"top{k}_overlap": float(np.mean(overlap)),
+            "top1_same": float(np.mean(top_a[:, 0] == top_b[:, 0]))}
+
+
+def member_seeds(output_dir: str, task_name: str, method: str) -> list:
+    """Seeds S of the published member sets <method>_seed<S>, in order."""
+    pattern = re.compile(rf"scores_{re.escape(method)}_seed(-?\d+)")
+    folder = os.path.join(output_dir, task_name)
+    found = [pattern.fullmatch(name) for name in (os.listdir(folder) if os.path.isdir(folder) else [])]
+    return sorted(int(m.group(1)) for m in found if m)
+
+
+def ensemble_curve(args) -> None:
+    """LDS (and, with --stability_dir, agreement under other randomness) of 1, 2, 4, ... ensembled models."""
+    _, _, provenance, (folder, masks, margins, _) = data_and_ground_truth(args)
+    margin_ranks = rankdata(margins.T, axis=1)
+    results = {}
+    for method in args.strategies:
+        seeds = member_seeds(args.output_dir, args.dataset_name, method)
+        if args.stability_dir is not None:
+            seeds = [s for s in seeds if s in member_seeds(args.stability_dir, args.dataset_name, method)]
+        if not seeds:
+            where = os.path.join(args.output_dir, args.dataset_name)
+            raise UserError(f"no member score sets {method}_seed<S> in {where}"
+                            + (f" (and {args.stability_dir})" if args.stability_dir else "")
+                            + f"; make them with: python analyze.py --checkpoint_dir <ensemble> --factor_strategy "
+                              f"{method} --output_dir {args.output_dir}")
+        members, seconds = [], []
+        for seed in seeds:
+            scores, meta = artifacts.load_scores(args.output_dir, args.dataset_name, f"{method}_seed{seed}", provenance)
+            members.append(scores)
+            seconds.append(sum(v for k, v in meta.items() if k.endswith("_seconds")))
+        others = [artifacts.load_scores(args.stability_dir, args.dataset_name, f"{method}_seed{seed}", provenance)[0]
+                  for seed in seeds] if args.stability_dir else None
+        rows = []
+        for size in (2**i for i in range(len(seeds).bit_length()) if 2**i <= len(seeds)):
+            groups = [range(i, i + size) for i in range(0, len(seeds) - size + 1, size)]
+            lds = [lds_per_query(ensembles.combine([members[j] for j in g]), masks, margin_ranks).mean()
+                   for g in groups]
+            row = {"models": size, "groups": len(groups), "lds_mean": float(np.mean(lds)),
+                   "lds_sd": float(np.std(lds, ddof=1)) if len(lds) > 1 else None, "lds": [float(x) for x in lds],
+                   "seconds_per_model": float(np.mean(seconds))}
+            if others is not None:
+                agree = [agreement(ensembles.combine([members[j] for j in g]),
+                                   ensembles.combine([others[j] for j in g])) for g in groups]
+                row["stability"] = {k: float(np.mean([a[k] for a in agree])) for k in agree[0]}
+            rows.append(row)
+        results[method] = {"seeds": seeds, "rows": rows}
+
+    print(f"\nLDS against the number of ensembled models ({args.dataset_name}, {masks.shape[0]} masks, "
+          f"{margins.shape[1]} queries; mean ± sd over disjoint groups of members)")
+    print(f"{'method':<12}{'models':>7}{'groups':>7}{'LDS':>8}{'± sd':>7}{'s/model':>9}"
+          + (f"{'Spearman':>10}{'top-10':>8}{'top-1':>7}  (vs --stability_dir)" if args.stability_dir else ""))
+    for method, result in results.items():
+        for row in result["rows"]:
+            sd = f"{row['lds_sd']:.3f}" if row["lds_sd"] is not None else "-"
+            line = (f"{method:<12}{row['models']:>7}{row['groups']:>7}{row['lds_mean']:>8.3f}{sd:>7}"
+                    f"{row['seconds_per_model']:>9.0f}")
+            if "stability" in row:
+                st = row["stability"]
+                line += f"{st['spearman']:>10.3f}{st['top10_overlap']:>8.1f}{st['top1_same']:>7.2f}"
+            print(line)
+    results_path = os.path.join(folder, "lds_ensembles.json")
+    artifacts.atomic_write_json({"ground_truth": folder, "stability_dir": args.stability_dir, "results": results},
+                                results_path)
+    figure = args.figure or os.path.join(folder, "lds_ensembles.png")
+    plot_curve(results, figure, f"LDS on {args.dataset_name} against ensemble size")
+    logger.info("Wrote %s and %s", results_path, figure)
+
+
+def plot_curve(results: dict, path: str, title: str) -> None:
+    """LDS against the number of ensembled models, one line per method, ± sd over groups of members."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.5, 3.5))
+    for method, result in results.items():
+        rows = result["rows"]
+        ax.errorbar([r["models"] for r in rows], [r["lds_mean"] for r in rows],
+                    yerr=[r["lds_sd"] or 0 for r in rows], marker="o", capsize=3, label=method)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks([r["models"] for r in max(results.values(), key=lambda r: len(r["rows"]))["rows"]])
+    ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.set_xlabel("fine-tuned models in the ensemble")
+    ax.set_ylabel("LDS (Spearman)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    artifacts.make_output_dir(os.path.dirname(os.path.abspath(path)))
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+
+
 def main():
     args = parse_args()
     cli.setup_logging(args.verbose)
     cli.log_configuration(args)
     if args.stratify_masks and pipeline.get_task(args.dataset_name).is_regression:
         raise UserError(f"--stratify_masks needs classes; {args.dataset_name} is a regression task")
-    if args.command == "build":
-        build(args)
-    else:
-        score(args)
+    {"build": build, "score": score, "ensembles": ensemble_curve}[args.command](args)
 
 
 if __name__ == "__main__":

