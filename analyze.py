@@ -8,6 +8,10 @@ warning, and is recorded. Factors go to `<output_dir>/<dataset_name>/factors_<st
 `<output_dir>/<dataset_name>/scores_<strategy>[_half][_qlrR]/pairwise_scores.safetensors` (kronfluence's layout), with
 `glue_scores.json` beside them. Row i / column j of the scores are query i / training example j in dataset order.
 Rerunning the same command reuses finished factors and scores; a killed run resumes after its last finished stage.
+
+An ensemble (`train.py --seed 0 1 2 3 --checkpoint_dir runs/ensemble`) is analysed member by member, each published
+as `<name>_seed<S>`, then combined into `<name>_ens<N>` (ensembles.py: the mean of per-query standardised scores).
+`--factor_strategy trak` computes TRAK with traker instead (trak_scores.py; `--proj_dim`), in the same layout.
 """
 
 import cli
@@ -36,8 +40,10 @@ def parse_args(argv=None):
     parser.add_argument("--scores_name", default=None,
                         help="Name the scores (default: <strategy>[_half][_qlrR], as the seed); e.g. for a damping "
                              "ablation that reuses the factors.")
-    parser.add_argument("--proj_dim", type=cli.positive_int, default=512,
-                        help="trak: dimension of the random projection of the per-example gradients.")
+    parser.add_argument("--proj_dim", type=cli.positive_int, default=None,
+                        help="trak: dimension of the random projection of the per-example gradients (default: half "
+                             "the training examples, at most 2048: TRAK inverts the Gram matrix of the projected "
+                             "training gradients, singular from proj_dim = examples on).")
     parser.add_argument("--query_batch_size", type=cli.positive_int, default=8, help="Queries per batch.")
     parser.add_argument("--train_batch_size", type=cli.positive_int, default=8,
                         help="Training examples per scoring batch.")
@@ -503,11 +509,18 @@ def main():
     if ensemble and (args.html is not None or args.compute_self_scores):
         raise UserError(f"{'--html' if args.html else '--compute_self_scores'} explains one model; "
                         f"{os.path.join(args.checkpoint_dir, args.dataset_name)} holds an ensemble")
+    for _, checkpoint_dir in members:  # a wrong checkpoint is named before any data is fetched
+        pipeline.checkpoint_meta(checkpoint_dir, args.dataset_name)
     train_text, query_text = pipeline.load_train_and_queries(args.dataset_name, args.data_dir,
                                                              args.max_train_samples, args.max_query_examples,
                                                              args.label_noise, args.label_noise_seed)
     if args.inspect_query is not None and not 0 <= args.inspect_query < len(query_text):
         raise UserError(f"--inspect_query {args.inspect_query} is out of range: there are {len(query_text)} queries")
+    if args.factor_strategy == "trak":
+        args.proj_dim = args.proj_dim or min(2048, len(train_text) // 2)
+        if args.proj_dim >= len(train_text):
+            raise UserError(f"--proj_dim {args.proj_dim} is not below the {len(train_text)} training examples: TRAK "
+                            f"inverts a singular Gram matrix then; pass --proj_dim {len(train_text) // 2}, say")
     artifacts.check_writable(args.output_dir)
     names = [analyze_checkpoint(args, checkpoint_dir, "" if seed is None else ensembles.member_name("", seed),
                                 train_text, query_text, main_process) for seed, checkpoint_dir in members]

@@ -25,6 +25,12 @@ settings. The ground truth lives in `<output_dir>/<dataset_name>/lds_<hash of it
 masks.npy, runs/mask<m>_repeat<r>.npz (one per retrain, written as it ends), margins.npy (averaged over repeats,
 written once every run is there), ground_truth.json, experiment_args.json; `score` adds lds_results.json there and a
 bar plot at --figure. A killed build rerun with the same command redoes only the missing runs.
+
+`ensembles` reads an ensemble's member sets (`<method>_seed<S>`, from `analyze.py --checkpoint_dir <ensemble>`) and
+reports the LDS of 1, 2, 4, ... combined models (lds_ensembles.json, lds_ensembles.png); with `--stability_dir`, the
+agreement of each with the same sets computed with another `analyze.py --seed` (another Fisher sample or projection):
+
+    python evaluate_lds.py ensembles $COMMON --strategies ekfac trak --stability_dir runs/influence_seed1
 """
 
 import argparse

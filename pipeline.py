@@ -329,13 +329,13 @@ def save_checkpoint(model: nn.Module, tokenizer, checkpoint_dir: str, meta: dict
         artifacts.publish(staging, checkpoint_dir, CHECKPOINT_META, meta)
 
 
-def load_checkpoint(checkpoint_dir: str, task_name: str, attn_implementation: str | None = None):
-    """Loads a verified `train.py` checkpoint (safetensors only). Returns (model, tokenizer, meta).
+def checkpoint_meta(checkpoint_dir: str, task_name: str) -> dict:
+    """The verified metadata of a `train.py` checkpoint for this task.
 
     Raises:
         UserError: no checkpoint there, it is damaged, or it was trained for another task or label count.
     """
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+    from transformers import AutoConfig
 
     task = get_task(task_name)
     try:
@@ -349,6 +349,18 @@ def load_checkpoint(checkpoint_dir: str, task_name: str, attn_implementation: st
     if meta.get("task") != task_name or config.num_labels != task.num_labels:
         raise UserError(f"the checkpoint at {checkpoint_dir} was trained for '{meta.get('task')}' with "
                         f"{config.num_labels} labels, not '{task_name}' with {task.num_labels}")
+    return meta
+
+
+def load_checkpoint(checkpoint_dir: str, task_name: str, attn_implementation: str | None = None):
+    """Loads a verified `train.py` checkpoint (safetensors only). Returns (model, tokenizer, meta).
+
+    Raises:
+        UserError: as `checkpoint_meta`, or the weights cannot be loaded.
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    meta = checkpoint_meta(checkpoint_dir, task_name)
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
     try:
         model = AutoModelForSequenceClassification.from_pretrained(checkpoint_dir, use_safetensors=True, **kwargs)

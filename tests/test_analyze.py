@@ -69,10 +69,11 @@ def test_task_losses_and_measurement():
     assert torch.isclose(task.compute_measurement(regression, Toy(predictions)), torch.tensor(-3.0))
 
 
-@pytest.mark.parametrize("strategy", analyze.STRATEGIES)
+@pytest.mark.parametrize("strategy", [s for s in analyze.STRATEGIES if s != "trak"])
 def test_dynamic_padding_is_exact(monkeypatch, glue_dir, checkpoints, tmp_path, strategy):
     """Length-sorted, per-batch padding gives the scores of padding to max length, in dataset order. (The empirical
-    Fisher removes the only other difference: which sampled label each example draws.)"""
+    Fisher removes the only other difference: which sampled label each example draws. TRAK's per-example gradients
+    are checked against unpadded ones in test_ensembles.py: its float32 Gram inverse is meaningless on a tiny model.)"""
     exact = ["--factor_strategy", strategy, "--float64", "--attn_implementation", "eager", "--use_empirical_fisher"]
     run_analyze(monkeypatch, glue_dir, checkpoints, tmp_path / "dynamic", *exact)
     run_analyze(monkeypatch, glue_dir, checkpoints, tmp_path / "padded", *exact, "--pad_to_max_length")
