@@ -1,11 +1,11 @@
 """Scores of an ensemble: one score set per fine-tuning seed, combined into one.
 
-One checkpoint's LDS is a draw: the same recipe with another seed scores 0.14 or 0.25 on the same ground truth. The
-ground truth averages over retrains with fresh seeds, so the scores should too. Members are combined as the mean of
-their per-query standardised scores: each query's row is divided by its standard deviation over the training
-examples first, because the raw magnitudes differ several-fold between seeds (the damped inverse of a nearly
-singular curvature), and an unscaled mean would be one member's scores. README: the measured comparison with the
-raw mean and the mean of ranks.
+One checkpoint's LDS is a draw: on the README's SST-2 slice, ekfac scores 0.11 to 0.29 for eight seeds of the same
+recipe. The ground truth averages over retrains with fresh seeds, so the scores should too. Members are combined as
+the mean of their per-query standardised scores: each query's row is divided by its standard deviation over the
+training examples first, because the raw magnitudes differ between seeds (2x there; the damped inverse of a nearly
+singular curvature), so a raw mean leans on one member. Measured there, 4 models: 0.263 standardised, 0.243 raw
+mean, 0.166 mean of ranks (README).
 """
 
 import os

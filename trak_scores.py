@@ -102,12 +102,11 @@ def featurised_parameters(model: nn.Module, modules: list | None) -> list:
     return [f"model.{name}" for name, _ in model.named_parameters() if name.rsplit(".", 1)[0] in set(chosen)]
 
 
-def batches(dataset, collate, batch_size: int, desc: str):
-    keys = None
+def batches(dataset, collate, keys: tuple, batch_size: int, desc: str):
+    """Padded batches as traker takes them: tuples of the model's input tensors (`keys`), then the labels."""
     for start in tqdm(range(0, len(dataset), batch_size), desc=desc):
         batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
-        keys = keys or tuple(k for k in INPUTS if k in batch)
-        yield keys, (*(batch[k] for k in keys), batch["labels"])
+        yield (*(batch[k] for k in keys), batch["labels"])
 
 
 def compute(model: nn.Module, train_dataset, query_dataset, collate, regression: bool, modules: list | None,
@@ -116,21 +115,21 @@ def compute(model: nn.Module, train_dataset, query_dataset, collate, regression:
     """TRAK scores (queries x train, in the datasets' order) of one model; traker's files go to `work_dir`."""
     model.set_attn_implementation("eager")  # vmap has no batching rule for SDPA's kernels: it would loop
     model = model.to(device).eval()
-    keys = next(batches(query_dataset.select([0]), collate, 1, "probe"))[0]
+    keys = tuple(k for k in INPUTS if k in train_dataset.column_names)
     wrapped = Logits(model, keys)
     params = featurised_parameters(model, modules)
     grad_dim = sum(p.numel() for name, p in wrapped.named_parameters() if name in set(params))
     projector = Projector(grad_dim=grad_dim, proj_dim=proj_dim, seed=seed, device=device)
     traker = TRAKer(model=wrapped, task=Margin(regression), train_set_size=len(train_dataset), save_dir=work_dir,
-                    device=device, gradient_computer=FeaturisedGradients,
-                    projector=projector, use_half_precision=False, grad_wrt=params,
+                    device=device, gradient_computer=FeaturisedGradients, projector=projector,
+                    use_half_precision=False, grad_wrt=params,
                     logging_level=logging.INFO if verbose else logging.WARNING)
     state = wrapped.state_dict()
     traker.load_checkpoint(state, model_id=0)
-    for _, batch in batches(train_dataset, collate, batch_size, "TRAK features (train)"):
+    for batch in batches(train_dataset, collate, keys, batch_size, "TRAK features (train)"):
         traker.featurize(batch=batch, num_samples=len(batch[0]))
     traker.finalize_features()
     traker.start_scoring_checkpoint(exp_name="queries", checkpoint=state, model_id=0, num_targets=len(query_dataset))
-    for _, batch in batches(query_dataset, collate, batch_size, "TRAK features (queries)"):
+    for batch in batches(query_dataset, collate, keys, batch_size, "TRAK features (queries)"):
         traker.score(batch=batch, num_samples=len(batch[0]))
     return np.asarray(traker.finalize_scores(exp_name="queries"), dtype=np.float32).T.copy()

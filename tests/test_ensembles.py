@@ -125,7 +125,8 @@ def test_trak_features_are_per_example_margin_gradients(tiny_model_dir, glue_dir
     train_text, _ = pipeline.load_train_and_queries("rte", str(glue_dir), 6, 1)
     examples = pipeline.tokenize(train_text, "rte", tokenizer, 32)
     collate = pipeline.collator(tokenizer)
-    (keys, batch), = trak_scores.batches(examples, collate, 6, "test")
+    keys = ("input_ids", "attention_mask", "token_type_ids")
+    batch, = trak_scores.batches(examples, collate, keys, 6, "test")
     assert len({len(ids) for ids in examples["input_ids"]}) > 1  # the batch is padded
     wrapped = trak_scores.Logits(model, keys)
     featurised = trak_scores.featurised_parameters(model, None)
