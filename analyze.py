@@ -62,7 +62,7 @@ def parse_args(argv=None):
     parser.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls on GPU (faster, ~1e-3 relative).")
     parser.add_argument("--use_empirical_fisher", action="store_true",
                         help="Fit factors with the dataset labels instead of labels sampled from the model.")
-    parser.add_argument("--seed", type=int, default=0, help="Seeds the labels sampled for the true Fisher.")
+    parser.add_argument("--seed", type=int, default=0, help="Seeds the labels sampled for the true Fisher (trak: the projection).")
     parser.add_argument("--float64", action="store_true",
                         help="Model, factors and scores in float64 (exactness checks).")
     parser.add_argument("--attn_implementation", default=None, help="e.g. 'eager' (default: the model's).")
@@ -135,6 +135,8 @@ SELF_RANKING = "self_influence_ranking.csv"
 
 def influence_arguments(args) -> tuple:
     """(factors_name, factor_args, scores_name, score_args), named as the seed names them."""
+    if args.factor_strategy == "trak":  # no factors: TRAK's curvature is its projected features' Gram matrix
+        return None, None, args.scores_name or "trak", None
     if args.use_half_precision:
         factor_args = all_low_precision_factor_arguments(strategy=args.factor_strategy, dtype=torch.bfloat16)
         score_args = all_low_precision_score_arguments(damping_factor=args.damping_factor, dtype=torch.bfloat16)
@@ -148,8 +150,6 @@ def influence_arguments(args) -> tuple:
             setattr(factor_args, name, torch.float64)
         for name in ("per_sample_gradient_dtype", "precondition_dtype", "score_dtype", "query_gradient_svd_dtype"):
             setattr(score_args, name, torch.float64)
-    if args.factor_strategy == "trak":  # no factors: TRAK's curvature is its projected features' Gram matrix
-        return None, None, args.scores_name or "trak", None
     factors_name = args.factor_strategy + ("_half" if args.use_half_precision else "")
     scores_name = factors_name
     if args.query_gradient_rank is not None:

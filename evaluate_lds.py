@@ -480,25 +480,43 @@ def ensemble_curve(args) -> None:
             seconds.append(sum(v for k, v in meta.items() if k.endswith("_seconds")))
         others = [artifacts.load_scores(args.stability_dir, args.dataset_name, f"{method}_seed{seed}", provenance)[0]
                   for seed in seeds] if args.stability_dir else None
-        rows = []
-        for size in (2**i for i in range(len(seeds).bit_length()) if 2**i <= len(seeds)):
-            groups = [range(i, i + size) for i in range(0, len(seeds) - size + 1, size)]
-            lds = [lds_per_query(ensembles.combine([members[j] for j in g]), masks, margin_ranks).mean()
-                   for g in groups]
-            row = {"models": size, "groups": len(groups), "lds_mean": float(np.mean(lds)),
-                   "lds_sd": float(np.std(lds, ddof=1)) if len(lds) > 1 else None, "lds": [float(x) for x in lds],
-                   "seconds_per_model": float(np.mean(seconds))}
-            if others is not None:
-                agree = [agreement(ensembles.combine([members[j] for j in g]),
-                                   ensembles.combine([others[j] for j in g])) for g in groups]
-                row["stability"] = {k: float(np.mean([a[k] for a in agree])) for k in agree[0]}
-            rows.append(row)
+        rows = curve_rows(members, others, masks, margin_ranks)
+        for row in rows:
+            row["seconds_per_model"] = float(np.mean(seconds))
         results[method] = {"seeds": seeds, "rows": rows}
 
-    print(f"\nLDS against the number of ensembled models ({args.dataset_name}, {masks.shape[0]} masks, "
-          f"{margins.shape[1]} queries; mean ± sd over disjoint groups of members)")
+    print_curve(results, f"LDS against the number of ensembled models ({args.dataset_name}, {masks.shape[0]} masks, "
+                         f"{margins.shape[1]} queries; mean ± sd over disjoint groups of members)")
+    results_path = os.path.join(folder, "lds_ensembles.json")
+    artifacts.atomic_write_json({"ground_truth": folder, "stability_dir": args.stability_dir, "results": results},
+                                results_path)
+    figure = args.figure or os.path.join(folder, "lds_ensembles.png")
+    plot_curve(results, figure, f"LDS on {args.dataset_name} against ensemble size")
+    logger.info("Wrote %s and %s", results_path, figure)
+
+
+def curve_rows(members: list, others: list | None, masks: np.ndarray, margin_ranks: np.ndarray) -> list:
+    """For 1, 2, 4, ... models: the LDS of each disjoint group of consecutive members, combined; with `others`
+    (the same members under other randomness), each group's agreement with its counterpart, averaged."""
+    rows = []
+    for size in (2**i for i in range(len(members).bit_length())):
+        groups = [range(i, i + size) for i in range(0, len(members) - size + 1, size)]
+        lds = [lds_per_query(ensembles.combine([members[j] for j in g]), masks, margin_ranks).mean() for g in groups]
+        row = {"models": size, "groups": len(groups), "lds_mean": float(np.mean(lds)),
+               "lds_sd": float(np.std(lds, ddof=1)) if len(lds) > 1 else None, "lds": [float(x) for x in lds]}
+        if others is not None:
+            agree = [agreement(ensembles.combine([members[j] for j in g]), ensembles.combine([others[j] for j in g]))
+                     for g in groups]
+            row["stability"] = {k: float(np.mean([a[k] for a in agree])) for k in agree[0]}
+        rows.append(row)
+    return rows
+
+
+def print_curve(results: dict, title: str) -> None:
+    stability = any("stability" in row for result in results.values() for row in result["rows"])
+    print(f"\n{title}")
     print(f"{'method':<12}{'models':>7}{'groups':>7}{'LDS':>8}{'± sd':>7}{'s/model':>9}"
-          + (f"{'Spearman':>10}{'top-10':>8}{'top-1':>7}  (vs --stability_dir)" if args.stability_dir else ""))
+          + (f"{'Spearman':>10}{'top-10':>8}{'top-1':>7}  (vs --stability_dir)" if stability else ""))
     for method, result in results.items():
         for row in result["rows"]:
             sd = f"{row['lds_sd']:.3f}" if row["lds_sd"] is not None else "-"
@@ -508,12 +526,6 @@ def ensemble_curve(args) -> None:
                 st = row["stability"]
                 line += f"{st['spearman']:>10.3f}{st['top10_overlap']:>8.1f}{st['top1_same']:>7.2f}"
             print(line)
-    results_path = os.path.join(folder, "lds_ensembles.json")
-    artifacts.atomic_write_json({"ground_truth": folder, "stability_dir": args.stability_dir, "results": results},
-                                results_path)
-    figure = args.figure or os.path.join(folder, "lds_ensembles.png")
-    plot_curve(results, figure, f"LDS on {args.dataset_name} against ensemble size")
-    logger.info("Wrote %s and %s", results_path, figure)
 
 
 def plot_curve(results: dict, path: str, title: str) -> None:
