@@ -14,6 +14,8 @@ as `<name>_seed<S>`, then combined into `<name>_ens<N>` (ensembles.py: the mean 
 `--factor_strategy trak` computes TRAK with traker instead (trak_scores.py; `--proj_dim`), in the same layout.
 """
 
+import importlib.util
+
 import cli
 
 STRATEGIES = ["identity", "diagonal", "kfac", "ekfac", "trak"]  # trak: TRAK via traker, the peer method
@@ -62,7 +64,8 @@ def parse_args(argv=None):
     parser.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls on GPU (faster, ~1e-3 relative).")
     parser.add_argument("--use_empirical_fisher", action="store_true",
                         help="Fit factors with the dataset labels instead of labels sampled from the model.")
-    parser.add_argument("--seed", type=int, default=0, help="Seeds the labels sampled for the true Fisher (trak: the projection).")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="Seeds the labels sampled for the true Fisher (trak: the projection).")
     parser.add_argument("--float64", action="store_true",
                         help="Model, factors and scores in float64 (exactness checks).")
     parser.add_argument("--attn_implementation", default=None, help="e.g. 'eager' (default: the model's).")
@@ -82,9 +85,11 @@ def parse_args(argv=None):
     if args.factor_strategy not in STRATEGIES:
         parser.error(f"unknown --factor_strategy '{args.factor_strategy}'; choose one of {', '.join(STRATEGIES)}")
     if args.factor_strategy == "trak" and (args.use_half_precision or args.query_gradient_rank or args.html
-                                           or args.compute_self_scores):
+                                           or args.compute_self_scores or args.float64):
         parser.error("--factor_strategy trak takes none of --use_half_precision, --query_gradient_rank, --html, "
-                     "--compute_self_scores")
+                     "--compute_self_scores, --float64")
+    if args.factor_strategy == "trak" and importlib.util.find_spec("trak") is None:
+        parser.error("--factor_strategy trak needs traker: pip install traker==0.3.2")
     if args.html is not None and args.inspect_query is None:
         parser.error("--html draws the query of --inspect_query; pass both")
     if args.inspect_self is not None and not args.compute_self_scores:
@@ -479,11 +484,11 @@ def compute_trak(args, model, tokenizer, texts: tuple, root: str, public: str, m
     train_order, query_order = pipeline.length_order(train_dataset), pipeline.length_order(query_dataset)
     start = time.time()
     scores = trak_scores.compute(
-        model.double() if args.float64 else model, train_dataset.select(train_order),
+        model, train_dataset.select(train_order),
         query_dataset.select(query_order), pipeline.collator(tokenizer),
         pipeline.get_task(args.dataset_name).is_regression, tracked_modules(model, args.tracked_modules),
-        args.proj_dim, args.train_batch_size, os.path.join(root, "traker"), seed=args.seed, device=args.device,
-        verbose=args.verbose)
+        args.proj_dim, (args.train_batch_size, args.query_batch_size), os.path.join(root, "traker"), seed=args.seed,
+        device=args.device, verbose=args.verbose)
     meta["scores_seconds"] = time.time() - start
     work = os.path.join(root, f"scores_{meta['scores_name']}")
     os.makedirs(work)
@@ -509,8 +514,14 @@ def main():
     if ensemble and (args.html is not None or args.compute_self_scores):
         raise UserError(f"{'--html' if args.html else '--compute_self_scores'} explains one model; "
                         f"{os.path.join(args.checkpoint_dir, args.dataset_name)} holds an ensemble")
-    for _, checkpoint_dir in members:  # a wrong checkpoint is named before any data is fetched
-        pipeline.checkpoint_meta(checkpoint_dir, args.dataset_name)
+    # A wrong checkpoint is named before any data is fetched; an ensemble's members differ only in their seed.
+    recipes = [{k: m["args"].get(k) for k in cli.RECIPE_KEYS}
+               for m in (pipeline.checkpoint_meta(d, args.dataset_name) for _, d in members)]
+    for (_, checkpoint_dir), recipe in zip(members, recipes):
+        if recipe != recipes[0]:
+            changed = ", ".join(k for k in recipe if recipe[k] != recipes[0][k])
+            raise UserError(f"{checkpoint_dir} was trained with another {changed} than {members[0][1]}; an ensemble's "
+                            "members must share the recipe (pass --ensemble_seeds, or retrain them)")
     train_text, query_text = pipeline.load_train_and_queries(args.dataset_name, args.data_dir,
                                                              args.max_train_samples, args.max_query_examples,
                                                              args.label_noise, args.label_noise_seed)

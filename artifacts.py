@@ -347,6 +347,8 @@ def analyze_command(output_dir: str, task_name: str, scores_name: str) -> str:
             flags.append("--use_half_precision")
         elif part.startswith("qlr") and part[3:].isdigit():
             flags.append(f"--query_gradient_rank {part[3:]}")
+        elif re.fullmatch(r"(seed-?|ens)\d+", part):  # an ensemble's member or combination
+            flags.append("--checkpoint_dir <the ensemble's root>")
         else:  # a custom --scores_name
             flags = [f"--scores_name {scores_name}"]
             break

@@ -84,6 +84,7 @@ class TrainConfig:
 DATA_DEFAULTS = {"data_dir": None, "model_name_or_path": "bert-base-cased", "max_seq_length": 128,
                  "pad_to_max_length": False, "max_train_samples": None, "label_noise": 0.0, "label_noise_seed": 0}
 RECIPE_DEFAULTS = asdict(TrainConfig())
+RECIPE_KEYS = (*DATA_DEFAULTS, *RECIPE_DEFAULTS)  # what an ensemble's members share (all but the seed)
 
 
 def add_data_args(parser, dataset_name: str = "sst2", checkpoint: bool = False) -> None:

@@ -8,11 +8,15 @@ singular curvature), so a raw mean leans on one member. Measured there, 4 models
 mean, 0.166 mean of ranks (README).
 """
 
+import logging
 import os
 
 import numpy as np
 
 import artifacts
+from cli import UserError
+
+logger = logging.getLogger(__name__)
 
 
 def combine(members: list) -> np.ndarray:
@@ -36,7 +40,8 @@ def member_name(scores_name: str, seed: int) -> str:
 def publish(output_dir: str, task_name: str, scores_name: str, members: list, overwrite: bool = False) -> tuple:
     """Combines the published member score sets `members` [(seed, member scores name)] into the set
     `<scores_name>_ens<N>`, with the members' provenance (identical data, by construction) and their names and
-    digests, so a reader can check what was averaged. Reused while the members are unchanged. Returns (name, meta)."""
+    digests, so a reader can check what was averaged. Reused while the members are unchanged, recomputed (it is
+    cheap) when they are not. Returns (name, meta)."""
     from safetensors.numpy import save_file
 
     ensemble_name = name(scores_name, len(members))
@@ -47,8 +52,11 @@ def publish(output_dir: str, task_name: str, scores_name: str, members: list, ov
                              for seed, member, _, meta in loaded], "combine": "mean of per-query standardised scores"}
     first = loaded[0][3]
     with artifacts.lock(public):
-        meta = artifacts.reuse(public, artifacts.SCORES_META, "scores", signature, overwrite,
-                               "another --scores_name or --output_dir")
+        try:
+            meta = artifacts.reuse(public, artifacts.SCORES_META, "scores", signature, overwrite)
+        except UserError:  # other members (or recomputed ones): derived data, replaced
+            logger.info("Replacing %s: its members changed", public)
+            meta = None
         if meta is not None:
             return ensemble_name, meta
         staging = artifacts.staging_dir(public, signature)
@@ -57,6 +65,7 @@ def publish(output_dir: str, task_name: str, scores_name: str, members: list, ov
         save_file({"all_modules": scores}, os.path.join(staging, "pairwise_scores.safetensors"))
         meta = {"signature": signature, "provenance": first["provenance"], "order": "dataset",
                 "scores_name": ensemble_name, "strategy": first.get("strategy"), "ensemble": signature["members"],
+                "checkpoint_sha256": [m["provenance"].get("checkpoint_sha256") for *_, m in loaded],
                 "shape": list(scores.shape),
                 "member_seconds": sum(m.get(k, 0) for *_, m in loaded for k in m if k.endswith("_seconds"))}
         meta = artifacts.publish(staging, public, artifacts.SCORES_META, meta)

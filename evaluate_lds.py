@@ -473,13 +473,10 @@ def ensemble_curve(args) -> None:
                             + (f" (and {args.stability_dir})" if args.stability_dir else "")
                             + f"; make them with: python analyze.py --checkpoint_dir <ensemble> --factor_strategy "
                               f"{method} --output_dir {args.output_dir}")
-        members, seconds = [], []
-        for seed in seeds:
-            scores, meta = artifacts.load_scores(args.output_dir, args.dataset_name, f"{method}_seed{seed}", provenance)
-            members.append(scores)
-            seconds.append(sum(v for k, v in meta.items() if k.endswith("_seconds")))
-        others = [artifacts.load_scores(args.stability_dir, args.dataset_name, f"{method}_seed{seed}", provenance)[0]
-                  for seed in seeds] if args.stability_dir else None
+        members, metas = zip(*(artifacts.load_scores(args.output_dir, args.dataset_name, f"{method}_seed{seed}",
+                                                     provenance) for seed in seeds))
+        seconds = [sum(v for k, v in meta.items() if k.endswith("_seconds")) for meta in metas]
+        others = stability_counterparts(args, method, seeds, metas, provenance) if args.stability_dir else None
         rows = curve_rows(members, others, masks, margin_ranks)
         for row in rows:
             row["seconds_per_model"] = float(np.mean(seconds))
@@ -495,18 +492,34 @@ def ensemble_curve(args) -> None:
     logger.info("Wrote %s and %s", results_path, figure)
 
 
+def stability_counterparts(args, method: str, seeds: list, metas: list, provenance: dict) -> list:
+    """The member sets of `method` in --stability_dir: the same checkpoints and data, other randomness."""
+    others = []
+    for seed, meta in zip(seeds, metas):
+        scores, other = artifacts.load_scores(args.stability_dir, args.dataset_name, f"{method}_seed{seed}",
+                                              provenance)
+        if other["provenance"].get("checkpoint_sha256") != meta["provenance"].get("checkpoint_sha256"):
+            raise UserError(f"{method}_seed{seed} in --stability_dir {args.stability_dir} was computed from another "
+                            "checkpoint; both folders must analyse the same ensemble")
+        if other.get("signature") == meta.get("signature"):
+            raise UserError(f"{method}_seed{seed} in --stability_dir {args.stability_dir} was computed with the same "
+                            "arguments; recompute it there with another analyze.py --seed")
+        others.append(scores)
+    return others
+
+
 def curve_rows(members: list, others: list | None, masks: np.ndarray, margin_ranks: np.ndarray) -> list:
     """For 1, 2, 4, ... models: the LDS of each disjoint group of consecutive members, combined; with `others`
     (the same members under other randomness), each group's agreement with its counterpart, averaged."""
     rows = []
     for size in (2**i for i in range(len(members).bit_length())):
         groups = [range(i, i + size) for i in range(0, len(members) - size + 1, size)]
-        lds = [lds_per_query(ensembles.combine([members[j] for j in g]), masks, margin_ranks).mean() for g in groups]
+        combined = [ensembles.combine([members[j] for j in g]) for g in groups]
+        lds = [lds_per_query(c, masks, margin_ranks).mean() for c in combined]
         row = {"models": size, "groups": len(groups), "lds_mean": float(np.mean(lds)),
                "lds_sd": float(np.std(lds, ddof=1)) if len(lds) > 1 else None, "lds": [float(x) for x in lds]}
         if others is not None:
-            agree = [agreement(ensembles.combine([members[j] for j in g]), ensembles.combine([others[j] for j in g]))
-                     for g in groups]
+            agree = [agreement(c, ensembles.combine([others[j] for j in g])) for c, g in zip(combined, groups)]
             row["stability"] = {k: float(np.mean([a[k] for a in agree])) for k in agree[0]}
         rows.append(row)
     return rows

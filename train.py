@@ -68,16 +68,18 @@ def destinations(args) -> list:
     return [(seed, os.path.join(task_dir, cli.MEMBER.format(seed))) for seed in args.seed]
 
 
-RECIPE_KEYS = (*cli.DATA_DEFAULTS, *cli.RECIPE_DEFAULTS, "seed", "max_eval_samples")
-
-
 def finished(checkpoint_dir: str, args) -> bool:
-    """An ensemble member already trained, verified, with this recipe and seed: a rerun skips it."""
+    """An ensemble member already trained and verified: a rerun skips it. One trained with another recipe is
+    refused: the ensemble would mix two recipes."""
     try:
         saved = artifacts.read(checkpoint_dir, cli.CHECKPOINT_META, "checkpoint")["args"]
     except cli.UserError:
         return False
-    return all(saved.get(k) == getattr(args, k) for k in RECIPE_KEYS)
+    changed = [k for k in (*cli.RECIPE_KEYS, "max_eval_samples") if saved.get(k) != getattr(args, k)]
+    if changed:
+        raise cli.UserError(f"{checkpoint_dir} was trained with another {', '.join(changed)}; an ensemble's members "
+                            "share one recipe: choose another --checkpoint_dir, or delete that member")
+    return True
 
 
 def main():
@@ -135,6 +137,7 @@ def main():
                                       "flipped": [{"index": i, "label": y, "noisy_label": z} for i, y, z in flips]}}
         pipeline.save_checkpoint(model, tokenizer, checkpoint_dir, meta, extra=noise if flips else None)
         logger.info("Saved checkpoint to %s", checkpoint_dir)
+        del model  # one model in memory at a time
 
 
 if __name__ == "__main__":

@@ -4,8 +4,8 @@ checkpoint, training examples and queries as the influence scores and returned i
 
 What is featurised: the weights and biases of the tracked nn.Linear modules (all of them by default, the parameters
 EK-FAC's factors cover), not the embeddings; their per-example gradients of the margin (task.py's measurement) are
-projected to `proj_dim` dimensions by a Gaussian random matrix (traker's CPU projection, generated per parameter
-tensor to fit memory).
+projected to `proj_dim` dimensions by a Gaussian random matrix (as traker's BasicProjector, generated block by block
+on --device so that it fits memory).
 """
 
 import logging
@@ -75,9 +75,11 @@ class FeaturisedGradients(FunctionalGradientComputer):
 
 
 class Projector(AbstractProjector):
-    """A Gaussian JL projection (i.i.d. N(0, 1) entries, as traker's BasicProjector on CPU), generated one parameter
-    tensor at a time in a fixed order from one seeded generator: the same matrix for every batch, but never more
-    than one tensor's rows in memory (BasicProjector keeps grad_dim x 100 and a flattened copy of the gradients)."""
+    """A Gaussian JL projection (i.i.d. N(0, 1) entries, as traker's BasicProjector), generated in blocks of rows,
+    parameter tensor by parameter tensor in a fixed order, from one seeded generator: the same matrix for every
+    batch, at most ROWS_BYTES of it in memory, and no flattened copy of the gradients."""
+
+    ROWS_BYTES = 1 << 30
 
     def __init__(self, grad_dim: int, proj_dim: int, seed: int, device="cpu") -> None:
         super().__init__(grad_dim, proj_dim, seed, ProjectionType.normal, device)
@@ -87,9 +89,12 @@ class Projector(AbstractProjector):
         sketch = None
         for name in sorted(grads):
             flat = grads[name].flatten(1)
-            rows = torch.empty(flat.shape[1], self.proj_dim, dtype=flat.dtype, device=self.device)
-            part = flat @ rows.normal_(generator=generator)
-            sketch = part if sketch is None else sketch.add_(part)
+            block = max(1, self.ROWS_BYTES // (flat.element_size() * self.proj_dim))
+            for start in range(0, flat.shape[1], block):
+                rows = torch.empty(min(block, flat.shape[1] - start), self.proj_dim, dtype=flat.dtype,
+                                   device=self.device).normal_(generator=generator)
+                part = flat[:, start:start + len(rows)] @ rows
+                sketch = part if sketch is None else sketch.add_(part)
         return sketch
 
     def free_memory(self) -> None:
@@ -110,9 +115,10 @@ def batches(dataset, collate, keys: tuple, batch_size: int, desc: str):
 
 
 def compute(model: nn.Module, train_dataset, query_dataset, collate, regression: bool, modules: list | None,
-            proj_dim: int, batch_size: int, work_dir: str, seed: int = 0, device: str = "cpu",
+            proj_dim: int, batch_sizes: tuple, work_dir: str, seed: int = 0, device: str = "cpu",
             verbose: bool = False) -> np.ndarray:
-    """TRAK scores (queries x train, in the datasets' order) of one model; traker's files go to `work_dir`."""
+    """TRAK scores (queries x train, in the datasets' order) of one model, with (train, query) `batch_sizes`;
+    traker's files go to `work_dir`."""
     model.set_attn_implementation("eager")  # vmap has no batching rule for SDPA's kernels: it would loop
     model = model.to(device).eval()
     keys = tuple(k for k in INPUTS if k in train_dataset.column_names)
@@ -126,10 +132,10 @@ def compute(model: nn.Module, train_dataset, query_dataset, collate, regression:
                     logging_level=logging.INFO if verbose else logging.WARNING)
     state = wrapped.state_dict()
     traker.load_checkpoint(state, model_id=0)
-    for batch in batches(train_dataset, collate, keys, batch_size, "TRAK features (train)"):
+    for batch in batches(train_dataset, collate, keys, batch_sizes[0], "TRAK features (train)"):
         traker.featurize(batch=batch, num_samples=len(batch[0]))
     traker.finalize_features()
     traker.start_scoring_checkpoint(exp_name="queries", checkpoint=state, model_id=0, num_targets=len(query_dataset))
-    for batch in batches(query_dataset, collate, keys, batch_size, "TRAK features (queries)"):
+    for batch in batches(query_dataset, collate, keys, batch_sizes[1], "TRAK features (queries)"):
         traker.score(batch=batch, num_samples=len(batch[0]))
     return np.asarray(traker.finalize_scores(exp_name="queries"), dtype=np.float32).T.copy()

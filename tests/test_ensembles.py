@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import artifacts
+import cli
 import ensembles
 import evaluate_lds
 import pipeline
@@ -73,11 +74,16 @@ def test_ensemble_and_trak_through_the_chain(monkeypatch, tiny_model_dir, glue_d
     assert metas[0]["files"]["model.safetensors"]["sha256"] != metas[1]["files"]["model.safetensors"]["sha256"]
     again = run_script("train.py", *command)
     assert again.returncode == 0 and again.stderr.count("Reusing checkpoint") == 2, again.stderr
+    assert_user_error(run_script("train.py", *command, "--learning_rate", "1e-4"), "another learning_rate")
+    assert cli.checkpoints(str(root), "rte", [1]) == [(1, str(root / "rte" / "seed1"))]
+    with pytest.raises(cli.UserError, match="holds members with seeds 0 1"):
+        cli.checkpoints(str(root), "rte", [5])
 
     own = ["--dataset_name", "rte", "--checkpoint_dir", str(root), "--output_dir", str(out), "--max_query_examples",
            "8", "--query_batch_size", "8", "--train_batch_size", "16"]
     for strategy in ("identity", "trak"):
-        result = run_script("analyze.py", *own, "--factor_strategy", strategy, "--proj_dim", "16")
+        result = run_script("analyze.py", *own, "--factor_strategy", strategy,
+                            *(["--proj_dim", "8"] if strategy == "trak" else []))
         assert result.returncode == 0, result.stderr
         assert f"{strategy}_ens2" in result.stderr
         members = [artifacts.load_scores(str(out), "rte", f"{strategy}_seed{s}") for s in (0, 1)]
@@ -88,29 +94,39 @@ def test_ensemble_and_trak_through_the_chain(monkeypatch, tiny_model_dir, glue_d
     trak_meta = json.loads((out / "rte" / "scores_trak_seed0" / "glue_scores.json").read_text())
     identity_meta = json.loads((out / "rte" / "scores_identity_seed0" / "glue_scores.json").read_text())
     assert trak_meta["provenance"] == identity_meta["provenance"]  # same checkpoint, examples and queries
-    assert trak_meta["signature"]["trak"]["proj_dim"] == 16 and set(trak_meta["files"]) == {
+    assert trak_meta["signature"]["trak"]["proj_dim"] == 8 and set(trak_meta["files"]) == {
         "pairwise_scores.safetensors"}
     html = run_script("analyze.py", *own, "--factor_strategy", "identity", "--inspect_query", "0", "--html",
                       str(tmp_path / "page.html"))
     assert_user_error(html, "--html explains one model", "holds an ensemble")
+    other = tmp_path / "seed1"  # identity has no randomness: another --seed gives the same scores, a known answer
+    again = run_script("analyze.py", *own[:4], "--output_dir", str(other), *own[6:], "--factor_strategy", "identity",
+                       "--seed", "1")
+    assert again.returncode == 0, again.stderr
 
     lds = [*own[:6], "--max_query_examples", "8", "--num_masks", "3", "--num_repeats", "1"]
     monkeypatch.setattr(sys, "argv", ["evaluate_lds.py", "build", *lds])
     evaluate_lds.main()
     for argv in (["score", *lds, "--strategies", "trak_ens2", "identity_ens2", "trak_seed0", "--reference",
                   "trak_ens2", "--num_bootstrap", "20"],
-                 ["ensembles", *lds, "--strategies", "identity", "trak", "--stability_dir", str(out)]):
+                 ["ensembles", *lds, "--strategies", "identity", "--stability_dir", str(other)]):
         monkeypatch.setattr(sys, "argv", ["evaluate_lds.py", *argv])
         evaluate_lds.main()
     folder = evaluate_lds.ground_truth_dir(evaluate_lds.parse_args(["score", *lds]))
     table = json.loads(open(os.path.join(folder, "lds_results.json")).read())["results"]
     assert table["identity_ens2"]["versus"]["reference"] == "trak_ens2"
     curve = json.loads(open(os.path.join(folder, "lds_ensembles.json")).read())["results"]
+    assert curve["identity"]["rows"][0]["stability"] == {"spearman": pytest.approx(1.0), "top10_overlap": 10.0,
+                                                        "top1_same": 1.0}
+    assert os.path.getsize(os.path.join(folder, "lds_ensembles.png")) > 0
+    monkeypatch.setattr(sys, "argv", ["evaluate_lds.py", "ensembles", *lds, "--strategies", "identity", "trak"])
+    evaluate_lds.main()
+    curve = json.loads(open(os.path.join(folder, "lds_ensembles.json")).read())["results"]
     assert curve["trak"]["seeds"] == [0, 1] and [r["models"] for r in curve["trak"]["rows"]] == [1, 2]
     assert curve["trak"]["rows"][1]["lds_mean"] == pytest.approx(table["trak_ens2"]["mean"], abs=1e-9)
-    assert curve["identity"]["rows"][0]["stability"] == {"spearman": pytest.approx(1.0), "top10_overlap": 10.0,
-                                                        "top1_same": 1.0}  # the same sets: a known answer
-    assert os.path.getsize(os.path.join(folder, "lds_ensembles.png")) > 0
+    with pytest.raises(evaluate_lds.UserError, match="same arguments"):  # no randomness changed: refused
+        evaluate_lds.ensemble_curve(evaluate_lds.parse_args(["ensembles", *lds, "--stability_dir", str(out),
+                                                             "--strategies", "identity"]))
 
 
 def test_trak_features_are_per_example_margin_gradients(tiny_model_dir, glue_dir):
