@@ -340,18 +340,19 @@ def scores_dir(output_dir: str, task_name: str, scores_name: str) -> str:
 
 def analyze_command(output_dir: str, task_name: str, scores_name: str) -> str:
     """The analyze.py command that makes the score set `scores_name` (as analyze.py names its sets)."""
-    strategy, *parts = scores_name.split("_")
+    base, ensemble = re.fullmatch(r"(.+?)((?:_seed-?|_ens)\d+)?", scores_name).groups()
+    strategy, *parts = base.split("_")
     flags = [f"--factor_strategy {strategy}"]
     for part in parts:
         if part == "half":
             flags.append("--use_half_precision")
         elif part.startswith("qlr") and part[3:].isdigit():
             flags.append(f"--query_gradient_rank {part[3:]}")
-        elif re.fullmatch(r"(seed-?|ens)\d+", part):  # an ensemble's member or combination
-            flags.append("--checkpoint_dir <the ensemble's root>")
         else:  # a custom --scores_name
-            flags = [f"--scores_name {scores_name}"]
+            flags = [f"--scores_name {base}"]
             break
+    if ensemble:  # an ensemble's member or combination
+        flags.append("--checkpoint_dir <the ensemble's root>")
     return (f"python analyze.py --dataset_name {task_name} --output_dir {output_dir} {' '.join(flags)} (plus the data "
             "flags it was computed with)")
 

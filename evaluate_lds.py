@@ -469,10 +469,10 @@ def ensemble_curve(args) -> None:
             seeds = [s for s in seeds if s in member_seeds(args.stability_dir, args.dataset_name, method)]
         if not seeds:
             where = os.path.join(args.output_dir, args.dataset_name)
+            command = artifacts.analyze_command(args.output_dir, args.dataset_name, f"{method}_seed0")
             raise UserError(f"no member score sets {method}_seed<S> in {where}"
                             + (f" (and {args.stability_dir})" if args.stability_dir else "")
-                            + f"; make them with: python analyze.py --checkpoint_dir <ensemble> --factor_strategy "
-                              f"{method} --output_dir {args.output_dir}")
+                            + f"; make them with: {command}")
         members, metas = zip(*(artifacts.load_scores(args.output_dir, args.dataset_name, f"{method}_seed{seed}",
                                                      provenance) for seed in seeds))
         seconds = [sum(v for k, v in meta.items() if k.endswith("_seconds")) for meta in metas]

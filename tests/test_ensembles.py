@@ -184,3 +184,11 @@ def test_trak_projection_is_one_matrix_for_every_batch():
     norms = sum(g.flatten(1).pow(2).sum(1) for g in grads.values())
     ratio = (whole.pow(2).sum(1) / (256 * norms)).mean().item()
     assert 0.8 < ratio < 1.2
+
+
+def test_rerun_hints_name_the_ensemble():
+    member = artifacts.analyze_command("out", "sst2", "ekfac_half_seed3")
+    assert "--factor_strategy ekfac --use_half_precision --checkpoint_dir <the ensemble's root>" in member
+    ablation = artifacts.analyze_command("out", "sst2", "ekfac_damp_auto_ens4")
+    assert "--scores_name ekfac_damp_auto --checkpoint_dir" in ablation
+    assert "--checkpoint_dir" not in artifacts.analyze_command("out", "sst2", "ekfac")
