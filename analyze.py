@@ -515,7 +515,7 @@ def main():
         raise UserError(f"{'--html' if args.html else '--compute_self_scores'} explains one model; "
                         f"{os.path.join(args.checkpoint_dir, args.dataset_name)} holds an ensemble")
     # A wrong checkpoint is named before any data is fetched; an ensemble's members differ only in their seed.
-    recipes = [{k: m["args"].get(k) for k in cli.RECIPE_KEYS}
+    recipes = [{k: m.get("args", {}).get(k) for k in cli.RECIPE_KEYS}
                for m in (pipeline.checkpoint_meta(d, args.dataset_name) for _, d in members)]
     for (_, checkpoint_dir), recipe in zip(members, recipes):
         if recipe != recipes[0]:
