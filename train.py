@@ -59,9 +59,11 @@ def destinations(args) -> list:
     mixes the two layouts in one folder (publishing one checkpoint there would replace a whole ensemble)."""
     task_dir = os.path.join(args.checkpoint_dir, args.dataset_name)
     if len(args.seed) == 1:
-        if cli.ensemble_seeds(task_dir):
-            raise cli.UserError(f"{task_dir} holds an ensemble; train one more member with several --seed values, or "
-                                "choose another --checkpoint_dir")
+        if seeds := cli.ensemble_seeds(task_dir):
+            listed = " ".join(map(str, seeds))
+            raise cli.UserError(f"{task_dir} holds an ensemble (seeds {listed}); to add a member pass them all, e.g. "
+                                f"--seed {listed} {args.seed[0]} (finished members are skipped), or choose another "
+                                "--checkpoint_dir")
         return [(args.seed[0], task_dir)]
     if os.path.isfile(os.path.join(task_dir, cli.CHECKPOINT_META)):
         raise cli.UserError(f"{task_dir} holds a single checkpoint; choose another --checkpoint_dir for the ensemble")
