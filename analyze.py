@@ -359,16 +359,24 @@ def reorder_scores(path: str, train_order: np.ndarray, query_order: np.ndarray |
         save_file(tensors, tmp)
 
 
-def prepare(args, model, tokenizer, train_text, query_text) -> tuple:
-    """Tokenized splits sorted by length (dynamic padding: each batch pads to a similar length; the scores are mapped
-    back), the model wrapped for kronfluence with the token-factored trackers, and `analyzer_at(folder)`."""
+def sorted_splits(args, tokenizer, train_text, query_text) -> tuple:
+    """((train, query) tokenized, (train_order, query_order)): sorted by length for dynamic padding (each batch pads
+    to a similar length; the scores are mapped back by the orders), unsorted with --pad_to_max_length (orders
+    None)."""
     train_dataset, query_dataset = (
         pipeline.tokenize(d, args.dataset_name, tokenizer, args.max_seq_length, args.pad_to_max_length)
         for d in (train_text, query_text))
-    train_order = query_order = None
-    if not args.pad_to_max_length:
-        train_order, query_order = pipeline.length_order(train_dataset), pipeline.length_order(query_dataset)
-        train_dataset, query_dataset = train_dataset.select(train_order), query_dataset.select(query_order)
+    if args.pad_to_max_length:
+        return (train_dataset, query_dataset), (None, None)
+    train_order, query_order = pipeline.length_order(train_dataset), pipeline.length_order(query_dataset)
+    return (train_dataset.select(train_order), query_dataset.select(query_order)), (train_order, query_order)
+
+
+def prepare(args, model, tokenizer, train_text, query_text) -> tuple:
+    """The splits of `sorted_splits`, the model wrapped for kronfluence with the token-factored trackers, and
+    `analyzer_at(folder)`."""
+    (train_dataset, query_dataset), (train_order, query_order) = sorted_splits(args, tokenizer, train_text,
+                                                                               query_text)
     analysis_task = GlueTask(tracked_modules(model, args.tracked_modules))
     model = prepare_model(model.double() if args.float64 else model, analysis_task)
     if not args.stock_kronfluence:
@@ -472,27 +480,25 @@ def trak_signature(args, provenance: dict) -> dict:
 
 
 def compute_trak(args, model, tokenizer, texts: tuple, root: str, public: str, meta: dict) -> None:
-    """TRAK scores of one checkpoint (trak_scores.py), computed in the private folder on length-sorted splits,
+    """TRAK scores of one checkpoint (trak_scores.py), computed in the private folder on `sorted_splits`,
     written in dataset order as kronfluence's layout (`all_modules`), then published."""
     import trak_scores
 
     if torch.distributed.is_initialized():
         raise UserError("--factor_strategy trak runs in one process; launch it without torchrun")
-    train_dataset, query_dataset = (
-        pipeline.tokenize(d, args.dataset_name, tokenizer, args.max_seq_length, args.pad_to_max_length)
-        for d in texts)
-    train_order, query_order = pipeline.length_order(train_dataset), pipeline.length_order(query_dataset)
+    (train_dataset, query_dataset), (train_order, query_order) = sorted_splits(args, tokenizer, *texts)
     start = time.time()
     scores = trak_scores.compute(
-        model, train_dataset.select(train_order),
-        query_dataset.select(query_order), pipeline.collator(tokenizer),
+        model, train_dataset, query_dataset, pipeline.collator(tokenizer),
         pipeline.get_task(args.dataset_name).is_regression, tracked_modules(model, args.tracked_modules),
         args.proj_dim, (args.train_batch_size, args.query_batch_size), os.path.join(root, "traker"), seed=args.seed,
         device=args.device, verbose=args.verbose)
     meta["scores_seconds"] = time.time() - start
     work = os.path.join(root, f"scores_{meta['scores_name']}")
     os.makedirs(work)
-    scores = pipeline.to_dataset_order(torch.from_numpy(scores), train_order, query_order)
+    scores = torch.from_numpy(scores)
+    if train_order is not None:
+        scores = pipeline.to_dataset_order(scores, train_order, query_order)
     save_file({"all_modules": scores}, os.path.join(work, "pairwise_scores.safetensors"))
     artifacts.publish(work, public, artifacts.SCORES_META, meta)
     shutil.rmtree(root, ignore_errors=True)

@@ -75,6 +75,17 @@ def atomic_path(path: str, suffix: str = ""):
     os.replace(tmp, path)
 
 
+def save_figure(fig, path: str) -> None:
+    """Writes a matplotlib figure under a temporary name (same extension: it picks the format) and renames it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    make_output_dir(os.path.dirname(os.path.abspath(path)))
+    with atomic_path(path, os.path.splitext(path)[1]) as tmp:
+        fig.savefig(tmp, dpi=150)
+    plt.close(fig)
+
+
 def atomic_write_json(obj, path: str) -> None:
     with atomic_path(path) as tmp, open(tmp, "w") as f:
         json.dump(obj, f, indent=2, default=str)

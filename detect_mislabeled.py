@@ -147,10 +147,7 @@ def plot(curves: dict, path: str, title: str) -> None:
            ylim=(0, 1.01), title=title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    artifacts.make_output_dir(os.path.dirname(os.path.abspath(path)))
-    fig.savefig(path, dpi=150)
-    plt.close(fig)
+    artifacts.save_figure(fig, path)
 
 
 def summarize(paths: list) -> None:

@@ -391,10 +391,7 @@ def plot_table(table: dict, path: str, title: str) -> None:
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set_ylabel("LDS (Spearman)")
     ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    artifacts.make_output_dir(os.path.dirname(os.path.abspath(path)))
-    fig.savefig(path, dpi=150)
-    plt.close(fig)
+    artifacts.save_figure(fig, path)
 
 
 def data_and_ground_truth(args) -> tuple:
@@ -561,10 +558,7 @@ def plot_curve(results: dict, path: str, title: str) -> None:
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    artifacts.make_output_dir(os.path.dirname(os.path.abspath(path)))
-    fig.savefig(path, dpi=150)
-    plt.close(fig)
+    artifacts.save_figure(fig, path)
 
 
 def main():

@@ -288,10 +288,7 @@ def plot(results_path: str, figure_path: str) -> None:
            title=f"{results['task']}: {len(results['queries'])} queries, {results['num_train']} training examples")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    artifacts.make_output_dir(os.path.dirname(os.path.abspath(figure_path)))
-    fig.savefig(figure_path, dpi=150)
-    plt.close(fig)
+    artifacts.save_figure(fig, figure_path)
     logger.info("Figure written to %s", figure_path)
 
 
