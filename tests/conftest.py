@@ -123,13 +123,14 @@ def write_scores(output_dir, name: str, scores, glue_dir, task_name: str = "rte"
     """A score set published as analyze.py publishes it, computed on the first examples of the fixture data."""
     from safetensors.torch import save_file
 
-    import artifacts
+    from glue_attribution import results
+    from glue_attribution.scores import SCORES_META, scores_dir
 
     train, queries = pipeline.load_train_and_queries(task_name, str(glue_dir), scores.shape[1], scores.shape[0])
     provenance = pipeline.data_provenance(task_name, train, queries, max_seq_length)
-    public = artifacts.scores_dir(str(output_dir), task_name, name)
-    staging = artifacts.staging_dir(public, {"name": name})
+    public = scores_dir(str(output_dir), task_name, name)
+    staging = results.staging_dir(public, {"name": name})
     os.makedirs(staging, exist_ok=True)
     save_file({"all_modules": torch.as_tensor(scores, dtype=torch.float32)},
               os.path.join(staging, "pairwise_scores.safetensors"))
-    artifacts.publish(staging, public, artifacts.SCORES_META, {"shape": list(scores.shape), "provenance": provenance})
+    results.publish(staging, public, SCORES_META, {"shape": list(scores.shape), "provenance": provenance})

@@ -12,9 +12,11 @@ import torch
 from safetensors.torch import load_file
 
 import analyze
-import artifacts
 import pipeline
 from conftest import assert_user_error, run_script
+from glue_attribution import influence
+from glue_attribution.errors import GlueError
+from glue_attribution.scores import load_scores
 from task import GlueTask
 
 N_TRAIN, N_QUERY = 24, 6
@@ -41,7 +43,7 @@ def run_analyze(monkeypatch, glue_dir, checkpoints, output_dir, *extra):
 
 
 def scores_of(output_dir, name):
-    return artifacts.load_scores(str(output_dir), "rte", name)[0]
+    return load_scores(str(output_dir), "rte", name)[0]
 
 
 def test_task_losses_and_measurement():
@@ -138,7 +140,7 @@ def test_inspect_query(monkeypatch, glue_dir, checkpoints, tmp_path, capsys):
 
 def test_bad_input(monkeypatch, glue_dir, checkpoints, tmp_path):
     def fails(*extra, match):
-        with pytest.raises(pipeline.UserError, match=match):
+        with pytest.raises(GlueError, match=match):
             run_analyze(monkeypatch, glue_dir, checkpoints, tmp_path, *extra)
 
     fails("--inspect_query", str(N_QUERY), match="out of range: there are 6 queries")
@@ -146,7 +148,7 @@ def test_bad_input(monkeypatch, glue_dir, checkpoints, tmp_path):
     run_analyze(monkeypatch, glue_dir, checkpoints, tmp_path, "--factor_strategy", "diagonal")
     fails("--factor_strategy", "diagonal", "--damping_factor", "1e-3", match="other arguments .*score_args")
     shutil.copytree(checkpoints / "rte", tmp_path / "other" / "mnli")
-    with pytest.raises(pipeline.UserError, match="trained for 'rte' with 2 labels, not 'mnli' with 3"):
+    with pytest.raises(GlueError, match="trained for 'rte' with 2 labels, not 'mnli' with 3"):
         monkeypatch.setattr(sys, "argv", ["analyze.py", "--dataset_name", "mnli", "--checkpoint_dir",
                                           str(tmp_path / "other")])
         analyze.main()
@@ -166,7 +168,7 @@ def test_analyze_script_bad_input(checkpoints, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Kills, reruns and a second process never serve wrong scores (artifacts.py)
+# Kills, reruns and a second process never serve wrong scores (results.py)
 
 def analyze_argv(glue_dir, checkpoints, output_dir, *extra) -> list:
     return ["--dataset_name", "rte", "--data_dir", str(glue_dir), "--checkpoint_dir", str(checkpoints),
@@ -207,12 +209,12 @@ def test_interrupted_overwrite_never_serves_stale_factors(monkeypatch, glue_dir,
     pipeline.save_checkpoint(model, tokenizer, str(other / "rte"), {"task": "rte", "num_labels": 2})
     out = tmp_path / "out"
     run_analyze(monkeypatch, glue_dir, checkpoints, out)
-    with pytest.raises(pipeline.UserError, match=r"other arguments \(checkpoint_sha256 differ\).*--overwrite"):
+    with pytest.raises(GlueError, match=r"other arguments \(checkpoint_sha256 differ\).*--overwrite"):
         run_analyze(monkeypatch, glue_dir, other, out)
     killed = run_script("analyze.py", *analyze_argv(glue_dir, other, out, "--overwrite"),
                         GLUE_KILL_AT="after_covariance")
     assert killed.returncode == -9
-    with pytest.raises(pipeline.UserError, match="checkpoint_sha256 differ"):
+    with pytest.raises(GlueError, match="checkpoint_sha256 differ"):
         run_analyze(monkeypatch, glue_dir, other, out)
     np.testing.assert_array_equal(scores_of(out, "ekfac"), reference["ekfac"])  # A's, intact
     run_analyze(monkeypatch, glue_dir, other, out, "--overwrite")
@@ -277,7 +279,7 @@ def test_token_scores_sum_to_pairwise_and_ignore_padding(monkeypatch, glue_dir, 
         reports[padding] = json.loads((tmp_path / f"{padding}.json").read_text())
     pairwise = scores_of(tmp_path / "dynamic", "ekfac")
     examples = reports["dynamic"]["examples"]
-    assert [e["index"] for e in examples] == analyze.top_examples(pairwise[1], 2) and len(examples) == 4
+    assert [e["index"] for e in examples] == influence.top_examples(pairwise[1], 2) and len(examples) == 4
     for example, padded in zip(examples, reports["padded"]["examples"]):
         assert len(example["token_scores"]) == len(example["tokens"]) > 3
         np.testing.assert_allclose(sum(example["token_scores"]), pairwise[1, example["index"]], rtol=1e-5)
@@ -322,7 +324,7 @@ def test_self_influence_ranking_beside_the_scores(monkeypatch, glue_dir, checkpo
 
     run_analyze(monkeypatch, glue_dir, checkpoints, tmp_path, "--factor_strategy", "identity",
                 "--compute_self_scores", "--inspect_self", "3")
-    self_scores, meta = artifacts.load_scores(str(tmp_path), "rte", "identity", kind="self")
+    self_scores, meta = load_scores(str(tmp_path), "rte", "identity", kind="self")
     assert "self_influence_ranking.csv" in meta["files"]  # published with the scores, sha256 recorded
     with open(tmp_path / "rte" / "scores_identity" / "self_influence_ranking.csv", newline="") as f:
         rows = list(csv.DictReader(f))

@@ -9,10 +9,11 @@ import sys
 import pytest
 
 import analyze
-import cli
 import evaluate_lds
+import pipeline
 import run_counterfactual
 from conftest import ROOT, assert_user_error, run_script
+from glue_attribution import cli, counterfactual, lds, sweeps
 
 SCRIPTS = ("train.py", "analyze.py", "evaluate_lds.py", "run_counterfactual.py")
 
@@ -53,20 +54,20 @@ def test_chain_with_the_data_flags_given_once(monkeypatch, tiny_model_dir, glue_
     rerun = run_script("analyze.py", *own, "--max_query_examples", "8", "--factor_strategy", "identity")
     assert "Reusing scores" in rerun.stderr
 
-    lds = [*own, "--max_query_examples", "8", "--num_masks", "3", "--num_repeats", "1"]
-    run_main(evaluate_lds, monkeypatch, "build", *lds)
-    run_main(evaluate_lds, monkeypatch, "score", *lds, "--strategies", "identity", "--num_bootstrap", "20")
-    folder = evaluate_lds.ground_truth_dir(evaluate_lds.parse_args(["score", *lds]))
+    lds_argv = [*own, "--max_query_examples", "8", "--num_masks", "3", "--num_repeats", "1"]
+    run_main(evaluate_lds, monkeypatch, "build", *lds_argv)
+    run_main(evaluate_lds, monkeypatch, "score", *lds_argv, "--strategies", "identity", "--num_bootstrap", "20")
+    folder = lds.ground_truth_dir(evaluate_lds.parse_args(["score", *lds_argv]))
     recorded = json.loads(open(os.path.join(folder, "experiment_args.json")).read())
     assert recorded["data_dir"] == str(glue_dir) and recorded["max_train_samples"] == 32
     assert recorded["recipe"]["learning_rate"] == 1e-3 and recorded["model_name_or_path"] == tiny_model_dir
     assert os.path.isfile(os.path.join(folder, "lds_results.json")) and os.path.isfile(os.path.join(folder, "lds.png"))
 
-    counterfactual = [*own, "--strategies", "identity", "--max_query_examples", "2", "--remove_intervals", "2",
-                      "--num_base_repeat", "1", "--num_repeat", "1"]
-    monkeypatch.setattr(run_counterfactual.sweeps, "retrainer", lambda args, train, queries: stub_retrain)
-    run_main(run_counterfactual, monkeypatch, *counterfactual)
-    folder = run_counterfactual.results_dir(run_counterfactual.parse_args(counterfactual))
+    counterfactual_argv = [*own, "--strategies", "identity", "--max_query_examples", "2", "--remove_intervals", "2",
+                           "--num_base_repeat", "1", "--num_repeat", "1"]
+    monkeypatch.setattr(sweeps, "retrainer", lambda args, train, queries: stub_retrain)
+    run_main(run_counterfactual, monkeypatch, *counterfactual_argv)
+    folder = counterfactual.results_dir(run_counterfactual.parse_args(counterfactual_argv))
     assert folder.startswith(str(out / "rte" / "counterfactual_"))
     assert os.path.isfile(os.path.join(folder, "counterfactual_results.json"))
     assert os.path.isfile(os.path.join(folder, "counterfactual.png"))  # under the results, not the README's figure
@@ -110,7 +111,7 @@ def test_evaluate_lds_subcommands_have_descriptions():
     assert "Retrain on random subsets" in result.stdout and "LDS of influence scores" in result.stdout
     build = " ".join(subprocess.run([sys.executable, str(ROOT / "evaluate_lds.py"), "build", "--help"],
                                     capture_output=True, text=True, timeout=60).stdout.split())
-    assert "the LDS ground truth" in build and "(default: 100)" in build
+    assert "the LDS ground truth" in build and "(default: --lds_dir's, else 100)" in build
 
 
 def test_offline_hub_fails_at_once_with_the_fix(tiny_model_dir, tmp_path):
@@ -131,7 +132,7 @@ def test_unreachable_hub_means_offline(monkeypatch):
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(socket, "create_connection", unreachable)
-    cli.offline_if_hub_unreachable(argparse.Namespace(data_dir="glue", model_name_or_path=cli.PACKAGED_MODEL))
+    cli.offline_if_hub_unreachable(argparse.Namespace(data_dir="glue", model_name_or_path=pipeline.PACKAGED_MODEL))
     assert "HF_HUB_OFFLINE" not in os.environ  # needs no hub: not even checked
-    cli.offline_if_hub_unreachable(argparse.Namespace(data_dir=None, model_name_or_path=cli.PACKAGED_MODEL))
+    cli.offline_if_hub_unreachable(argparse.Namespace(data_dir=None, model_name_or_path=pipeline.PACKAGED_MODEL))
     assert os.environ["HF_HUB_OFFLINE"] == "1"

@@ -9,11 +9,12 @@ import sys
 import numpy as np
 import pytest
 
-import artifacts
 import pipeline
 import run_counterfactual as rc
-import sweeps
 from conftest import assert_user_error, run_script, write_scores
+from glue_attribution import counterfactual, results, sweeps
+from glue_attribution.errors import GlueError
+from glue_attribution.scores import load_scores
 
 N_TRAIN, N_DEV = 48, 16  # conftest's fixture sizes
 
@@ -54,14 +55,14 @@ def run_main(monkeypatch, retrain, glue_dir, scores_dir, output_dir, *extra):
     monkeypatch.setattr(sweeps, "retrainer", lambda args, train_text, query_text: retrain)
     argv = ["run_counterfactual.py", "--dataset_name", "rte", "--data_dir", str(glue_dir), "--output_dir",
             str(scores_dir), "--counterfactual_dir", str(output_dir), "--figure", str(output_dir / "fig.png"),
-            "--train_batch_size", "8", "--num_target", "6", "--remove_intervals", "2", "4", "6",
+            "--train_batch_size", "8", "--max_query_examples", "6", "--remove_intervals", "2", "4", "6",
             "--num_base_repeat", "2", "--num_repeat", "2", "--max_seq_length", "32", *extra]
     monkeypatch.setattr(sys, "argv", argv)
     rc.main()
 
 
 def read_results(output_dir):
-    return json.loads((output_dir / rc.RESULTS_JSON).read_text())
+    return json.loads((output_dir / counterfactual.RESULTS_JSON).read_text())
 
 
 def test_random_baseline_draws_training_examples_with_the_query_label(glue_dir, scores_dir):
@@ -70,20 +71,20 @@ def test_random_baseline_draws_training_examples_with_the_query_label(glue_dir, 
     query_labels = pipeline.load_glue("rte", "validation", str(glue_dir), 6)["label"]
     args = argparse.Namespace(strategies=["ekfac", "random"], output_dir=str(scores_dir), dataset_name="rte", seed=3,
                               data_dir=str(glue_dir), max_seq_length=32)
-    rankings = rc.load_rankings(args, train_text, query_labels)
+    rankings = counterfactual.load_rankings(args, train_text, query_labels)
     assert list(rankings) == ["ekfac", "random"]
     for query, (ranking, label) in enumerate(zip(rankings["random"], query_labels)):
         assert sorted(ranking.tolist()) == np.flatnonzero(train_labels == label).tolist()  # training, same label
-        assert ranking.tolist() == rc.random_ranking(train_labels, label, 3, query).tolist()  # seeded
-    assert rankings["random"][0].tolist() != rc.random_ranking(train_labels, query_labels[0], 4, 0).tolist()
-    scores = artifacts.load_scores(str(scores_dir), "rte", "ekfac")[0]
+        assert ranking.tolist() == counterfactual.random_ranking(train_labels, label, 3, query).tolist()  # seeded
+    assert rankings["random"][0].tolist() != counterfactual.random_ranking(train_labels, query_labels[0], 4, 0).tolist()
+    scores = load_scores(str(scores_dir), "rte", "ekfac")[0]
     assert np.all(np.diff(scores[1, rankings["ekfac"][1]]) <= 0)  # most positive first
 
 
 def test_removal_removes_exactly_the_top_k(tmp_path):
     ranking = np.random.default_rng(1).permutation(N_TRAIN)
     stub = Stub()
-    rows = rc.query_outcome(stub, str(tmp_path), ranking, 5, [2, 4, 6], [1004], N_TRAIN)
+    rows = counterfactual.query_outcome(stub, str(tmp_path), ranking, 5, [2, 4, 6], [1004], N_TRAIN)
     assert [r["k"] for r in rows] == [2, 4, 6] and not any(r["flipped"] for r in rows)
     for (keep, _seed, queries), k in zip(stub.calls, [2, 4, 6]):
         assert len(keep) == N_TRAIN - k and not set(keep) & set(ranking[:k].tolist())
@@ -93,13 +94,13 @@ def test_removal_removes_exactly_the_top_k(tmp_path):
 def test_flip_rule_and_early_stop(tmp_path):
     # Mean accuracy over seeds 0, 1, 2: k=2 -> 1, k=4 -> 2/3, k=6 -> 1/3 (flipped), k=8 -> not trained.
     stub = Stub(flip_at=lambda query, seed: [100, 6, 4][seed])
-    rows = rc.query_outcome(stub, str(tmp_path), np.arange(N_TRAIN), 0, [2, 4, 6, 8], [0, 1, 2], N_TRAIN)
+    rows = counterfactual.query_outcome(stub, str(tmp_path), np.arange(N_TRAIN), 0, [2, 4, 6, 8], [0, 1, 2], N_TRAIN)
     assert [r["accuracy"] for r in rows][:3] == pytest.approx([1, 2 / 3, 1 / 3]) and rows[3]["accuracy"] is None
     assert [r["flipped"] for r in rows] == [False, False, True, True]
     assert sorted(N_TRAIN - len(keep) for keep, _, _ in stub.calls) == [2] * 3 + [4] * 3 + [6] * 3
     # Exactly 0.5 is not below 0.5: not flipped.
     (tmp_path / "half").mkdir()
-    half = rc.query_outcome(Stub(flip_at=lambda query, seed: [100, 2][seed]), str(tmp_path / "half"),
+    half = counterfactual.query_outcome(Stub(flip_at=lambda query, seed: [100, 2][seed]), str(tmp_path / "half"),
                             np.arange(N_TRAIN), 0, [2], [0, 1], N_TRAIN)
     assert half == [{"query": 0, "k": 2, "accuracy": 0.5, "flipped": False}]
 
@@ -157,7 +158,7 @@ def test_resume_redoes_nothing_finished(monkeypatch, glue_dir, scores_dir, tmp_p
 def test_shards_merge_to_one_process(monkeypatch, glue_dir, scores_dir, tmp_path):
     shards = [Stub(flip_at=varied), Stub(flip_at=varied)]
     run_main(monkeypatch, shards[0], glue_dir, scores_dir, tmp_path / "a", "--shard_index", "0", "--num_shards", "2")
-    assert not (tmp_path / "a" / rc.RESULTS_JSON).exists()  # shard 1 has not run yet
+    assert not (tmp_path / "a" / counterfactual.RESULTS_JSON).exists()  # shard 1 has not run yet
     run_main(monkeypatch, shards[1], glue_dir, scores_dir, tmp_path / "a", "--shard_index", "1", "--num_shards", "2")
     run_main(monkeypatch, Stub(flip_at=varied), glue_dir, scores_dir, tmp_path / "b")
     assert read_results(tmp_path / "a") == read_results(tmp_path / "b")
@@ -168,48 +169,49 @@ def test_shards_merge_to_one_process(monkeypatch, glue_dir, scores_dir, tmp_path
 
 def test_bad_input(monkeypatch, glue_dir, scores_dir, tmp_path):
     out = tmp_path / "out"
-    with pytest.raises(pipeline.UserError, match="leaves 7 of 48 training examples, less than one batch of 8"):
+    with pytest.raises(GlueError, match="leaves 7 of 48 training examples, less than one batch of 8"):
         run_main(monkeypatch, Stub(), glue_dir, scores_dir, out, "--remove_intervals", "41")
-    with pytest.raises(pipeline.UserError, match="training examples that 'random' can remove"):
+    with pytest.raises(GlueError, match="training examples that 'random' can remove"):
         run_main(monkeypatch, Stub(), glue_dir, scores_dir, out, "--remove_intervals", "30")
-    with pytest.raises(pipeline.UserError, match="scores 'ekfac' .* computed on other data .*num_train 48 vs 40"):
+    with pytest.raises(GlueError, match="scores 'ekfac' .* computed on other data .*num_train 48 vs 40"):
         run_main(monkeypatch, Stub(), glue_dir, scores_dir, out, "--max_train_samples", "40")
-    with pytest.raises(pipeline.UserError, match="other data than this run .max_seq_length 32 vs 64"):
+    with pytest.raises(GlueError, match="other data than this run .max_seq_length 32 vs 64"):
         run_main(monkeypatch, Stub(), glue_dir, scores_dir, out, "--max_seq_length", "64")
     write_scores(scores_dir, "kfac", np.zeros((4, N_TRAIN)), glue_dir)
-    with pytest.raises(pipeline.UserError, match="scores 'kfac' cover 4 queries, fewer than --max_query_examples 6"):
-        run_main(monkeypatch, Stub(), glue_dir, scores_dir, out, "--methods", "kfac")
-    with pytest.raises(pipeline.UserError, match="'stsb' is regression"):
+    with pytest.raises(GlueError, match="scores 'kfac' cover 4 queries, fewer than --max_query_examples 6"):
+        run_main(monkeypatch, Stub(), glue_dir, scores_dir, out, "--strategies", "kfac")
+    with pytest.raises(GlueError, match="'stsb' is regression"):
         run_main(monkeypatch, Stub(), glue_dir, scores_dir, out, "--dataset_name", "stsb")
-    with pytest.raises(pipeline.UserError, match="no query passes the base filter"):
+    with pytest.raises(GlueError, match="no query passes the base filter"):
         run_main(monkeypatch, Stub(flip_at=lambda query, seed: 0), glue_dir, scores_dir, out)
-    assert not (out / "fig.png").exists() and not (out / rc.RESULTS_JSON).exists()
-    with pytest.raises(pipeline.UserError, match="remove_intervals differ"):
+    assert not (out / "fig.png").exists() and not (out / counterfactual.RESULTS_JSON).exists()
+    with pytest.raises(GlueError, match="remove_intervals differ"):
         run_main(monkeypatch, Stub(), glue_dir, scores_dir, out, "--remove_intervals", "2", "4")
-    with pytest.raises(pipeline.UserError, match="no results at"):
+    with pytest.raises(GlueError, match="no results at"):
         run_main(monkeypatch, None, glue_dir, scores_dir, tmp_path / "empty", "--plot_only")
 
 
 def test_script_end_to_end_and_missing_scores(tiny_model_dir, glue_dir, scores_dir, tmp_path):
     common = ["--dataset_name", "rte", "--data_dir", str(glue_dir), "--model_name_or_path", tiny_model_dir,
               "--output_dir", str(scores_dir), "--max_seq_length", "32", "--device", "cpu"]
-    assert_user_error(run_script("run_counterfactual.py", *common, "--methods", "ekfac", "kfac"),
+    assert_user_error(run_script("run_counterfactual.py", *common, "--strategies", "ekfac", "kfac"),
                       "no finished scores 'kfac'", "python analyze.py", "--factor_strategy kfac")
     damaged = scores_dir / "rte" / "scores_identity" / "pairwise_scores.safetensors"
     damaged.write_bytes(damaged.read_bytes()[:100])
-    assert_user_error(run_script("run_counterfactual.py", *common, "--methods", "identity"), "scores 'identity'",
+    assert_user_error(run_script("run_counterfactual.py", *common, "--strategies", "identity"), "scores 'identity'",
                       "is damaged", "--factor_strategy identity")
     out = tmp_path / "out"
     result = run_script("run_counterfactual.py", *common, "--counterfactual_dir", str(out), "--figure",
-                        str(tmp_path / "figure" / "counterfactual.png"), "--methods", "ekfac", "--num_target", "4",
+                        str(tmp_path / "figure" / "counterfactual.png"), "--strategies", "ekfac",
+                        "--max_query_examples", "4",
                         "--remove_intervals", "2", "4", "--num_base_repeat", "1", "--num_repeat", "1",
                         "--num_train_epochs", "1", "--train_batch_size", "8", "--learning_rate", "1e-3")
     assert result.returncode == 0, result.stderr
-    results = read_results(out)
-    assert results["queries"] and results["num_train"] == N_TRAIN and len(results["base_accuracy"]) == 4
+    outcomes = read_results(out)
+    assert outcomes["queries"] and outcomes["num_train"] == N_TRAIN and len(outcomes["base_accuracy"]) == 4
     assert (tmp_path / "figure" / "counterfactual.png").is_file()
-    base = artifacts.load_run(str(out / "runs" / "base_s1004.npz"), {})
+    base = results.load_run(str(out / "runs" / "base_s1004.npz"), {})
     assert base["correct"].shape == base["margins"].shape == (4,)
-    query = results["queries"][0]
-    run = artifacts.load_run(str(out / "runs" / "ekfac" / f"q{query}_k2_s1004.npz"), {})
+    query = outcomes["queries"][0]
+    run = results.load_run(str(out / "runs" / "ekfac" / f"q{query}_k2_s1004.npz"), {})
     assert run["correct"].shape == (1,)

@@ -6,26 +6,26 @@ import json
 import numpy as np
 import pytest
 
-import detect_mislabeled as dm
 from conftest import assert_user_error, run_script
+from glue_attribution import detection
 
 
 def test_metrics_known_answer():
     flipped = np.zeros(100, dtype=bool)
     flipped[:10] = True
     perfect = -np.arange(100.0)  # the flips first
-    assert dm.detection_metrics(perfect, flipped) == pytest.approx(
+    assert detection.detection_metrics(perfect, flipped) == pytest.approx(
         {"roc_auc": 1.0, "average_precision": 1.0, "found@5%": 0.5, "found@10%": 1.0, "found@20%": 1.0})
-    worst = dm.detection_metrics(-perfect, flipped)
+    worst = detection.detection_metrics(-perfect, flipped)
     assert worst["roc_auc"] == 0.0 and worst["found@20%"] == 0.0
     middle = np.where(flipped, 0.0, 1.0)  # the flips below 40 clean examples and above the other 50
     middle[50:] = -1.0
-    assert dm.detection_metrics(middle, flipped)["roc_auc"] == pytest.approx(50 / 90)
-    curve = dm.found_curve(perfect, flipped)
+    assert detection.detection_metrics(middle, flipped)["roc_auc"] == pytest.approx(50 / 90)
+    curve = detection.found_curve(perfect, flipped)
     assert curve[9] == 1.0 and curve[4] == 0.5 and len(curve) == 100
     labels = np.array([0, 0, 1, 1])
     probabilities = np.array([[0.9, 0.1], [0.2, 0.8], [0.7, 0.3], [0.4, 0.6]])
-    suspicion = dm.cleanlab_suspicion(labels, probabilities)
+    suspicion = detection.cleanlab_suspicion(labels, probabilities)
     assert np.argsort(-suspicion).tolist()[:2] == [1, 2]  # the two confident disagreements
 
 

@@ -9,14 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-import artifacts
-import cli
-import ensembles
 import evaluate_lds
 import pipeline
 import train
-import trak_scores
 from conftest import assert_user_error, run_script
+from glue_attribution import cli, ensembles, lds, trak_scores
+from glue_attribution.errors import GlueError
+from glue_attribution.scores import analyze_command, load_scores
 
 TINY = ["--dataset_name", "rte", "--max_train_samples", "32", "--max_seq_length", "32", "--num_train_epochs", "1",
         "--train_batch_size", "8", "--learning_rate", "1e-3"]
@@ -36,26 +35,30 @@ def test_combine_is_the_mean_of_per_query_standardised_members():
 def test_agreement_known_answers():
     rng = np.random.default_rng(0)
     a = rng.standard_normal((4, 30))
-    same = evaluate_lds.agreement(a, 3 * a + 1)  # a monotone transform ranks alike
+    same = lds.agreement(a, 3 * a + 1)  # a monotone transform ranks alike
     assert same == {"spearman": pytest.approx(1.0), "top10_overlap": 10.0, "top1_same": 1.0}
-    reversed_ = evaluate_lds.agreement(a, -a)
+    reversed_ = lds.agreement(a, -a)
     assert reversed_["spearman"] == pytest.approx(-1.0) and reversed_["top10_overlap"] == 0.0
+
+
+def destinations(args) -> list:
+    return cli.checkpoint_destinations(args.checkpoint_dir, args.dataset_name, args.seed)
 
 
 def test_train_refuses_to_mix_one_checkpoint_and_an_ensemble(tmp_path):
     single = tmp_path / "single" / "rte"
     single.mkdir(parents=True)
     (single / "glue_checkpoint.json").write_text("{}")
-    with pytest.raises(train.cli.UserError, match="holds a single checkpoint"):
-        train.destinations(train.parse_args(["--dataset_name", "rte", "--checkpoint_dir", str(tmp_path / "single"),
-                                             "--seed", "0", "1"]))
+    with pytest.raises(GlueError, match="holds a single checkpoint"):
+        destinations(train.parse_args(["--dataset_name", "rte", "--checkpoint_dir", str(tmp_path / "single"),
+                                       "--seed", "0", "1"]))
     member = tmp_path / "ensemble" / "rte" / "seed3"
     member.mkdir(parents=True)
     (member / "glue_checkpoint.json").write_text("{}")
-    with pytest.raises(train.cli.UserError, match="holds an ensemble"):
-        train.destinations(train.parse_args(["--dataset_name", "rte", "--checkpoint_dir", str(tmp_path / "ensemble")]))
-    assert train.destinations(train.parse_args(["--dataset_name", "rte", "--checkpoint_dir",
-                                                str(tmp_path / "ensemble"), "--seed", "3", "4"])) == [
+    with pytest.raises(GlueError, match="holds an ensemble"):
+        destinations(train.parse_args(["--dataset_name", "rte", "--checkpoint_dir", str(tmp_path / "ensemble")]))
+    assert destinations(train.parse_args(["--dataset_name", "rte", "--checkpoint_dir",
+                                          str(tmp_path / "ensemble"), "--seed", "3", "4"])) == [
         (3, str(member)), (4, str(tmp_path / "ensemble" / "rte" / "seed4"))]
     with pytest.raises(SystemExit):
         train.parse_args(["--seed", "1", "1"])
@@ -76,7 +79,7 @@ def test_ensemble_and_trak_through_the_chain(monkeypatch, tiny_model_dir, glue_d
     assert again.returncode == 0 and again.stderr.count("Reusing checkpoint") == 2, again.stderr
     assert_user_error(run_script("train.py", *command, "--learning_rate", "1e-4"), "another learning_rate")
     assert cli.checkpoints(str(root), "rte", [1]) == [(1, str(root / "rte" / "seed1"))]
-    with pytest.raises(cli.UserError, match="holds members with seeds 0 1"):
+    with pytest.raises(GlueError, match="holds members with seeds 0 1"):
         cli.checkpoints(str(root), "rte", [5])
 
     own = ["--dataset_name", "rte", "--checkpoint_dir", str(root), "--output_dir", str(out), "--max_query_examples",
@@ -86,8 +89,8 @@ def test_ensemble_and_trak_through_the_chain(monkeypatch, tiny_model_dir, glue_d
                             *(["--proj_dim", "8"] if strategy == "trak" else []))
         assert result.returncode == 0, result.stderr
         assert f"{strategy}_ens2" in result.stderr
-        members = [artifacts.load_scores(str(out), "rte", f"{strategy}_seed{s}") for s in (0, 1)]
-        combined, meta = artifacts.load_scores(str(out), "rte", f"{strategy}_ens2")
+        members = [load_scores(str(out), "rte", f"{strategy}_seed{s}") for s in (0, 1)]
+        combined, meta = load_scores(str(out), "rte", f"{strategy}_ens2")
         np.testing.assert_allclose(combined, ensembles.combine([m[0] for m in members]), rtol=1e-6)
         assert combined.shape == (8, 32) and meta["provenance"] == members[0][1]["provenance"]
         assert [m["scores_name"] for m in meta["ensemble"]] == [f"{strategy}_seed0", f"{strategy}_seed1"]
@@ -104,28 +107,28 @@ def test_ensemble_and_trak_through_the_chain(monkeypatch, tiny_model_dir, glue_d
                        "--seed", "1")
     assert again.returncode == 0, again.stderr
 
-    lds = [*own[:6], "--max_query_examples", "8", "--num_masks", "3", "--num_repeats", "1"]
-    monkeypatch.setattr(sys, "argv", ["evaluate_lds.py", "build", *lds])
+    lds_argv = [*own[:6], "--max_query_examples", "8", "--num_masks", "3", "--num_repeats", "1"]
+    monkeypatch.setattr(sys, "argv", ["evaluate_lds.py", "build", *lds_argv])
     evaluate_lds.main()
-    for argv in (["score", *lds, "--strategies", "trak_ens2", "identity_ens2", "trak_seed0", "--reference",
+    for argv in (["score", *lds_argv, "--strategies", "trak_ens2", "identity_ens2", "trak_seed0", "--reference",
                   "trak_ens2", "--num_bootstrap", "20"],
-                 ["ensembles", *lds, "--strategies", "identity", "--stability_dir", str(other)]):
+                 ["ensembles", *lds_argv, "--strategies", "identity", "--stability_dir", str(other)]):
         monkeypatch.setattr(sys, "argv", ["evaluate_lds.py", *argv])
         evaluate_lds.main()
-    folder = evaluate_lds.ground_truth_dir(evaluate_lds.parse_args(["score", *lds]))
+    folder = lds.ground_truth_dir(evaluate_lds.parse_args(["score", *lds_argv]))
     table = json.loads(open(os.path.join(folder, "lds_results.json")).read())["results"]
     assert table["identity_ens2"]["versus"]["reference"] == "trak_ens2"
     curve = json.loads(open(os.path.join(folder, "lds_ensembles.json")).read())["results"]
     assert curve["identity"]["rows"][0]["stability"] == {"spearman": pytest.approx(1.0), "top10_overlap": 10.0,
                                                         "top1_same": 1.0}
     assert os.path.getsize(os.path.join(folder, "lds_ensembles.png")) > 0
-    monkeypatch.setattr(sys, "argv", ["evaluate_lds.py", "ensembles", *lds, "--strategies", "identity", "trak"])
+    monkeypatch.setattr(sys, "argv", ["evaluate_lds.py", "ensembles", *lds_argv, "--strategies", "identity", "trak"])
     evaluate_lds.main()
     curve = json.loads(open(os.path.join(folder, "lds_ensembles.json")).read())["results"]
     assert curve["trak"]["seeds"] == [0, 1] and [r["models"] for r in curve["trak"]["rows"]] == [1, 2]
     assert curve["trak"]["rows"][1]["lds_mean"] == pytest.approx(table["trak_ens2"]["mean"], abs=1e-9)
-    with pytest.raises(evaluate_lds.UserError, match="same arguments"):  # no randomness changed: refused
-        evaluate_lds.ensemble_curve(evaluate_lds.parse_args(["ensembles", *lds, "--stability_dir", str(out),
+    with pytest.raises(GlueError, match="same arguments"):  # no randomness changed: refused
+        evaluate_lds.ensembles(evaluate_lds.parse_args(["ensembles", *lds_argv, "--stability_dir", str(out),
                                                              "--strategies", "identity"]))
 
 
@@ -187,8 +190,8 @@ def test_trak_projection_is_one_matrix_for_every_batch():
 
 
 def test_rerun_hints_name_the_ensemble():
-    member = artifacts.analyze_command("out", "sst2", "ekfac_half_seed3")
+    member = analyze_command("out", "sst2", "ekfac_half_seed3")
     assert "--factor_strategy ekfac --use_half_precision --checkpoint_dir <the ensemble's root>" in member
-    ablation = artifacts.analyze_command("out", "sst2", "ekfac_damp_auto_ens4")
+    ablation = analyze_command("out", "sst2", "ekfac_damp_auto_ens4")
     assert "--scores_name ekfac_damp_auto --checkpoint_dir" in ablation
-    assert "--checkpoint_dir" not in artifacts.analyze_command("out", "sst2", "ekfac")
+    assert "--checkpoint_dir" not in analyze_command("out", "sst2", "ekfac")

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 import evaluate_lds
-import pipeline
 from conftest import assert_user_error, run_script, write_scores
+from glue_attribution import lds, results
+from glue_attribution.errors import GlueError
 
 
 def lds_argv(command: str, glue_dir, model_dir: str, output_dir, *extra: str) -> list:
@@ -32,7 +33,7 @@ def built(tmp_path_factory, glue_dir, tiny_model_dir):
     output_dir = tmp_path_factory.mktemp("lds")
     argv = lds_argv("build", glue_dir, tiny_model_dir, output_dir)
     evaluate_lds.build(evaluate_lds.parse_args(argv + ["--shard_index", "0", "--num_shards", "2"]))
-    folder = evaluate_lds.ground_truth_dir(evaluate_lds.parse_args(argv))
+    folder = lds.ground_truth_dir(evaluate_lds.parse_args(argv))
     after_shard0 = run_mtimes(folder)
     assert list(after_shard0) == ["mask0000_repeat000.npz", "mask0002_repeat000.npz"]
     assert not os.path.exists(os.path.join(folder, "margins.npy"))
@@ -42,25 +43,25 @@ def built(tmp_path_factory, glue_dir, tiny_model_dir):
 
 
 def test_masks_keep_exact_fraction_and_are_reproducible():
-    masks = evaluate_lds.make_masks(50, 20, 0.3, seed=1)
+    masks = lds.make_masks(50, 20, 0.3, seed=1)
     assert masks.shape == (20, 50) and masks.dtype == np.int8
     assert (masks.sum(axis=1) == 15).all()
     assert len({row.tobytes() for row in masks}) == 20
-    np.testing.assert_array_equal(masks, evaluate_lds.make_masks(50, 20, 0.3, seed=1))
-    assert not np.array_equal(masks, evaluate_lds.make_masks(50, 20, 0.3, seed=2))
+    np.testing.assert_array_equal(masks, lds.make_masks(50, 20, 0.3, seed=1))
+    assert not np.array_equal(masks, lds.make_masks(50, 20, 0.3, seed=2))
     labels = np.array([0] * 36 + [1] * 14)
-    stratified = evaluate_lds.make_masks(50, 20, 0.5, seed=1, labels=labels)
+    stratified = lds.make_masks(50, 20, 0.5, seed=1, labels=labels)
     assert (stratified[:, labels == 0].sum(axis=1) == 18).all()
     assert (stratified[:, labels == 1].sum(axis=1) == 7).all()
 
 
 def test_lds_known_answer():
     rng = np.random.default_rng(0)
-    masks = evaluate_lds.make_masks(200, 60, 0.5, seed=0)
+    masks = lds.make_masks(200, 60, 0.5, seed=0)
     true_scores = rng.standard_normal((20, 200))
     margins = masks @ true_scores.T + 0.5 * rng.standard_normal((60, 20))  # (masks, queries)
     shuffled = np.stack([rng.permutation(row) for row in true_scores])
-    table = evaluate_lds.lds_table({"identity": shuffled, "true": true_scores}, masks, margins, 200, seed=0,
+    table = lds.lds_table({"identity": shuffled, "true": true_scores}, masks, margins, 200, seed=0,
                                    reference="identity")
     assert table["true"]["mean"] > 0.95
     assert abs(table["identity"]["mean"]) < 0.1
@@ -68,7 +69,7 @@ def test_lds_known_answer():
     assert low <= table["true"]["mean"] <= high
     assert table["true"]["versus"]["ci95_masks"][0] > 0.7
     assert "versus" not in table["identity"]
-    constant = evaluate_lds.spearman_rows(np.ones((2, 5)), rng.standard_normal((2, 5)))
+    constant = lds.spearman_rows(np.ones((2, 5)), rng.standard_normal((2, 5)))
     np.testing.assert_array_equal(constant, [0.0, 0.0])
 
 
@@ -137,7 +138,7 @@ def test_score_table_json_plot_and_query(built, tmp_path, capsys):
         write_scores(built["output_dir"], name, rng.standard_normal((8, 32)), built["glue_dir"])
     figure = tmp_path / "lds.png"
     argv = [*built["argv"], "--strategies", "ekfac", "identity", "--num_bootstrap", "50", "--figure", str(figure),
-            "--query_index", "3", "--top_k", "2"]
+            "--inspect_query", "3", "--top_k", "2"]
     evaluate_lds.score(evaluate_lds.parse_args(["score", *argv[1:]]))
     out = capsys.readouterr().out
     for fragment in ("ekfac", "identity", "same-label", "random", "vs ekfac", "Query 3:", "sentence1:",
@@ -160,30 +161,55 @@ def test_bad_inputs(built, tmp_path):
     assert_user_error(result, "no finished scores 'kfac'", "python analyze.py --dataset_name rte --output_dir",
                       "--factor_strategy kfac")
     write_scores(built["output_dir"], "short_train", np.zeros((8, 31)), built["glue_dir"])
-    with pytest.raises(pipeline.UserError, match="computed on other data .*num_train 31 vs 32; train_data differs"):
+    with pytest.raises(GlueError, match="computed on other data .*num_train 31 vs 32; train_data differs"):
         score("--strategies", "short_train")
     write_scores(built["output_dir"], "short_query", np.zeros((7, 32)), built["glue_dir"])
-    with pytest.raises(pipeline.UserError, match="num_query 7 vs 8; query_data differs"):
+    with pytest.raises(GlueError, match="num_query 7 vs 8; query_data differs"):
         score("--strategies", "short_query")
     write_scores(built["output_dir"], "long", np.zeros((8, 32)), built["glue_dir"], max_seq_length=64)
     result = run_script("evaluate_lds.py", "score", *built["argv"][1:], "--strategies", "long")
     assert_user_error(result, "scores 'long'", "computed on other data than this run (max_seq_length 64 vs 32")
-    with pytest.raises(pipeline.UserError, match="out of range: there are 8 queries"):
-        score("--query_index", "8")
-    with pytest.raises(pipeline.UserError, match="no finished LDS ground truth"):
+    with pytest.raises(GlueError, match="out of range: there are 8 queries"):
+        score("--inspect_query", "8")
+    with pytest.raises(GlueError, match="no finished LDS ground truth"):
         score("--learning_rate", "5e-4")
-    with pytest.raises(pipeline.UserError, match=r"other arguments \(recipe differ\)"):
+    with pytest.raises(GlueError, match=r"other arguments \(recipe differ\)"):
         score("--learning_rate", "5e-4", "--lds_dir", built["folder"])
-    with pytest.raises(pipeline.UserError, match=r"other arguments \(num_masks differ\)"):
+    with pytest.raises(GlueError, match=r"other arguments \(num_masks differ\)"):
         evaluate_lds.build(evaluate_lds.parse_args([*built["argv"], "--num_masks", "5", "--lds_dir",
                                                     built["folder"]]))
     for fraction in ("0", "1.5"):
-        with pytest.raises(pipeline.UserError, match=r"--subset_fraction must be in \(0, 1\)"):
+        with pytest.raises(GlueError, match=r"--subset_fraction must be in \(0, 1\)"):
             evaluate_lds.parse_args(["build", "--subset_fraction", fraction])
 
 
-def test_bare_command_scores_ekfac_on_rte_with_seed_settings():
-    args = evaluate_lds.parse_args([])
+def test_subcommand_is_required_and_score_defaults_to_the_seed_settings():
+    result = run_script("evaluate_lds.py")
+    assert result.returncode == 2 and "required: {build,score,ensembles}" in result.stderr
+    assert run_script("evaluate_lds.py", "--strategies", "kfac").returncode == 2
+    args = evaluate_lds.parse_args(["score"])
     assert (args.command, args.dataset_name, args.strategies) == ("score", "rte", ["ekfac"])
-    assert (args.num_masks, args.num_repeats, args.subset_fraction) == (100, 5, 0.5)
-    assert evaluate_lds.parse_args(["--strategies", "kfac"]).command == "score"
+    assert (args.num_masks, args.num_repeats, args.subset_fraction, args.stratify_masks) == (100, 5, 0.5, False)
+
+
+def test_lds_dir_configures_its_own_flags(built, tmp_path):
+    """`score --lds_dir D` reads the ground truth's flags from D/experiment_args.json: none needs repeating."""
+    args = evaluate_lds.parse_args(["score", "--lds_dir", built["folder"], "--output_dir", str(built["output_dir"])])
+    assert (args.dataset_name, args.num_masks, args.num_repeats, args.max_query_examples) == ("rte", 4, 1, 8)
+    assert (args.learning_rate, args.max_train_samples, args.data_dir) == (1e-3, 32, str(built["glue_dir"]))
+    assert lds.ground_truth_dir(args) == built["folder"]
+    write_scores(built["output_dir"], "identity", np.ones((8, 32)), built["glue_dir"])
+    evaluate_lds.score(evaluate_lds.parse_args(["score", "--lds_dir", built["folder"], "--output_dir",
+                                                str(built["output_dir"]), "--strategies", "identity",
+                                                "--num_bootstrap", "10", "--figure", str(tmp_path / "lds.png")]))
+    assert (tmp_path / "lds.png").is_file()
+
+
+def test_folders_of_the_earlier_naming_are_found(tmp_path):
+    """LDS folders used to be named by the first 10 hex digits of the same digest: such a folder is used."""
+    arguments = {"num_masks": 4, "seed": 0}
+    new = results.experiment_dir(str(tmp_path), "lds", arguments)
+    assert os.path.basename(new) == f"lds_{results.digest(arguments)}" and len(results.digest(arguments)) == 16
+    legacy = tmp_path / f"lds_{results.digest(arguments)[:10]}"
+    legacy.mkdir()
+    assert results.experiment_dir(str(tmp_path), "lds", arguments) == str(legacy)

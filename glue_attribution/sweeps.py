@@ -7,13 +7,15 @@ import numpy as np
 from datasets import Dataset
 
 import pipeline
-from cli import UserError
+
+from .cli import train_config
+from .errors import GlueError
 
 
 def shard(items: list, shard_index: int, num_shards: int) -> list:
     """Every `num_shards`-th item from `shard_index`: shards never overlap and together cover all items."""
     if not 0 <= shard_index < num_shards:
-        raise UserError(f"--shard_index must be in [0, {num_shards}), got {shard_index}")
+        raise GlueError(f"--shard_index must be in [0, {num_shards}), got {shard_index}")
     return items[shard_index::num_shards]
 
 
@@ -36,7 +38,7 @@ def retrainer(args, train_text: Dataset, query_text: Dataset, outputs: tuple = (
     train_dataset, query_dataset = (
         pipeline.tokenize(d, args.dataset_name, tokenizer, args.max_seq_length, args.pad_to_max_length)
         for d in (train_text, query_text))
-    data_collator, config = pipeline.collator(tokenizer), pipeline.train_config(args)
+    data_collator, config = pipeline.collator(tokenizer), train_config(args)
     device = pipeline.torch_device(args.device)
     quiet_retrains()
 

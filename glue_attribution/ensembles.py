@@ -1,11 +1,11 @@
 """Scores of an ensemble: one score set per fine-tuning seed, combined into one.
 
-One checkpoint's LDS is a draw: on the README's SST-2 slice, ekfac scores 0.11 to 0.29 for eight seeds of the same
-recipe. The ground truth averages over retrains with fresh seeds, so the scores should too. Members are combined as
-the mean of their per-query standardised scores: each query's row is divided by its standard deviation over the
-training examples first, because the raw magnitudes differ between seeds (2x there; the damped inverse of a nearly
-singular curvature), so a raw mean leans on one member. Measured there, 4 models: 0.263 standardised, 0.243 raw
-mean, 0.166 mean of ranks (README).
+One checkpoint's LDS is a draw: on the SST-2 slice of docs/results.md, ekfac scores 0.11 to 0.29 for eight seeds of
+the same recipe. The ground truth averages over retrains with fresh seeds, so the scores should too. Members are
+combined as the mean of their per-query standardised scores: each query's row is divided by its standard deviation
+over the training examples first, because the raw magnitudes differ between seeds (2x there; the damped inverse of a
+nearly singular curvature), so a raw mean leans on one member. Measured there, 4 models: 0.263 standardised, 0.243
+raw mean, 0.166 mean of ranks.
 """
 
 import logging
@@ -13,12 +13,11 @@ import os
 
 import numpy as np
 
-import artifacts
-from cli import UserError
+from . import results
+from .errors import GlueError
+from .scores import SCORES_META, ensemble_name, load_scores, scores_dir
 
 logger = logging.getLogger(__name__)
-
-
 def combine(members: list) -> np.ndarray:
     """Mean over members of each (queries x train) score matrix, every query's row scaled to unit standard
     deviation first (a constant row stays zero)."""
@@ -29,14 +28,6 @@ def combine(members: list) -> np.ndarray:
     return (total / len(members)).astype(np.float32)
 
 
-def name(scores_name: str, num_members: int) -> str:
-    return f"{scores_name}_ens{num_members}"
-
-
-def member_name(scores_name: str, seed: int) -> str:
-    return f"{scores_name}_seed{seed}"
-
-
 def publish(output_dir: str, task_name: str, scores_name: str, members: list, overwrite: bool = False) -> tuple:
     """Combines the published member score sets `members` [(seed, member scores name)] into the set
     `<scores_name>_ens<N>`, with the members' provenance (identical data, by construction) and their names and
@@ -44,30 +35,30 @@ def publish(output_dir: str, task_name: str, scores_name: str, members: list, ov
     cheap) when they are not. Returns (name, meta)."""
     from safetensors.numpy import save_file
 
-    ensemble_name = name(scores_name, len(members))
-    public = artifacts.scores_dir(output_dir, task_name, ensemble_name)
-    loaded = [(seed, member, *artifacts.load_scores(output_dir, task_name, member)) for seed, member in members]
-    signature = {"members": [{"seed": seed, "scores_name": member,
+    combined_name = ensemble_name(scores_name, len(members))
+    public = scores_dir(output_dir, task_name, combined_name)
+    loaded = [(seed, name, *load_scores(output_dir, task_name, name)) for seed, name in members]
+    signature = {"members": [{"seed": seed, "scores_name": name,
                               "sha256": meta["files"]["pairwise_scores.safetensors"]["sha256"]}
-                             for seed, member, _, meta in loaded], "combine": "mean of per-query standardised scores"}
+                             for seed, name, _, meta in loaded], "combine": "mean of per-query standardised scores"}
     first = loaded[0][3]
-    with artifacts.lock(public):
+    with results.lock(public):
         try:
-            meta = artifacts.reuse(public, artifacts.SCORES_META, "scores", signature, overwrite)
-        except UserError:  # other members (or recomputed ones): derived data, replaced
+            meta = results.reuse(public, SCORES_META, "scores", signature, overwrite)
+        except GlueError:  # other members (or recomputed ones): derived data, replaced
             logger.info("Replacing %s: its members changed", public)
             meta = None
         if meta is not None:
-            return ensemble_name, meta
-        staging = artifacts.staging_dir(public, signature)
+            return combined_name, meta
+        staging = results.staging_dir(public, signature)
         os.makedirs(staging, exist_ok=True)
         scores = combine([scores for _, _, scores, _ in loaded])
         save_file({"all_modules": scores}, os.path.join(staging, "pairwise_scores.safetensors"))
         meta = {"signature": signature, "provenance": first["provenance"], "order": "dataset",
-                "scores_name": ensemble_name, "strategy": first.get("strategy"), "ensemble": signature["members"],
+                "scores_name": combined_name, "strategy": first.get("strategy"), "ensemble": signature["members"],
                 "checkpoint_sha256": [m["provenance"].get("checkpoint_sha256") for *_, m in loaded],
                 "shape": list(scores.shape),
                 "member_seconds": sum(m.get(k, 0) for *_, m in loaded for k in m if k.endswith("_seconds"))}
-        meta = artifacts.publish(staging, public, artifacts.SCORES_META, meta)
-        artifacts.clean_staging(public)
-    return ensemble_name, meta
+        meta = results.publish(staging, public, SCORES_META, meta)
+        results.clean_staging(public)
+    return combined_name, meta

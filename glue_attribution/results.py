@@ -10,11 +10,12 @@ counterfactual runs) follows three rules, so that a kill, a rerun or a second pr
 - One writer. `lock` takes an exclusive `flock` on `.staging/<result>.lock`: a second process waits, then finds the
   result published. The kernel drops the lock with its process, so a killed run blocks no one.
 - Verified reads. `read` checks the metadata, every file's size and sha256, and (with `expected`) the provenance the
-  reader is about to rely on. A damaged result raises `Damaged`: its owner recomputes it, a consumer reports it.
+  reader is about to rely on. A damaged result raises `ResultDamaged`: its owner recomputes it, a consumer reports it.
 
-`kill_point` lets tests SIGKILL a run at a named step (`GLUE_KILL_AT=step`), to prove all of the above.
+`failpoints.py` lets tests SIGKILL a run at a named step, to prove all of the above.
 """
 
+import csv
 import fcntl
 import hashlib
 import json
@@ -22,25 +23,17 @@ import logging
 import os
 import re
 import shutil
-import signal
 import time
 import zipfile
 from contextlib import contextmanager
 
 import numpy as np
 
-from cli import UserError
+from .errors import GlueError, ResultDamaged, ResultMissing
+from .failpoints import failpoint
 
 logger = logging.getLogger(__name__)
 STAGING = ".staging"  # private work folders, beside the public results
-
-
-class Missing(UserError):
-    """The result has not been published (or was never finished)."""
-
-
-class Damaged(UserError):
-    """The result is there but fails verification: truncated, corrupt, or its metadata is unreadable."""
 
 
 def make_output_dir(path: str) -> str:
@@ -51,7 +44,7 @@ def make_output_dir(path: str) -> str:
         open(probe, "w").close()
         os.remove(probe)
     except OSError as err:
-        raise UserError(f"cannot write to {path}: {err.strerror}; choose another directory") from None
+        raise GlueError(f"cannot write to {path}: {err.strerror}; choose another directory") from None
     return path
 
 
@@ -63,7 +56,7 @@ def check_writable(path: str) -> str:
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
         problem = "is not a directory" if not os.path.isdir(existing) else "is not writable"
-        raise UserError(f"cannot write to {path}: {existing} {problem}; choose another directory")
+        raise GlueError(f"cannot write to {path}: {existing} {problem}; choose another directory")
     return path
 
 
@@ -75,25 +68,35 @@ def atomic_path(path: str, suffix: str = ""):
     os.replace(tmp, path)
 
 
-def save_figure(fig, path: str) -> None:
-    """Writes a matplotlib figure under a temporary name (same extension: it picks the format) and renames it."""
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    make_output_dir(os.path.dirname(os.path.abspath(path)))
-    with atomic_path(path, os.path.splitext(path)[1]) as tmp:
-        fig.savefig(tmp, dpi=150)
-    plt.close(fig)
-
-
 def atomic_write_json(obj, path: str) -> None:
     with atomic_path(path) as tmp, open(tmp, "w") as f:
         json.dump(obj, f, indent=2, default=str)
 
 
+def write_csv(path: str, header: list, rows) -> None:
+    """A table as CSV, written under a temporary name and renamed."""
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
 def digest(obj) -> str:
-    """A short, stable name for a JSON-able signature."""
+    """A short, stable name for a JSON-able signature: the one naming scheme of private and experiment folders."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def array_digest(array: np.ndarray) -> str:
+    """A short digest of an array's bytes (what a ranking removes), recorded to refuse runs made from other data."""
+    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()[:16]
+
+
+def experiment_dir(parent: str, prefix: str, arguments: dict) -> str:
+    """<parent>/<prefix>_<digest of the arguments>: an experiment's folder (LDS ground truth, counterfactual,
+    detection). Older versions named LDS folders by the first 10 digits of the same digest; such a folder is found."""
+    name = digest(arguments)
+    folder, legacy = os.path.join(parent, f"{prefix}_{name}"), os.path.join(parent, f"{prefix}_{name[:10]}")
+    return legacy if os.path.isdir(legacy) and not os.path.exists(folder) else folder
 
 
 def file_sha256(path: str) -> str:
@@ -102,19 +105,6 @@ def file_sha256(path: str) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             sha.update(block)
     return sha.hexdigest()
-
-
-_passes = {}
-
-
-def kill_point(step: str) -> None:
-    """Tests only: SIGKILL this process (no cleanup runs, as in a real kill) at `step` when GLUE_KILL_AT names it,
-    or at its N-th pass with GLUE_KILL_AT=step:N."""
-    target, _, count = os.environ.get("GLUE_KILL_AT", "").partition(":")
-    if target == step:
-        _passes[step] = _passes.get(step, 0) + 1
-        if _passes[step] == int(count or 1):
-            os.kill(os.getpid(), signal.SIGKILL)
 
 
 @contextmanager
@@ -179,7 +169,7 @@ def seal(folder: str, meta_name: str, meta: dict, files: list | None = None) -> 
 def publish(staging: str, public: str, meta_name: str, meta: dict) -> dict:
     """Seals the finished `staging` folder and renames it to `public`, replacing any previous result there."""
     meta = seal(staging, meta_name, meta)
-    kill_point("before_publish")
+    failpoint("before_publish")
     old = None
     if os.path.lexists(public):
         old = os.path.join(os.path.dirname(os.path.abspath(public)), STAGING,
@@ -196,29 +186,29 @@ def verify(folder: str, meta: dict, what: str) -> None:
     for relative, expected in meta.get("files", {}).items():
         path = os.path.join(folder, relative)
         if not os.path.isfile(path):
-            raise Damaged(f"{what} in {folder} is incomplete: {relative} is missing")
+            raise ResultDamaged(f"{what} in {folder} is incomplete: {relative} is missing")
         if os.path.getsize(path) != expected["size"] or file_sha256(path) != expected["sha256"]:
-            raise Damaged(f"{what} in {folder} is damaged: {relative} does not match its recorded sha256")
+            raise ResultDamaged(f"{what} in {folder} is damaged: {relative} does not match its recorded sha256")
 
 
 def read(folder: str, meta_name: str, what: str, expected: dict | None = None) -> dict:
     """The verified metadata of the result in `folder`.
 
     Raises:
-        Missing: nothing published there.
-        Damaged: metadata unreadable, a file missing, truncated or changed.
-        UserError: `expected` provenance differs from the result's (naming each difference).
+        ResultMissing: nothing published there.
+        ResultDamaged: metadata unreadable, a file missing, truncated or changed.
+        GlueError: `expected` provenance differs from the result's (naming each difference).
     """
     path = os.path.join(folder, meta_name)
     if not os.path.isfile(path):
-        raise Missing(f"no finished {what} in {folder}")
+        raise ResultMissing(f"no finished {what} in {folder}")
     try:
         with open(path) as f:
             meta = json.load(f)
     except (OSError, ValueError):
-        raise Damaged(f"{what} in {folder} is damaged: {meta_name} is not valid JSON") from None
+        raise ResultDamaged(f"{what} in {folder} is damaged: {meta_name} is not valid JSON") from None
     if not isinstance(meta, dict) or "files" not in meta:
-        raise Damaged(f"{what} in {folder} has no file manifest (written by an older version?); recompute it")
+        raise ResultDamaged(f"{what} in {folder} has no file manifest (written by an older version?); recompute it")
     verify(folder, meta, what)
     if expected is not None:
         check_provenance(meta.get("provenance", {}), expected, f"{what} in {folder}")
@@ -233,16 +223,16 @@ def reuse(folder: str, meta_name: str, what: str, signature: dict, overwrite: bo
         return None
     try:
         meta = read(folder, meta_name, what)
-    except Missing:
+    except ResultMissing:
         return None
-    except Damaged as err:
+    except ResultDamaged as err:
         logger.warning("%s: recomputing it", err)
         return None
     signature = json.loads(json.dumps(signature, default=str))
     if meta.get("signature") != signature:
         saved = meta.get("signature", {})
         changed = sorted(k for k in signature.keys() | saved.keys() if signature.get(k) != saved.get(k))
-        raise UserError(f"{folder} holds {what} computed with other arguments ({', '.join(changed)} differ); pass "
+        raise GlueError(f"{folder} holds {what} computed with other arguments ({', '.join(changed)} differ); pass "
                         f"--overwrite to recompute them, or {keep_both} to keep both")
     return meta
 
@@ -253,7 +243,7 @@ def check_provenance(saved: dict, expected: dict, what: str) -> None:
     changed = [f"{key} {saved.get(key)!r} vs {value!r}" if not key.endswith("_data") else f"{key} differs"
                for key, value in expected.items() if saved.get(key) != value]
     if changed:
-        raise UserError(f"{what} was computed on other data than this run ({'; '.join(changed)}: theirs vs this "
+        raise GlueError(f"{what} was computed on other data than this run ({'; '.join(changed)}: theirs vs this "
                         "run's); pass the flags it was computed with, or recompute it")
 
 
@@ -273,7 +263,7 @@ def finished_stages(root: str, work: str, stages: list) -> list:
             with open(stage_record(root, stage)) as f:
                 record = json.load(f)
             verify(work, record, f"stage {stage}")
-        except (OSError, ValueError, Damaged):
+        except (OSError, ValueError, ResultDamaged):
             break
         done.append(stage)
         covered |= set(record["files"])
@@ -301,7 +291,7 @@ def salvage_stages(public: str, meta_name: str, signature: dict, root: str, work
         try:
             files = {name: meta["files"][name] for name in meta["stages"][stage]}
             verify(public, {"files": files}, f"stage {stage}")
-        except (KeyError, TypeError, Damaged):
+        except (KeyError, TypeError, ResultDamaged):
             return
         for name in files:
             os.makedirs(os.path.dirname(os.path.join(work, name)), exist_ok=True)
@@ -336,59 +326,6 @@ def link_tree(source: str, target: str) -> None:
                 os.link(os.path.join(root, name), os.path.join(destination, name))
             except OSError:  # a file system without hard links
                 shutil.copy2(os.path.join(root, name), os.path.join(destination, name))
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Influence scores written by analyze.py
-
-SCORES_META = "glue_scores.json"
-
-
-def scores_dir(output_dir: str, task_name: str, scores_name: str) -> str:
-    """Where a score set is published: <output_dir>/<task>/scores_<name>/ (kronfluence's layout)."""
-    return os.path.join(output_dir, task_name, f"scores_{scores_name}")
-
-
-def analyze_command(output_dir: str, task_name: str, scores_name: str) -> str:
-    """The analyze.py command that makes the score set `scores_name` (as analyze.py names its sets)."""
-    base, ensemble = re.fullmatch(r"(.+?)((?:_seed-?|_ens)\d+)?", scores_name).groups()
-    strategy, *parts = base.split("_")
-    flags = [f"--factor_strategy {strategy}"]
-    for part in parts:
-        if part == "half":
-            flags.append("--use_half_precision")
-        elif part.startswith("qlr") and part[3:].isdigit():
-            flags.append(f"--query_gradient_rank {part[3:]}")
-        else:  # a custom --scores_name
-            flags = [f"--scores_name {base}"]
-            break
-    if ensemble:  # an ensemble's member or combination
-        flags.append("--checkpoint_dir <the ensemble's root>")
-    return (f"python analyze.py --dataset_name {task_name} --output_dir {output_dir} {' '.join(flags)} (plus the data "
-            "flags it was computed with)")
-
-
-def load_scores(output_dir: str, task_name: str, scores_name: str, expected: dict | None = None,
-                kind: str = "pairwise") -> tuple:
-    """A verified score set: (scores as float32 numpy, queries x train in dataset order, or train for "self"; meta).
-
-    Raises:
-        UserError: missing, damaged or computed on other data (`expected` provenance), naming the command to rerun.
-    """
-    from safetensors.torch import load_file  # numpy has no bfloat16 (--use_half_precision)
-
-    folder = scores_dir(output_dir, task_name, scores_name)
-    rerun = analyze_command(output_dir, task_name, scores_name)
-    try:
-        meta = read(folder, SCORES_META, f"scores '{scores_name}'", expected)
-    except (Missing, Damaged) as err:
-        raise UserError(f"{err}; make them with: {rerun}") from None
-    name = f"{kind}_scores.safetensors"
-    if name not in meta["files"]:
-        raise UserError(f"scores '{scores_name}' in {folder} have no {kind} scores; rerun: {rerun}"
-                        + (" --compute_self_scores" if kind == "self" else ""))
-    scores = load_file(os.path.join(folder, name))["all_modules"].float().numpy().copy()  # not a view of the file
-    return scores, meta
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -427,7 +364,7 @@ def claim_experiment(folder: str, arguments: dict, keep_both: str) -> None:
             saved = json.load(f)
         changed = sorted(k for k in arguments.keys() | saved.keys() if arguments.get(k) != saved.get(k))
         if changed:
-            raise UserError(f"{folder} holds runs built with other arguments ({', '.join(changed)} differ); "
+            raise GlueError(f"{folder} holds runs built with other arguments ({', '.join(changed)} differ); "
                             f"pass {keep_both}, or delete that folder")
     else:
         atomic_write_json(arguments, path)

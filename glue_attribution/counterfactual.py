@@ -1,0 +1,214 @@
+"""The counterfactual test of influence scores: remove a query's most influential training examples, retrain, and
+see whether its prediction flips (the seed's RTE experiment, with a random same-label baseline).
+
+Every retrain is one small file (runs/<method>/q<query>_k<k>_s<seed>.npz, runs/base_s<seed>.npz), written as it
+ends and reused after a restart; the queries are split over shards, and the shard that finishes last gathers every
+shard's runs into the results.
+"""
+
+import json
+import logging
+import os
+
+import numpy as np
+from tqdm.auto import tqdm
+
+import pipeline
+
+from . import results, sweeps
+from .errors import GlueError
+from .scores import load_scores
+
+logger = logging.getLogger(__name__)
+RANDOM = "random"
+FLIP_BELOW = 0.5  # a query is flipped once its mean accuracy over the retrains drops below this
+RESULTS_JSON = "counterfactual_results.json"
+# Arguments that do not change any result, so a results folder may be resumed or merged with other values.
+NOT_RESULTS = ("shard_index", "num_shards", "device", "output_dir", "counterfactual_dir", "figure", "plot_only",
+               "verbose", "checkpoint_dir", "configured_by", "overrides")
+
+
+def results_dir(args) -> str:
+    """<output_dir>/<task>/counterfactual_<digest of the result-changing arguments> (or --counterfactual_dir)."""
+    if args.counterfactual_dir is not None:
+        return args.counterfactual_dir
+    return results.experiment_dir(os.path.join(args.output_dir, args.dataset_name), "counterfactual", arguments(args))
+
+
+def arguments(args, rankings: dict | None = None) -> dict:
+    """The arguments that change the results (with `rankings`, also a digest of what each method removes)."""
+    chosen = {k: v for k, v in vars(args).items() if k not in NOT_RESULTS}
+    if rankings is not None:
+        chosen["rankings"] = rankings_fingerprint(rankings, args.remove_intervals[-1])
+    return chosen
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Rankings: which training examples to remove first, per query
+
+def influence_ranking(scores: np.ndarray) -> np.ndarray:
+    """Training indices, most positively influential first: removing them should lower the query's margin."""
+    return np.argsort(-scores, kind="stable")
+
+
+def random_ranking(train_labels: np.ndarray, label: int, seed: int, query: int) -> np.ndarray:
+    """The baseline: the training examples with the query's label, shuffled with (seed, query), so the top k are k
+    random same-label examples and larger k extend smaller ones, as in the influence rankings."""
+    return np.random.default_rng([seed, query]).permutation(np.flatnonzero(train_labels == label))
+
+
+def load_rankings(args, train_text, query_labels: list) -> dict:
+    """{method: [ranking of query 0, 1, ...]} for --strategies (from analyze.py's scores, verified and computed on this
+    training set and these queries) and the random baseline."""
+    train_labels, n_query = np.array(train_text["label"]), len(query_labels)
+    rankings = {}
+    for name in dict.fromkeys(m for m in args.strategies if m != RANDOM):
+        scores, meta = load_scores(args.output_dir, args.dataset_name, name)
+        if scores.shape[0] < n_query:
+            raise GlueError(f"scores '{name}' cover {scores.shape[0]} queries, fewer than --max_query_examples "
+                            f"{n_query}; lower --max_query_examples or rerun analyze.py with more queries")
+        scored_queries = pipeline.load_glue(args.dataset_name, pipeline.get_task(args.dataset_name).eval_splits[0],
+                                            args.data_dir, scores.shape[0])
+        results.check_provenance(meta["provenance"], pipeline.data_provenance(
+            args.dataset_name, train_text, scored_queries, args.max_seq_length), f"scores '{name}'")
+        rankings[name] = [influence_ranking(row) for row in scores[:n_query]]
+    rankings[RANDOM] = [random_ranking(train_labels, y, args.seed, q) for q, y in enumerate(query_labels)]
+    return rankings
+
+
+def check_intervals(intervals: list, rankings: dict, n_train: int, batch_size: int) -> None:
+    """Fail before any training if the largest k cannot be removed."""
+    k = intervals[-1]
+    if n_train - k < batch_size:
+        raise GlueError(f"--remove_intervals {k} leaves {n_train - k} of {n_train} training examples, less "
+                        f"than one batch of {batch_size}; remove fewer or use a larger --max_train_samples")
+    for method, per_query in rankings.items():
+        for query, ranking in enumerate(per_query):
+            if len(ranking) < k:
+                raise GlueError(f"--remove_intervals {k}: query {query} has only {len(ranking)} training "
+                                f"examples that '{method}' can remove (random: those with its label)")
+
+
+def rankings_fingerprint(rankings: dict, k: int) -> dict:
+    """A digest of what each method removes, so a results folder refuses runs made from other scores."""
+    return {method: results.array_digest(np.stack([r[:k] for r in per_query]).astype(np.int64))
+            for method, per_query in rankings.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Retraining
+
+def query_accuracy(retrain, prefix: str, removed, n_train: int, seeds, queries) -> np.ndarray | None:
+    """The one experiment: remove `removed`, retrain each seed, return each query's accuracy averaged over seeds.
+
+    Each retrain is saved as `<prefix>_s<seed>.npz` as it ends and reused after a restart. With `retrain=None`
+    only saved runs are read, and None means one is missing (how the shards' results are gathered).
+    """
+    correct = []
+    for seed in seeds:
+        path = f"{prefix}_s{seed}.npz"
+        run = results.load_run(path, {"correct": (len(queries),)})  # a damaged run is deleted, then redone
+        if run is None:
+            if retrain is None:
+                return None
+            keep = np.setdiff1d(np.arange(n_train), removed)
+            run = retrain(keep, int(seed), list(queries))
+            results.save_arrays(path, **run)
+        correct.append(run["correct"])
+    return np.mean(correct, axis=0)
+
+
+def query_outcome(retrain, folder: str, ranking: np.ndarray, query: int, intervals: list, seeds,
+                  n_train: int) -> list | None:
+    """One query under one ranking: per k, the mean accuracy without the top k and whether it has flipped.
+
+    Flipped from the first k whose accuracy is below 0.5 on; larger k count as flipped without training (accuracy
+    None). Returns None when reading only (`retrain=None`) and a run is missing.
+    """
+    rows, flipped = [], False
+    for k in intervals:
+        accuracy = None
+        if not flipped:
+            accuracy = query_accuracy(retrain, os.path.join(folder, f"q{query}_k{k}"), ranking[:k], n_train, seeds,
+                                      [query])
+            if accuracy is None:
+                return None
+            accuracy = float(accuracy[0])
+            flipped = accuracy < FLIP_BELOW
+        rows.append({"query": query, "k": k, "accuracy": accuracy, "flipped": flipped})
+    return rows
+
+
+def run_experiment(args, rankings: dict, n_train: int, retrain) -> dict | None:
+    """Base filter, this shard's queries, then every shard's outcomes -- or None while another shard still runs."""
+    runs = os.path.join(results_dir(args), "runs")
+    for method in rankings:
+        os.makedirs(os.path.join(runs, method), exist_ok=True)
+    candidates = list(range(len(rankings[RANDOM])))
+    mine = sweeps.shard(candidates, args.shard_index, args.num_shards)
+
+    # Every shard needs all base models; starting at a different one lets concurrent shards split the work.
+    base_seeds = np.roll(args.seed + np.arange(args.num_base_repeat), -args.shard_index)
+    base = query_accuracy(retrain, os.path.join(runs, "base"), [], n_train, base_seeds, candidates)
+    queries = [q for q in candidates if base[q] == 1.0]
+    if not queries:
+        raise GlueError(f"no query passes the base filter: none of the {len(candidates)} candidates is "
+                        f"classified correctly by all {args.num_base_repeat} base models; train better "
+                        "(e.g. --learning_rate, --num_train_epochs) or raise --max_query_examples")
+    passing = set(queries)
+    my_queries = [q for q in mine if q in passing]
+    logger.info("%d of %d candidate queries pass the base filter; this shard tests %d of them", len(queries),
+                len(candidates), len(my_queries))
+
+    seeds = args.seed + np.arange(args.num_repeat)
+
+    def outcome(method, query, train):
+        return query_outcome(train, os.path.join(runs, method), rankings[method][query], query,
+                             args.remove_intervals, seeds, n_train)
+
+    # Queries outermost: an interrupted run has every method's outcome for the queries it finished.
+    for query in tqdm(my_queries, desc="Queries"):
+        for method in rankings:
+            outcome(method, query, retrain)
+
+    rows = []
+    for method in rankings:
+        for query in queries:
+            found = outcome(method, query, None)
+            if found is None:
+                logger.info("Shard %d done; results are gathered when the last shard finishes (or rerun the command)",
+                            args.shard_index)
+                return None
+            rows += [{"method": method, **row} for row in found]
+    fractions = {method: [float(np.mean([r["flipped"] for r in rows if r["method"] == method and r["k"] == k]))
+                          for k in args.remove_intervals] for method in rankings}
+    return {"task": args.dataset_name, "num_train": n_train, "remove_intervals": args.remove_intervals,
+            "num_base_repeat": args.num_base_repeat, "num_repeat": args.num_repeat, "num_candidates": len(candidates),
+            "queries": queries, "base_accuracy": base.tolist(), "flip_fraction": fractions, "outcomes": rows}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Results
+
+def write_results(counterfactual: dict, output_dir: str) -> str:
+    """The JSON (everything), the per-query outcomes and the flip-fraction table as CSV; returns the JSON's path."""
+    path = os.path.join(output_dir, RESULTS_JSON)
+    results.atomic_write_json(counterfactual, path)
+    results.write_csv(os.path.join(output_dir, "counterfactual_outcomes.csv"),
+                      ["method", "query", "k", "accuracy", "flipped"],
+                      [[r["method"], r["query"], r["k"], "" if r["accuracy"] is None else r["accuracy"],
+                        int(r["flipped"])] for r in counterfactual["outcomes"]])
+    methods = list(counterfactual["flip_fraction"])
+    results.write_csv(os.path.join(output_dir, "counterfactual_flip_fraction.csv"), ["k", *methods],
+                      [[k, *(f"{counterfactual['flip_fraction'][m][i]:.4f}" for m in methods)]
+                       for i, k in enumerate(counterfactual["remove_intervals"])])
+    return path
+
+
+def read_results(folder: str) -> dict:
+    """The gathered results of a finished experiment (what --plot_only draws)."""
+    path = os.path.join(folder, RESULTS_JSON)
+    if not os.path.isfile(path):
+        raise GlueError(f"no results at {path}; run run_counterfactual.py (every shard) first")
+    with open(path) as f:
+        return json.load(f)

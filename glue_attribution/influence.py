@@ -1,0 +1,446 @@
+"""Influence fitting and scoring with kronfluence, as analyze.py runs it: factors, then pairwise (and self) scores of
+one checkpoint, each computed in a private folder and published once complete (results.py).
+
+- Staging and resume: factors are fitted stage by stage (covariance, eigendecomposition, Lambda); each finished stage
+  is recorded with its files' sha256, so a killed fit resumes after the last stage that verifies, and each stage is
+  seeded, so the resumed factors equal an uninterrupted fit's.
+- Dynamic padding: training examples and queries are sorted by length, so each batch pads to a similar length, and
+  the scores are mapped back to dataset order before they are published.
+- DDP: under torchrun every rank computes, the main rank alone decides and writes (`on_main`).
+- The token-factored trackers (fast_factors.py) replace kronfluence's for Lambda and self-influence.
+"""
+
+import copy
+import datetime
+import fnmatch
+import importlib.metadata
+import logging
+import os
+import shutil
+import tempfile
+import time
+
+import numpy as np
+import torch
+import transformers
+from kronfluence.analyzer import Analyzer, prepare_model
+from kronfluence.arguments import FactorArguments, ScoreArguments
+from kronfluence.utils.common.factor_arguments import all_low_precision_factor_arguments
+from kronfluence.utils.common.score_arguments import all_low_precision_score_arguments
+from kronfluence.utils.dataset import DataLoaderKwargs
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import pipeline
+from task import GlueTask
+
+from . import fast_factors, results
+from .errors import GlueError
+from .failpoints import failpoint
+from .scores import SCORES_META, SELF_RANKING, scores_dir
+
+logger = logging.getLogger(__name__)
+FACTORS_META = "glue_factors.json"
+FACTOR_STAGES = ("covariance", "eigendecomposition", "lambda")
+
+
+def influence_arguments(args) -> tuple:
+    """(factors_name, factor_args, scores_name, score_args), named as the seed names them."""
+    if args.factor_strategy == "trak":  # no factors: TRAK's curvature is its projected features' Gram matrix
+        return None, None, args.scores_name or "trak", None
+    if args.use_half_precision:
+        factor_args = all_low_precision_factor_arguments(strategy=args.factor_strategy, dtype=torch.bfloat16)
+        score_args = all_low_precision_score_arguments(damping_factor=args.damping_factor, dtype=torch.bfloat16)
+    else:
+        factor_args = FactorArguments(strategy=args.factor_strategy)
+        score_args = ScoreArguments(damping_factor=args.damping_factor)
+    factor_args.use_empirical_fisher = args.use_empirical_fisher
+    if args.float64:
+        for name in ("activation_covariance_dtype", "gradient_covariance_dtype", "eigendecomposition_dtype",
+                     "lambda_dtype", "per_sample_gradient_dtype"):
+            setattr(factor_args, name, torch.float64)
+        for name in ("per_sample_gradient_dtype", "precondition_dtype", "score_dtype", "query_gradient_svd_dtype"):
+            setattr(score_args, name, torch.float64)
+    factors_name = args.factor_strategy + ("_half" if args.use_half_precision else "")
+    scores_name = factors_name
+    if args.query_gradient_rank is not None:
+        score_args.query_gradient_low_rank = args.query_gradient_rank
+        score_args.query_gradient_accumulation_steps = 10  # as kronfluence's default_score_arguments
+        scores_name += f"_qlr{args.query_gradient_rank}"
+    return factors_name, factor_args, args.scores_name or scores_name, score_args
+
+
+def tracked_modules(model: nn.Module, patterns) -> list:
+    names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    if patterns is None:
+        return None
+    chosen = [name for name in names if any(fnmatch.fnmatch(name, p) for p in patterns)]
+    if not chosen:
+        raise GlueError(f"--tracked_modules {' '.join(patterns)} matches no nn.Linear module "
+                        f"(e.g. {names[0]}, {names[-1]})")
+    return chosen
+
+
+def on_main(fn, *args, **kwargs):
+    """Runs a decision or write on disk in the main process only and hands its result to every rank: under torchrun
+    all ranks compute, one writes."""
+    main = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+    result = [fn(*args, **kwargs) if main else None]
+    if torch.distributed.is_initialized():
+        torch.distributed.broadcast_object_list(result, src=0)
+    return result[0]
+
+
+def fit_factors(analyzer_at, public: str, signature: dict, factors_name: str, factor_args, train_dataset,
+                batch_size: int | None, seed: int, overwrite: bool) -> dict:
+    """Reuses the published factors for `signature`, or fits them in their private folder, resuming after the last
+    stage whose files verify, and publishes them. Each stage is seeded (the true Fisher samples labels), so a
+    resumed fit equals an uninterrupted one."""
+    meta = on_main(results.reuse, public, FACTORS_META, "factors", signature, overwrite)
+    if meta is not None:
+        logger.info("Reusing factors %s", public)
+        return meta
+    root = results.staging_dir(public, signature)
+    work = os.path.join(root, f"factors_{factors_name}")
+
+    def resumable_stages():
+        if overwrite:
+            shutil.rmtree(root, ignore_errors=True)
+        else:
+            results.salvage_stages(public, FACTORS_META, signature, root, work, list(FACTOR_STAGES))
+        return results.finished_stages(root, work, list(FACTOR_STAGES))
+
+    done = on_main(resumable_stages)
+    if done:
+        logger.info("Resuming factors after the %s stage(s) in %s", ", ".join(done), root)
+    analyzer = analyzer_at(root)
+    fit = {"factors_name": factors_name, "factor_args": factor_args, "overwrite_output_dir": False}
+    data = {"dataset": train_dataset, "per_device_batch_size": batch_size}
+    stages = {"covariance": lambda: analyzer.fit_covariance_matrices(**fit, **data),
+              "eigendecomposition": lambda: analyzer.perform_eigendecomposition(**fit),
+              "lambda": lambda: analyzer.fit_lambda_matrices(**fit, **data)}
+    timings = {}
+    for i, (stage, run) in enumerate(stages.items()):
+        if stage in done:
+            continue
+        failpoint(f"before_{stage}")
+        transformers.set_seed(seed + i)
+        before, start = results.files_in(work), time.time()
+        run()
+        timings[f"{stage}_seconds"] = time.time() - start
+        on_main(results.record_stage, root, work, stage, before)
+        failpoint(f"after_{stage}")
+
+    def publish():
+        published = results.publish(work, public, FACTORS_META, {
+            "signature": signature, "stages": results.stage_files(root, list(FACTOR_STAGES)), **timings})
+        results.clean_staging(public)
+        return published
+
+    return on_main(publish)
+
+
+def compute_scores(analyzer, root: str, public: str, args, names: tuple, score_args, datasets: tuple,
+                   orders: tuple, meta: dict, train_text) -> dict:
+    """Pairwise (and self) scores in the private folder `root`, where the factors are already linked; mapped back
+    to dataset order there (with the self-influence ranking beside them), then published. Always from scratch: one
+    stage, nothing to resume."""
+    factors_name, scores_name = names
+    query_dataset, train_dataset = datasets
+    train_order, query_order = orders
+    start = time.time()
+    analyzer.compute_pairwise_scores(
+        scores_name=scores_name, factors_name=factors_name, query_dataset=query_dataset,
+        train_dataset=train_dataset, per_device_query_batch_size=args.query_batch_size,
+        per_device_train_batch_size=args.train_batch_size, score_args=score_args, overwrite_output_dir=True)
+    if args.compute_self_scores:
+        analyzer.compute_self_scores(scores_name=scores_name, factors_name=factors_name, train_dataset=train_dataset,
+                                     score_args=score_args, per_device_train_batch_size=args.train_batch_size,
+                                     overwrite_output_dir=True)
+    meta["scores_seconds"] = time.time() - start
+    failpoint("scores_saved")
+    work = os.path.join(root, f"scores_{scores_name}")
+
+    def publish():
+        if args.compute_self_scores:
+            reorder_scores(os.path.join(work, "self_scores.safetensors"), train_order)
+            self_scores = load_file(os.path.join(work, "self_scores.safetensors"))["all_modules"].float().numpy()
+            write_self_ranking(os.path.join(work, SELF_RANKING), self_scores, train_text, args.dataset_name)
+        return publish_scores(work, root, public, meta, orders)
+
+    return on_main(publish)
+
+
+def publish_scores(work: str, root: str, public: str, meta: dict, orders: tuple) -> dict:
+    """Maps the pairwise scores in `work` (computed on `sorted_splits`) to dataset order, publishes the folder as the
+    score set `public`, and removes the private folder `root` it was computed in."""
+    reorder_scores(os.path.join(work, "pairwise_scores.safetensors"), *orders)
+    published = results.publish(work, public, SCORES_META, meta)
+    shutil.rmtree(root, ignore_errors=True)
+    results.clean_staging(public)
+    return published
+
+
+def write_self_ranking(path: str, self_scores: np.ndarray, train_text, task_name: str) -> None:
+    """Every training example, highest self-influence first (an example the model could only fit by memorising it:
+    the candidates for a wrong label), with its label and text: what a researcher reads to clean the data."""
+    task = pipeline.get_task(task_name)
+    rows = []
+    for rank, index in enumerate(np.argsort(-self_scores, kind="stable").tolist()):
+        example = train_text[index]
+        label = example["label"] if task.is_regression else task.labels[example["label"]]
+        rows.append([rank + 1, index, f"{self_scores[index]:.6g}", label, *(example[k] for k in task.keys)])
+    results.write_csv(path, ["rank", "index", "self_influence", "label", *task.keys], rows)
+
+
+def top_examples(row: np.ndarray, k: int) -> list:
+    """The k most positively, then the k most negatively influential training examples (no index twice)."""
+    order = np.argsort(-row, kind="stable")
+    return list(dict.fromkeys([*order[:k].tolist(), *order[::-1][:k].tolist()]))
+
+
+def token_scores(args, model, tokenizer, factors_public: str, factors_name: str, score_args, query,
+                 train) -> np.ndarray:
+    """Per-token influence of each training example in `train` on the one query: (examples, tokens), in `train`'s
+    order, zero past each example's length. Computed by kronfluence (per-token and per-module scores, in one batch)
+    for these few examples only: for the whole training set it would be queries x examples x tokens. Modules whose
+    input has no token axis (the pooler, the classifier) act on the [CLS] state, so their scores go to [CLS]; so an
+    example's per-token scores sum to its pairwise score."""
+    analyzer_at, (query_dataset, train_dataset), (train_order, _) = prepare(args, model, tokenizer, train, query)
+    staging = os.path.join(os.path.dirname(factors_public), results.STAGING)
+    root = tempfile.mkdtemp(prefix=f"tokens-{os.getpid()}-", dir=staging)
+    try:
+        with results.lock(factors_public):
+            results.read(factors_public, FACTORS_META, "factors")
+            results.link_tree(factors_public, os.path.join(root, f"factors_{factors_name}"))
+        token_args = copy.deepcopy(score_args)
+        token_args.compute_per_token_scores = token_args.compute_per_module_scores = True
+        analyzer = analyzer_at(root)
+        analyzer.compute_pairwise_scores(
+            scores_name="tokens", factors_name=factors_name, query_dataset=query_dataset, train_dataset=train_dataset,
+            per_device_query_batch_size=1, per_device_train_batch_size=len(train_dataset), score_args=token_args,
+            overwrite_output_dir=True)
+        per_module = [s[0].double() for s in analyzer.load_pairwise_scores("tokens").values()]  # (examples, ...)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    tokens = sum(s for s in per_module if s.dim() == 2)
+    tokens[:, 0] += sum((s for s in per_module if s.dim() == 1), torch.zeros(len(tokens), dtype=tokens.dtype))
+    if train_order is not None:
+        tokens = tokens[torch.from_numpy(np.argsort(train_order))]
+    return tokens.numpy()
+
+
+def reorder_scores(path: str, train_order: np.ndarray | None, query_order: np.ndarray | None = None) -> None:
+    """Rewrites kronfluence's scores, computed on length-sorted data, in dataset order (in the private folder); a
+    no-op for unsorted splits (orders None, --pad_to_max_length)."""
+    if train_order is None:
+        return
+    tensors = {name: to_dataset_order(scores, train_order, query_order)
+               for name, scores in load_file(path).items()}
+    with results.atomic_path(path) as tmp:
+        save_file(tensors, tmp)
+
+
+def sorted_splits(args, tokenizer, train_text, query_text) -> tuple:
+    """((train, query) tokenized, (train_order, query_order)): sorted by length for dynamic padding (each batch pads
+    to a similar length; the scores are mapped back by the orders), unsorted with --pad_to_max_length (orders
+    None)."""
+    train_dataset, query_dataset = (
+        pipeline.tokenize(d, args.dataset_name, tokenizer, args.max_seq_length, args.pad_to_max_length)
+        for d in (train_text, query_text))
+    if args.pad_to_max_length:
+        return (train_dataset, query_dataset), (None, None)
+    train_order, query_order = length_order(train_dataset), length_order(query_dataset)
+    return (train_dataset.select(train_order), query_dataset.select(query_order)), (train_order, query_order)
+
+
+def prepare(args, model, tokenizer, train_text, query_text) -> tuple:
+    """The splits of `sorted_splits`, the model wrapped for kronfluence with the token-factored trackers, and
+    `analyzer_at(folder)`."""
+    (train_dataset, query_dataset), (train_order, query_order) = sorted_splits(args, tokenizer, train_text,
+                                                                               query_text)
+    analysis_task = GlueTask(tracked_modules(model, args.tracked_modules))
+    model = prepare_model(model.double() if args.float64 else model, analysis_task)
+    if not args.stock_kronfluence:
+        fast_factors.install_fast_trackers(model)
+    if torch.distributed.is_initialized():
+        model = torch.nn.parallel.DistributedDataParallel(model.cuda(), device_ids=[torch.cuda.current_device()])
+
+    def analyzer_at(root: str) -> Analyzer:
+        analyzer = Analyzer(analysis_name=os.path.basename(root), model=model, task=analysis_task,
+                            cpu=args.device == "cpu", profile=args.profile, output_dir=os.path.dirname(root))
+        analyzer.set_dataloader_kwargs(DataLoaderKwargs(collate_fn=pipeline.collator(tokenizer)))
+        return analyzer
+
+    return analyzer_at, (query_dataset, train_dataset), (train_order, query_order)
+
+
+def join_torchrun(device: str) -> bool:
+    """Under torchrun (even with one process: kronfluence's DDP path), joins the process group. True on the main
+    process, the one that decides and writes."""
+    if "LOCAL_RANK" not in os.environ:
+        return True
+    if not torch.cuda.is_available() or device == "cpu":
+        raise GlueError("torchrun without CUDA: kronfluence only synchronises factors across CUDA processes, so a "
+                        "CPU launch would fit wrong factors; run one process instead")
+    torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    # The main process may wait on another process's lock for long: the others must not time out meanwhile.
+    torch.distributed.init_process_group(backend="nccl", timeout=datetime.timedelta(days=1))
+    return torch.distributed.get_rank() == 0
+
+
+def signatures(args, provenance: dict, factor_args, score_args) -> tuple:
+    """Everything that changes the factors, and the scores: a result is reused only for the same signature."""
+    factors = {**{k: provenance[k] for k in ("checkpoint_sha256", "dataset_name", "num_train", "train_data",
+                                             "max_seq_length")},
+               "pad_to_max_length": args.pad_to_max_length, "tracked_modules": args.tracked_modules,
+               "float64": args.float64, "seed": args.seed, "factor_args": factor_args.to_str_dict()}
+    scores = {**factors, "num_query": provenance["num_query"], "query_data": provenance["query_data"],
+              "score_args": score_args.to_str_dict(), "self_scores": args.compute_self_scores}
+    return factors, scores
+
+
+def analyze_checkpoint(args, checkpoint_dir: str, suffix: str, train_text, query_text, main_process: bool) -> str:
+    """Factors and scores of one checkpoint (an ensemble member's named with `suffix`): reused when published with
+    the same signature, else computed and published. Returns the scores' name."""
+    model, tokenizer, checkpoint_meta = pipeline.load_checkpoint(checkpoint_dir, args.dataset_name,
+                                                                 args.attn_implementation)
+    factors_name, factor_args, scores_name, score_args = influence_arguments(args)
+    scores_name = scores_name + suffix
+    scores_public = scores_dir(args.output_dir, args.dataset_name, scores_name)
+    provenance = {**pipeline.data_provenance(args.dataset_name, train_text, query_text, args.max_seq_length),
+                  "data_dir": args.data_dir, "model_name_or_path": args.model_name_or_path,
+                  "checkpoint_sha256": checkpoint_meta["files"]["model.safetensors"]["sha256"]}
+    if args.factor_strategy == "trak":
+        factors_signature, scores_signature = None, trak_signature(args, provenance)
+    else:
+        factors_signature, scores_signature = signatures(args, provenance, factor_args, score_args)
+
+    logger.info("***** Running influence analysis *****")
+    logger.info("  Task = %s, train = %d, queries = %d, strategy = %s, scores = %s, batch sizes = %d queries x %d "
+                "train, device = %s", args.dataset_name, len(train_text), len(query_text), args.factor_strategy,
+                scores_name, args.query_batch_size, args.train_batch_size, args.device)
+    with results.lock(scores_public, enabled=main_process):
+        meta = on_main(results.reuse, scores_public, SCORES_META, "scores", scores_signature,
+                       args.overwrite, "another --scores_name or --output_dir")
+        if meta is not None:
+            logger.info("Reusing scores %s", scores_public)
+            return scores_name
+        meta = {"signature": scores_signature, "provenance": provenance, "order": "dataset",
+                "scores_name": scores_name, "strategy": args.factor_strategy,
+                "checkpoint_dir": checkpoint_dir, "checkpoint_metrics": checkpoint_meta.get("metrics"),
+                "shape": [len(query_text), len(train_text)], "args": vars(args), "overrides": args.overrides}
+        scores_root = results.staging_dir(scores_public, scores_signature)
+        on_main(shutil.rmtree, scores_root, ignore_errors=True)
+        if args.factor_strategy == "trak":
+            compute_trak(args, model, tokenizer, (train_text, query_text), scores_root, scores_public, meta)
+            return scores_name
+        analyzer_at, datasets, orders = prepare(args, model, tokenizer, train_text, query_text)
+        factors_name += suffix
+        factors_public = os.path.join(args.output_dir, args.dataset_name, f"factors_{factors_name}")
+        meta["factors_name"] = factors_name
+        with results.lock(factors_public, enabled=main_process):
+            search = args.device != "cpu" and not torch.distributed.is_initialized()
+            factor_batch_size = args.factor_batch_size or (None if search else args.train_batch_size)
+            factors_meta = fit_factors(analyzer_at, factors_public, factors_signature, factors_name, factor_args,
+                                       datasets[1], factor_batch_size, args.seed, args.overwrite)
+            # A snapshot: another process may replace the published factors while these scores are computed.
+            on_main(results.link_tree, factors_public, os.path.join(scores_root, f"factors_{factors_name}"))
+        meta.update({k: v for k, v in factors_meta.items() if k.endswith("_seconds")})
+        compute_scores(analyzer_at(scores_root), scores_root, scores_public, args, (factors_name, scores_name),
+                       score_args, datasets, orders, meta, train_text)
+    return scores_name
+
+
+def trak_signature(args, provenance: dict) -> dict:
+    """Everything that changes TRAK scores."""
+    return {**{k: provenance[k] for k in ("checkpoint_sha256", "dataset_name", "num_train", "train_data",
+                                          "max_seq_length", "num_query", "query_data")},
+            "pad_to_max_length": args.pad_to_max_length, "tracked_modules": args.tracked_modules, "seed": args.seed,
+            "trak": {"proj_dim": args.proj_dim, "proj_type": "normal", "featurised": "nn.Linear weights and biases",
+                     "traker": importlib.metadata.version("traker")}}
+
+
+def compute_trak(args, model, tokenizer, texts: tuple, root: str, public: str, meta: dict) -> None:
+    """TRAK scores of one checkpoint (trak_scores.py), computed in the private folder on `sorted_splits`,
+    written in dataset order as kronfluence's layout (`all_modules`), then published."""
+    from . import trak_scores
+
+    if torch.distributed.is_initialized():
+        raise GlueError("--factor_strategy trak runs in one process; launch it without torchrun")
+    (train_dataset, query_dataset), (train_order, query_order) = sorted_splits(args, tokenizer, *texts)
+    start = time.time()
+    scores = trak_scores.compute(
+        model, train_dataset, query_dataset, pipeline.collator(tokenizer),
+        pipeline.get_task(args.dataset_name).is_regression, tracked_modules(model, args.tracked_modules),
+        args.proj_dim, (args.train_batch_size, args.query_batch_size), os.path.join(root, "traker"), seed=args.seed,
+        device=args.device, verbose=args.verbose)
+    meta["scores_seconds"] = time.time() - start
+    work = os.path.join(root, f"scores_{meta['scores_name']}")
+    os.makedirs(work)
+    save_file({"all_modules": torch.from_numpy(scores)}, os.path.join(work, "pairwise_scores.safetensors"))
+    publish_scores(work, root, public, meta, (train_order, query_order))
+
+
+
+def length_order(dataset) -> np.ndarray:
+    """Indices sorting a tokenized split longest first, so padded batches are tight (and memory peaks early)."""
+    lengths = np.array([len(ids) for ids in dataset["input_ids"]])
+    return np.argsort(-lengths, kind="stable")
+
+
+def to_dataset_order(scores: torch.Tensor, train_order: np.ndarray, query_order: np.ndarray | None = None):
+    """Undoes `length_order`: scores computed on sorted splits, indexed in dataset order (last axis: train)."""
+    if query_order is not None:
+        scores = scores[torch.from_numpy(np.argsort(query_order))]
+    return scores[..., torch.from_numpy(np.argsort(train_order))].contiguous()
+
+
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# What analyze.py checks before any work, and the token-level view after it
+
+def check_members(args, members: list) -> None:
+    """Names a wrong checkpoint before any data is fetched. An ensemble (members with seeds) explains no single
+    model (--html, self-influence), and its members differ only in their seed."""
+    from .cli import RECIPE_KEYS, check_recipe
+
+    if members[0][0] is not None and (args.html is not None or args.compute_self_scores):
+        raise GlueError(f"{'--html' if args.html else '--compute_self_scores'} explains one model; "
+                        f"{os.path.dirname(members[0][1])} holds an ensemble")
+    recipes = [{k: m.get("args", {}).get(k) for k in RECIPE_KEYS}
+               for m in (pipeline.checkpoint_meta(folder, args.dataset_name) for _, folder in members)]
+    for (_, folder), recipe in zip(members, recipes):
+        check_recipe(folder, recipe, recipes[0])
+
+
+def check_queries(args, num_train: int, num_queries: int) -> None:
+    """--inspect_query within the queries; TRAK's projection below the number of training examples (it inverts the
+    Gram matrix of the projected training gradients, singular from proj_dim = examples on). Sets the default
+    --proj_dim: half the training examples, at most 2048."""
+    if args.inspect_query is not None and not 0 <= args.inspect_query < num_queries:
+        raise GlueError(f"--inspect_query {args.inspect_query} is out of range: there are {num_queries} queries")
+    if args.factor_strategy == "trak":
+        args.proj_dim = args.proj_dim or min(2048, num_train // 2)
+        if args.proj_dim >= num_train:
+            raise GlueError(f"--proj_dim {args.proj_dim} is not below the {num_train} training examples: TRAK "
+                            f"inverts a singular Gram matrix then; pass --proj_dim {num_train // 2}, say")
+
+
+def leave_torchrun() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def token_report(args, checkpoint_dir: str, scores: np.ndarray, scores_name: str, query_text, train_text) -> None:
+    """--html: the per-token influence of the query's top examples, as a page with its numbers beside it."""
+    from . import report
+
+    picks = top_examples(scores[args.inspect_query], args.top_k)
+    factors_name, _, _, score_args = influence_arguments(args)
+    factors_public = os.path.join(args.output_dir, args.dataset_name, f"factors_{factors_name}")
+    model, tokenizer, _ = pipeline.load_checkpoint(checkpoint_dir, args.dataset_name, args.attn_implementation)
+    tokens = token_scores(args, model, tokenizer, factors_public, factors_name, score_args,
+                          query_text.select([args.inspect_query]), train_text.select(picks))
+    report.write_token_report(args, tokenizer, scores, picks, tokens, query_text, train_text, scores_name)

@@ -1,0 +1,351 @@
+"""Linear datamodeling score (LDS): how well influence scores predict what retraining on random subsets does.
+
+The ground truth: the model retrained on `num_masks` random subsets of the training set (each keeping exactly
+`subset_fraction` of it), `num_repeats` times each with the train.py recipe, every query's margin recorded. Each
+retrain is one small file (runs/mask<m>_repeat<r>.npz), so a killed build redoes only what is missing; margins.npy
+(averaged over repeats) and ground_truth.json seal the folder once every run is there.
+
+The statistics: per query, the Spearman correlation over masks between its margin and the sum of its scores over the
+kept examples; the LDS is the mean over queries, with its standard error over queries, a 95% bootstrap interval over
+masks, and paired differences against a reference set (same queries, same resamples).
+"""
+
+import logging
+import os
+
+import numpy as np
+from scipy.stats import rankdata
+from tqdm.auto import tqdm
+
+import pipeline
+
+from . import results, sweeps
+from .cli import RECIPE_DEFAULTS
+from .ensembles import combine
+from .errors import GlueError, ResultDamaged, ResultMissing
+from .failpoints import failpoint
+from .scores import analyze_command, load_scores, member, member_seeds
+
+logger = logging.getLogger(__name__)
+BASELINES = ("same-label", "random")
+GROUND_TRUTH_META = "ground_truth.json"
+EXPERIMENT_ARGS = "experiment_args.json"
+MAX_REPEATS = 1000  # run seeds are seed + MAX_REPEATS * mask + repeat, distinct while repeats stay below this
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Ground truth
+
+def ground_truth_arguments(args) -> dict:
+    """Everything that changes the ground truth (not the device or sharding): names its folder, guards reuse."""
+    return {"dataset_name": args.dataset_name, "data_dir": args.data_dir, "model_name_or_path": args.model_name_or_path,
+            "max_seq_length": args.max_seq_length, "pad_to_max_length": args.pad_to_max_length,
+            "max_train_samples": pipeline.train_size(args.dataset_name, args.max_train_samples),
+            "max_query_examples": args.max_query_examples, "num_masks": args.num_masks,
+            "subset_fraction": args.subset_fraction, "num_repeats": args.num_repeats,
+            "stratify_masks": args.stratify_masks, "seed": args.seed,
+            "recipe": {key: getattr(args, key) for key in RECIPE_DEFAULTS},
+            # Only when set, so that the ground truths built before label noise existed keep their names.
+            **({"label_noise": args.label_noise, "label_noise_seed": args.label_noise_seed}
+               if args.label_noise else {})}
+
+
+def ground_truth_dir(args) -> str:
+    """--lds_dir, or <output_dir>/<task>/lds_<digest of the ground truth's arguments>."""
+    if args.lds_dir is not None:
+        return args.lds_dir
+    return results.experiment_dir(os.path.join(args.output_dir, args.dataset_name), "lds", ground_truth_arguments(args))
+
+
+def claim_ground_truth(args) -> str:
+    """The ground truth's folder, recording its arguments there (a folder built with other arguments is refused)."""
+    if not 1 <= args.num_repeats < MAX_REPEATS:
+        raise GlueError(f"--num_repeats must be in [1, {MAX_REPEATS}), got {args.num_repeats}")
+    folder = ground_truth_dir(args)
+    results.claim_experiment(folder, ground_truth_arguments(args), keep_both="another --lds_dir")
+    return folder
+
+
+def make_masks(num_train: int, num_masks: int, fraction: float, seed: int, labels=None) -> np.ndarray:
+    """(num_masks, num_train) int8 rows keeping exactly round(fraction * n) examples; with `labels`, exactly
+    round(fraction * n_c) of each class c."""
+    rng = np.random.default_rng(seed)
+    labels = np.zeros(num_train, dtype=int) if labels is None else np.asarray(labels)
+    masks = np.zeros((num_masks, num_train), dtype=np.int8)
+    for mask in masks:
+        for label in np.unique(labels):
+            members = np.flatnonzero(labels == label)
+            mask[rng.permutation(members)[:round(fraction * len(members))]] = 1
+    return masks
+
+
+def run_seed(seed: int, mask: int, repeat: int) -> int:
+    return seed + MAX_REPEATS * mask + repeat
+
+
+def run_path(folder: str, mask: int, repeat: int) -> str:
+    return os.path.join(folder, "runs", f"mask{mask:04d}_repeat{repeat:03d}.npz")
+
+
+def save_npy(path: str, array: np.ndarray) -> None:
+    with results.atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, array)
+
+
+def load_or_make_masks(folder: str, args, train_labels) -> np.ndarray:
+    """The folder's masks; the first process to get here draws and saves them (every shard draws the same, so a
+    damaged file is simply drawn again)."""
+    path = os.path.join(folder, "masks.npy")
+    masks = make_masks(len(train_labels), args.num_masks, args.subset_fraction, args.seed,
+                       train_labels if args.stratify_masks else None)
+    try:
+        if np.array_equal(np.load(path, allow_pickle=False), masks):
+            return masks
+        logger.warning("%s differs from the masks these arguments draw; redrawing it", path)
+    except (OSError, ValueError, EOFError):
+        pass
+    save_npy(path, masks)
+    return masks
+
+
+def load_run(folder: str, mask: int, repeat: int, num_query: int) -> dict | None:
+    """A finished retrain's margins and correct flags (None if missing; a damaged one is deleted, to be redone)."""
+    return results.load_run(run_path(folder, mask, repeat), {"margins": (num_query,)})
+
+
+def retrain_runs(folder: str, args, masks: np.ndarray, train_text, query_text) -> None:
+    """Retrains this shard's missing or damaged (mask, repeat) runs, saving each as it ends."""
+    runs = [(m, r) for m in range(args.num_masks) for r in range(args.num_repeats)]
+    mine = sweeps.shard(runs, args.shard_index, args.num_shards)
+    pending = [(m, r) for m, r in mine if load_run(folder, m, r, len(query_text)) is None]
+    logger.info("***** Building LDS ground truth in %s *****", folder)
+    logger.info("  Runs = %d (%d masks x %d repeats), this shard = %d, already done = %d, keep %d of %d examples",
+                len(runs), args.num_masks, args.num_repeats, len(mine), len(mine) - len(pending),
+                int(masks[0].sum()), masks.shape[1])
+    if not pending:
+        return
+    retrain = sweeps.retrainer(args, train_text, query_text)
+    os.makedirs(os.path.join(folder, "runs"), exist_ok=True)
+    with tqdm(pending, desc=f"Retrains (shard {args.shard_index}/{args.num_shards})", unit="run") as progress:
+        for m, r in progress:
+            seed = run_seed(args.seed, m, r)
+            result = retrain(np.flatnonzero(masks[m]), seed)
+            results.save_arrays(run_path(folder, m, r), **result, seed=np.array(seed))
+            failpoint("lds_run_saved")
+            if "correct" in result:  # classification
+                progress.set_postfix(query_acc=f"{result['correct'].mean():.3f}")
+
+
+def merge_runs(folder: str, args, provenance: dict) -> bool:
+    """Averages the runs over repeats into margins.npy once all are present and sound, and seals the folder with
+    ground_truth.json (summary, provenance, sha256 of masks and margins); False if runs are missing."""
+    with results.lock(folder):  # the last two shards may finish together
+        runs = [[load_run(folder, m, r, provenance["num_query"]) for r in range(args.num_repeats)]
+                for m in range(args.num_masks)]
+        missing = sum(run is None for row in runs for run in row)
+        if missing:
+            logger.info("%d of %d runs missing; rerun (or `build --merge_only`) once every shard has finished",
+                        missing, args.num_masks * args.num_repeats)
+            return False
+        margins = np.stack([[run["margins"] for run in row] for row in runs])  # (masks, repeats, queries)
+        correct = [run["correct"] for row in runs for run in row if "correct" in run]  # none for regression
+        summary = {"num_runs": int(margins.shape[0] * margins.shape[1]),
+                   "query_accuracy": float(np.mean(correct)) if correct else None,
+                   # How reproducible one retrain is: over masks, Spearman between two seeds' margins, mean over
+                   # queries.
+                   "repeat_spearman": (float(spearman_rows(margins[:, 0].T, margins[:, 1].T).mean())
+                                       if args.num_repeats > 1 else None)}
+        save_npy(os.path.join(folder, "margins.npy"), margins.mean(axis=1))
+        results.seal(folder, GROUND_TRUTH_META, {**summary, "provenance": provenance},
+                       files=["masks.npy", "margins.npy"])
+    logger.info("Merged %d runs into %s: %s", summary["num_runs"], os.path.join(folder, "margins.npy"), summary)
+    return True
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Scoring
+
+def pearson_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Pearson correlation of each row of `a` with the same row of `b`. A constant row (e.g. the same-label score
+    under stratified masks) predicts no difference between masks: its correlation counts as 0."""
+    a = a - a.mean(axis=1, keepdims=True)
+    b = b - b.mean(axis=1, keepdims=True)
+    numerator = (a * b).sum(axis=1)
+    denominator = np.sqrt((a**2).sum(axis=1) * (b**2).sum(axis=1))
+    return np.divide(numerator, denominator, out=np.zeros_like(numerator), where=denominator > 0)
+
+
+def spearman_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return pearson_rows(rankdata(a, axis=1), rankdata(b, axis=1))
+
+
+def load_ground_truth(args, provenance: dict) -> tuple:
+    """(folder, masks (num_masks, n_train), margins (num_masks, n_query), summary) of a finished, verified build
+    on this data."""
+    folder = ground_truth_dir(args)
+    try:
+        summary = results.read(folder, GROUND_TRUTH_META, "LDS ground truth", provenance)
+    except ResultMissing:
+        raise GlueError(f"no finished LDS ground truth in {folder}; build it with: python evaluate_lds.py build "
+                        "(with the same flags as this command)") from None
+    except ResultDamaged as err:
+        raise GlueError(f"{err}; rerun `python evaluate_lds.py build` with the same flags to repair it (finished "
+                        "retrains are kept)") from None
+    results.claim_experiment(folder, ground_truth_arguments(args), keep_both="another --lds_dir")  # same arguments
+    masks = np.load(os.path.join(folder, "masks.npy"), allow_pickle=False)
+    return folder, masks, np.load(os.path.join(folder, "margins.npy"), allow_pickle=False), summary
+
+
+def baseline_scores(args, train_labels, query_labels) -> dict:
+    """Reference rows: `same-label` (+1 for training examples with the query's true label, -1 otherwise; what a
+    ground truth that only counts kept examples per class rewards) and `random` (seeded Gaussian scores, LDS ~0)."""
+    train_labels, query_labels = np.asarray(train_labels), np.asarray(query_labels)
+    rng = np.random.default_rng(args.seed)
+    baselines = {"random": rng.standard_normal((len(query_labels), len(train_labels)), dtype=np.float32)}
+    if not pipeline.get_task(args.dataset_name).is_regression:
+        baselines["same-label"] = np.where(query_labels[:, None] == train_labels[None, :], 1, -1).astype(np.float32)
+    return {name: baselines[name] for name in BASELINES if name in baselines}
+
+
+def lds_per_query(scores: np.ndarray, masks: np.ndarray, margin_ranks: np.ndarray) -> np.ndarray:
+    """Each query's Spearman, over masks, between its margin and the sum of its scores over the kept examples."""
+    return pearson_rows(rankdata(scores.astype(np.float64) @ masks.T.astype(np.float64), axis=1), margin_ranks)
+
+
+def lds_table(scores: dict, masks: np.ndarray, margins: np.ndarray, num_bootstrap: int, seed: int,
+              reference: str | None = None) -> dict:
+    """Per score set: LDS (mean over queries), its standard error over queries, a 95% bootstrap interval over masks,
+    and the paired difference against the `reference` set (same queries, same mask resamples)."""
+    # Spearman = Pearson of ranks. The bootstrap resamples masks and keeps each mask's rank in the full set:
+    # re-ranking a resample ties its duplicated masks, which biases the interval away from the estimate.
+    margin_ranks = rankdata(margins.T, axis=1)  # (queries, masks)
+    ranks = {name: rankdata(s.astype(np.float64) @ masks.T.astype(np.float64), axis=1) for name, s in scores.items()}
+    per_query = {name: pearson_rows(r, margin_ranks) for name, r in ranks.items()}
+    rng = np.random.default_rng(seed)
+    boot = {name: np.empty(num_bootstrap) for name in scores}
+    for b in range(num_bootstrap):
+        picks = rng.integers(0, masks.shape[0], masks.shape[0])
+        for name, r in ranks.items():
+            boot[name][b] = pearson_rows(r[:, picks], margin_ranks[:, picks]).mean()
+
+    def summary(values, resampled):
+        return {"mean": float(values.mean()), "se_queries": float(values.std(ddof=1) / np.sqrt(len(values))),
+                "ci95_masks": [float(x) for x in np.percentile(resampled, [2.5, 97.5])]}
+
+    table = {}
+    for name in scores:
+        table[name] = summary(per_query[name], boot[name])
+        if reference in scores and name != reference:
+            table[name]["versus"] = {"reference": reference, **summary(per_query[name] - per_query[reference],
+                                                                       boot[name] - boot[reference])}
+    return table
+
+
+def load_data(args) -> tuple:
+    """(train_text, query_text, provenance): the examples the ground truth covers, as analyze.py scored them."""
+    train_text, query_text = pipeline.load_train_and_queries(args.dataset_name, args.data_dir, args.max_train_samples,
+                                                             args.max_query_examples, args.label_noise,
+                                                             args.label_noise_seed)
+    return train_text, query_text, pipeline.data_provenance(args.dataset_name, train_text, query_text,
+                                                            args.max_seq_length)
+
+
+def data_and_ground_truth(args) -> tuple:
+    """(train_text, query_text, provenance, (folder, masks, margins, summary)): what every score set is checked
+    against, and the verified ground truth built on it."""
+    train_text, query_text, provenance = load_data(args)
+    return train_text, query_text, provenance, load_ground_truth(args, provenance)
+
+
+def reference_set(requested: str | None, names) -> str | None:
+    """The set every other is compared with, paired: --reference, else ekfac if scored, else identity."""
+    if requested is not None and requested not in names:
+        raise GlueError(f"--reference {requested} is not among the scored sets; add it to --strategies")
+    return requested or next((n for n in ("ekfac", "identity") if n in names), None)
+
+
+def describe(args, masks: np.ndarray, margins: np.ndarray, summary: dict) -> str:
+    """The table's title: the ground truth's size, and how good and how reproducible its retrains are."""
+    return (f"LDS on {args.dataset_name}: {masks.shape[0]} masks x {args.num_repeats} repeats keeping "
+            f"{int(masks[0].sum())} of {masks.shape[1]} examples, {margins.shape[1]} queries"
+            + (f"; retrains' query accuracy {summary['query_accuracy']:.3f}"
+               if summary["query_accuracy"] is not None else "")
+            + (f", seed-to-seed Spearman {summary['repeat_spearman']:.3f}"
+               if summary["repeat_spearman"] is not None else ""))
+
+
+def agreement(a: np.ndarray, b: np.ndarray, k: int = 10) -> dict:
+    """How alike two score sets on the same queries are: per-query Spearman, overlap of the top-k training examples
+    (out of k) and how often the top-1 is the same, each averaged over queries."""
+    top_a, top_b = np.argsort(-a, axis=1)[:, :k], np.argsort(-b, axis=1)[:, :k]
+    overlap = [len(set(x) & set(y)) for x, y in zip(top_a, top_b)]
+    return {"spearman": float(spearman_rows(a, b).mean()), f"top{k}_overlap": float(np.mean(overlap)),
+            "top1_same": float(np.mean(top_a[:, 0] == top_b[:, 0]))}
+
+
+def scored_members(output_dir: str, task_name: str, method: str) -> list:
+    """Seeds S of the published member sets <method>_seed<S>, in order."""
+    folder = os.path.join(output_dir, task_name)
+    names = [name[len("scores_"):] for name in (os.listdir(folder) if os.path.isdir(folder) else [])
+             if name.startswith("scores_")]
+    return member_seeds(names, method)
+
+
+def ensemble_curves(args, provenance: dict, masks: np.ndarray, margins: np.ndarray) -> dict:
+    """Per method: the seeds of its members and, for 1, 2, 4, ... ensembled models, their LDS (and, with
+    --stability_dir, their agreement with the same members computed under other randomness)."""
+    margin_ranks = rankdata(margins.T, axis=1)
+    curves = {}
+    for method in args.strategies:
+        seeds = scored_members(args.output_dir, args.dataset_name, method)
+        if args.stability_dir is not None:
+            seeds = [s for s in seeds if s in scored_members(args.stability_dir, args.dataset_name, method)]
+        if not seeds:
+            where = os.path.join(args.output_dir, args.dataset_name)
+            command = analyze_command(args.output_dir, args.dataset_name, f"{method}_{member(0)}")
+            raise GlueError(f"no member score sets {method}_{member('<S>')} in {where}"
+                            + (f" (and {args.stability_dir})" if args.stability_dir else "")
+                            + f"; make them with: {command}")
+        members, metas = zip(*(load_scores(args.output_dir, args.dataset_name, f"{method}_{member(seed)}", provenance)
+                               for seed in seeds))
+        seconds = [sum(v for k, v in meta.items() if k.endswith("_seconds")) for meta in metas]
+        others = stability_counterparts(args, method, seeds, metas, provenance) if args.stability_dir else None
+        rows = curve_rows(members, others, masks, margin_ranks)
+        for row in rows:
+            row["seconds_per_model"] = float(np.mean(seconds))
+        curves[method] = {"seeds": seeds, "rows": rows}
+    return curves
+
+
+def stability_counterparts(args, method: str, seeds: list, metas: list, provenance: dict) -> list:
+    """The member sets of `method` in --stability_dir: the same checkpoints and data, other randomness."""
+    others = []
+    for seed, meta in zip(seeds, metas):
+        scores, other = load_scores(args.stability_dir, args.dataset_name, f"{method}_{member(seed)}", provenance)
+        if other["provenance"].get("checkpoint_sha256") != meta["provenance"].get("checkpoint_sha256"):
+            raise GlueError(f"{method}_{member(seed)} in --stability_dir {args.stability_dir} was computed from "
+                            "another checkpoint; both folders must analyse the same ensemble")
+        if other.get("signature") == meta.get("signature"):
+            raise GlueError(f"{method}_{member(seed)} in --stability_dir {args.stability_dir} was computed with the "
+                            "same arguments; recompute it there with another analyze.py --seed")
+        others.append(scores)
+    return others
+
+
+def curve_rows(members: list, others: list | None, masks: np.ndarray, margin_ranks: np.ndarray) -> list:
+    """For 1, 2, 4, ... models: the LDS of each disjoint group of consecutive members, combined; with `others`
+    (the same members under other randomness), each group's agreement with its counterpart, averaged."""
+    rows = []
+    for size in (2**i for i in range(len(members).bit_length())):
+        groups = [range(i, i + size) for i in range(0, len(members) - size + 1, size)]
+        combined = [combine([members[j] for j in g]) for g in groups]
+        lds = [lds_per_query(c, masks, margin_ranks).mean() for c in combined]
+        row = {"models": size, "groups": len(groups), "lds_mean": float(np.mean(lds)),
+               "lds_sd": float(np.std(lds, ddof=1)) if len(lds) > 1 else None, "lds": [float(x) for x in lds]}
+        if others is not None:
+            agree = [agreement(c, combine([others[j] for j in g])) for c, g in zip(combined, groups)]
+            row["stability"] = {k: float(np.mean([a[k] for a in agree])) for k in agree[0]}
+        rows.append(row)
+    return rows
+
+

@@ -1,0 +1,88 @@
+"""The figures: LDS bars, LDS against ensemble size, counterfactual flips against k, mislabeled data found against
+the fraction inspected. Each is drawn from a results JSON's numbers, through one helper (`figure`) that uses the
+headless Agg backend and writes the file under a temporary name, then renames it.
+"""
+
+import os
+from contextlib import contextmanager
+
+import numpy as np
+
+from . import results
+
+
+@contextmanager
+def figure(path: str, figsize: tuple):
+    """Yields the axes of a new figure; on leaving, lays it out and writes it to `path` (the extension picks the
+    format) atomically: a figure that exists is complete."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=figsize)
+    try:
+        yield ax
+        fig.tight_layout()
+        results.make_output_dir(os.path.dirname(os.path.abspath(path)))
+        with results.atomic_path(path, os.path.splitext(path)[1]) as tmp:
+            fig.savefig(tmp, dpi=150)
+    finally:
+        plt.close(fig)
+
+
+def lds_bars(table: dict, path: str, title: str, baselines: tuple) -> None:
+    """Bars of LDS with the mask-bootstrap interval as error bars (the wider, more honest of the two)."""
+    names = list(table)
+    means = np.array([table[n]["mean"] for n in names])
+    intervals = np.array([table[n]["ci95_masks"] for n in names])
+    errors = np.abs(np.stack([means - intervals[:, 0], intervals[:, 1] - means]))
+    with figure(path, (1.1 * len(names) + 2, 3.5)) as ax:
+        ax.bar(names, means, yerr=errors, capsize=4, color=["0.6" if n in baselines else "C0" for n in names])
+        ax.axhline(0, color="black", linewidth=0.8)
+        ax.set_ylabel("LDS (Spearman)")
+        ax.set_title(title, fontsize=9)
+
+
+def ensemble_curve(curves: dict, path: str, title: str) -> None:
+    """LDS against the number of ensembled models, one line per method, ± sd over groups of members."""
+    from matplotlib.ticker import ScalarFormatter
+
+    with figure(path, (4.5, 3.5)) as ax:
+        for method, result in curves.items():
+            rows = result["rows"]
+            ax.errorbar([r["models"] for r in rows], [r["lds_mean"] for r in rows],
+                        yerr=[r["lds_sd"] or 0 for r in rows], marker="o", capsize=3, label=method)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks([r["models"] for r in max(curves.values(), key=lambda r: len(r["rows"]))["rows"]])
+        ax.get_xaxis().set_major_formatter(ScalarFormatter())
+        ax.set_xlabel("fine-tuned models in the ensemble")
+        ax.set_ylabel("LDS (Spearman)")
+        ax.set_title(title, fontsize=9)
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+
+
+def flip_fractions(counterfactual: dict, path: str) -> None:
+    """Fraction of queries flipped against k, one line per method (counterfactual_results.json)."""
+    with figure(path, (5, 3.6)) as ax:
+        for i, (method, fractions) in enumerate(counterfactual["flip_fraction"].items()):
+            ax.plot(counterfactual["remove_intervals"], fractions, marker="os^vDP"[i % 6], label=method)  # ties show
+        ax.set_xticks(counterfactual["remove_intervals"])
+        ax.set(xlabel="training examples removed (k)", ylabel="fraction of queries flipped", ylim=(-0.02, 1.02),
+               title=f"{counterfactual['task']}: {len(counterfactual['queries'])} queries, "
+                     f"{counterfactual['num_train']} training examples")
+        ax.grid(alpha=0.3)
+        ax.legend()
+
+
+def found_curves(curves: dict, path: str, title: str, baselines: tuple) -> None:
+    """Fraction of the flipped labels found against the fraction of the training set inspected, per ranking."""
+    with figure(path, (5.2, 3.8)) as ax:
+        for i, (name, curve) in enumerate(curves.items()):
+            inspected = np.arange(1, len(curve) + 1) / len(curve)
+            ax.plot(inspected, curve, label=name, linestyle="--" if name in baselines else "-", color=f"C{i}")
+        ax.set(xlabel="fraction of the training set inspected", ylabel="fraction of flipped labels found",
+               xlim=(0, 1), ylim=(0, 1.01), title=title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)

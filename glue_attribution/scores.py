@@ -1,0 +1,90 @@
+"""Score sets on disk, as analyze.py publishes them: `<output_dir>/<task>/scores_<name>/pairwise_scores.safetensors`
+(kronfluence's layout; queries x training examples, dataset order) with `glue_scores.json` (signature, provenance,
+each file's sha256). Every consumer (LDS, counterfactual, ensembles, detection) reads them through `load_scores`.
+
+Names: member S of an ensemble is the checkpoint folder `seed<S>` (`train.py --seed A B ...`) and the score sets
+`<name>_seed<S>`; their combination (ensembles.py) is `<name>_ens<N>`.
+"""
+
+import os
+import re
+
+from . import results
+from .errors import GlueError, ResultDamaged, ResultMissing
+
+SCORES_META = "glue_scores.json"
+SELF_RANKING = "self_influence_ranking.csv"
+_MEMBER = re.compile(r"(?:(.+)_)?seed(-?\d+)")
+
+
+def member(seed: int) -> str:
+    """An ensemble member's name: its checkpoint folder, and the suffix of its score sets (<name>_seed<S>)."""
+    return f"seed{seed}"
+
+
+def parse_member(name: str) -> tuple | None:
+    """(base, seed) of a member's name: ("ekfac", 3) for "ekfac_seed3", ("", 3) for "seed3"; None otherwise."""
+    match = _MEMBER.fullmatch(name)
+    return (match.group(1) or "", int(match.group(2))) if match else None
+
+
+def member_seeds(names, base: str = "") -> list:
+    """The seeds S, in order, of the members among `names`: score sets `<base>_seed<S>`, or with base "" the
+    checkpoint folders `seed<S>`."""
+    return sorted(parsed[1] for parsed in map(parse_member, names) if parsed and parsed[0] == base)
+
+
+def ensemble_name(scores_name: str, num_members: int) -> str:
+    return f"{scores_name}_ens{num_members}"
+
+
+def base_name(scores_name: str) -> str:
+    """The score set's name without a member's or an ensemble's suffix."""
+    return re.fullmatch(r"(.+?)(?:_seed-?\d+|_ens\d+)?", scores_name).group(1)
+
+
+def scores_dir(output_dir: str, task_name: str, scores_name: str) -> str:
+    """Where a score set is published: <output_dir>/<task>/scores_<name>/ (kronfluence's layout)."""
+    return os.path.join(output_dir, task_name, f"scores_{scores_name}")
+
+
+def analyze_command(output_dir: str, task_name: str, scores_name: str) -> str:
+    """The analyze.py command that makes the score set `scores_name` (as analyze.py names its sets)."""
+    base = base_name(scores_name)
+    strategy, *parts = base.split("_")
+    flags = [f"--factor_strategy {strategy}"]
+    for part in parts:
+        if part == "half":
+            flags.append("--use_half_precision")
+        elif part.startswith("qlr") and part[3:].isdigit():
+            flags.append(f"--query_gradient_rank {part[3:]}")
+        else:  # a custom --scores_name
+            flags = [f"--scores_name {base}"]
+            break
+    if base != scores_name:  # an ensemble's member or combination
+        flags.append("--checkpoint_dir <the ensemble's root>")
+    return (f"python analyze.py --dataset_name {task_name} --output_dir {output_dir} {' '.join(flags)} (plus the data "
+            "flags it was computed with)")
+
+
+def load_scores(output_dir: str, task_name: str, scores_name: str, expected: dict | None = None,
+                kind: str = "pairwise") -> tuple:
+    """A verified score set: (scores as float32 numpy, queries x train in dataset order, or train for "self"; meta).
+
+    Raises:
+        GlueError: missing, damaged or computed on other data (`expected` provenance), naming the command to rerun.
+    """
+    from safetensors.torch import load_file  # numpy has no bfloat16 (--use_half_precision)
+
+    folder = scores_dir(output_dir, task_name, scores_name)
+    rerun = analyze_command(output_dir, task_name, scores_name)
+    try:
+        meta = results.read(folder, SCORES_META, f"scores '{scores_name}'", expected)
+    except (ResultMissing, ResultDamaged) as err:
+        raise GlueError(f"{err}; make them with: {rerun}") from None
+    name = f"{kind}_scores.safetensors"
+    if name not in meta["files"]:
+        raise GlueError(f"scores '{scores_name}' in {folder} have no {kind} scores; rerun: {rerun}"
+                        + (" --compute_self_scores" if kind == "self" else ""))
+    scores = load_file(os.path.join(folder, name))["all_modules"].float().numpy().copy()  # not a view of the file
+    return scores, meta
