@@ -134,8 +134,9 @@ def main():
         return
     scores_name = names[0]
     if members[0][0] is not None:
-        scores_name, _ = ensembles.publish(args.output_dir, args.dataset_name, influence.influence_arguments(args)[2],
-                                           [(seed, name) for (seed, _), name in zip(members, names)], args.overwrite)
+        scores_name, _ = ensembles.publish_ensemble(
+            args.output_dir, args.dataset_name, influence.influence_arguments(args)[2],
+            [(seed, name) for (seed, _), name in zip(members, names)], args.overwrite)
         logger.info("Ensemble of %d checkpoints (seeds %s): %s", len(members), " ".join(str(s) for s, _ in members),
                     scores_name)
 

@@ -71,10 +71,11 @@ def main():
     suspicion = detection.rankings(args, train_text, folder)
     metrics = {name: detection.detection_metrics(s, flipped) for name, s in suspicion.items()}
     report.print_detection_table(metrics, detection.INSPECTED)
-    results_path = detection.write_results(folder, args, suspicion, flipped, train_text["label"], metrics)
+    results_path = detection.write_detection(folder, args, suspicion, flipped, train_text["label"], metrics)
     figure = args.figure or os.path.join(folder, "detection.png")
     plots.found_curves({name: detection.found_curve(s, flipped) for name, s in suspicion.items()}, figure,
-                       f"{args.dataset_name}: {flipped.sum()} of {len(flipped)} labels flipped", detection.BASELINES)
+                       f"{args.dataset_name}: {flipped.sum()} of {len(flipped)} labels flipped",
+                       detection.BASELINE_RANKINGS)
     logger.info("Results: %s, figure: %s", results_path, figure)
 
 

@@ -158,7 +158,7 @@ def score(args) -> None:
                                "num_train": int(masks.shape[1]), "num_bootstrap": args.num_bootstrap, **summary,
                                "results": table}, results_path)
     figure = args.figure or os.path.join(folder, "lds.png")
-    plots.lds_bars(table, figure, title.split(";")[0], lds.BASELINES)
+    plots.lds_bars(table, figure, title.split(";")[0], lds.BASELINE_SCORES)
     logger.info("Wrote %s and %s", results_path, figure)
     if args.inspect_query is not None:
         name = args.strategies[0]

@@ -92,7 +92,7 @@ def main():
                                                              args.label_noise, args.label_noise_seed)
     rankings = counterfactual.load_rankings(args, train_text, query_text["label"])
     counterfactual.check_intervals(args.remove_intervals, rankings, len(train_text), args.train_batch_size)
-    results.claim_experiment(folder, counterfactual.arguments(args, rankings),
+    results.claim_experiment(folder, counterfactual.experiment_arguments(args, rankings),
                              keep_both="another --counterfactual_dir")
 
     logger.info("***** Running counterfactual retraining *****")
@@ -104,7 +104,7 @@ def main():
         return
     for i, k in enumerate(outcomes["remove_intervals"]):
         logger.info("  k = %4d: %s", k, ", ".join(f"{m} {f[i]:.2f}" for m, f in outcomes["flip_fraction"].items()))
-    counterfactual.write_results(outcomes, folder)
+    counterfactual.write_outcomes(outcomes, folder)
     plots.flip_fractions(outcomes, figure)
     logger.info("Results in %s, figure: %s", folder, figure)
 

@@ -121,7 +121,7 @@ def stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
-def run(cmd: list, deadline: float) -> float:
+def run_timed(cmd: list, deadline: float) -> float:
     """Runs a command to its end, its output shown as it goes, stopped at `deadline`; returns its seconds."""
     log("$ " + " ".join(cmd))
     script = next(arg for arg in cmd if arg.endswith(".py"))
@@ -221,7 +221,7 @@ def step_ddp(args, numbers: Numbers, deadline: float) -> None:
     data = ["--dataset_name", "sst2", "--data_dir", args.data_dir, "--max_train_samples", str(n),
             "--max_seq_length", "64", *device]
     checkpoints = os.path.join(work, "checkpoints")
-    numbers["train_s"] = run([sys.executable, "train.py", *data, "--model_name_or_path", pretrained,
+    numbers["train_s"] = run_timed([sys.executable, "train.py", *data, "--model_name_or_path", pretrained,
                               "--checkpoint_dir", checkpoints, "--num_train_epochs", "1", "--train_batch_size", "16",
                               "--learning_rate", "1e-4", "--max_eval_samples", str(queries)], deadline)
     analyze = ["analyze.py", *data, "--checkpoint_dir", checkpoints, "--max_query_examples", str(queries),
@@ -234,7 +234,7 @@ def step_ddp(args, numbers: Numbers, deadline: float) -> None:
     scores = {}
     for name, launcher in launchers.items():
         output_dir = os.path.join(work, name)
-        numbers[f"{name}_s"] = run([*launcher, *analyze, "--output_dir", output_dir], deadline)
+        numbers[f"{name}_s"] = run_timed([*launcher, *analyze, "--output_dir", output_dir], deadline)
         path = os.path.join(output_dir, "sst2", "scores_ekfac", "pairwise_scores.safetensors")
         scores[name] = load_file(path)["all_modules"].double().numpy()
     single, ddp = scores["single"], scores["ddp"]

@@ -131,6 +131,17 @@ def add_shard_args(parser) -> None:
                         help="How many processes share the runs (default: torchrun's WORLD_SIZE, else 1).")
 
 
+# Flags that change no result (where and how a run goes, and what from_checkpoint adds): left out of the arguments
+# that name an experiment's folder, so a folder may be resumed or merged under other values of them.
+RUN_ONLY = ("device", "output_dir", "figure", "verbose", "checkpoint_dir", "configured_by", "overrides", "shard_index",
+            "num_shards")
+
+
+def result_arguments(args, *also_run_only: str) -> dict:
+    """The arguments that change an experiment's results: they name its folder and guard its reuse."""
+    return {k: v for k, v in vars(args).items() if k not in (*RUN_ONLY, *also_run_only)}
+
+
 def train_config(args) -> pipeline.TrainConfig:
     """The recipe flags as the `TrainConfig` that `pipeline.finetune` takes."""
     return pipeline.TrainConfig(**{key: getattr(args, key) for key in RECIPE_DEFAULTS})

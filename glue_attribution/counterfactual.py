@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 import pipeline
 
 from . import results, sweeps
+from .cli import result_arguments
 from .errors import GlueError
 from .scores import load_scores
 
@@ -23,21 +24,19 @@ logger = logging.getLogger(__name__)
 RANDOM = "random"
 FLIP_BELOW = 0.5  # a query is flipped once its mean accuracy over the retrains drops below this
 RESULTS_JSON = "counterfactual_results.json"
-# Arguments that do not change any result, so a results folder may be resumed or merged with other values.
-NOT_RESULTS = ("shard_index", "num_shards", "device", "output_dir", "counterfactual_dir", "figure", "plot_only",
-               "verbose", "checkpoint_dir", "configured_by", "overrides")
 
 
 def results_dir(args) -> str:
     """<output_dir>/<task>/counterfactual_<digest of the result-changing arguments> (or --counterfactual_dir)."""
     if args.counterfactual_dir is not None:
         return args.counterfactual_dir
-    return results.experiment_dir(os.path.join(args.output_dir, args.dataset_name), "counterfactual", arguments(args))
+    return results.experiment_dir(os.path.join(args.output_dir, args.dataset_name), "counterfactual",
+                                  experiment_arguments(args))
 
 
-def arguments(args, rankings: dict | None = None) -> dict:
+def experiment_arguments(args, rankings: dict | None = None) -> dict:
     """The arguments that change the results (with `rankings`, also a digest of what each method removes)."""
-    chosen = {k: v for k, v in vars(args).items() if k not in NOT_RESULTS}
+    chosen = result_arguments(args, "counterfactual_dir", "plot_only")
     if rankings is not None:
         chosen["rankings"] = rankings_fingerprint(rankings, args.remove_intervals[-1])
     return chosen
@@ -190,7 +189,7 @@ def run_experiment(args, rankings: dict, n_train: int, retrain) -> dict | None:
 # ----------------------------------------------------------------------------------------------------------------------
 # Results
 
-def write_results(counterfactual: dict, output_dir: str) -> str:
+def write_outcomes(counterfactual: dict, output_dir: str) -> str:
     """The JSON (everything), the per-query outcomes and the flip-fraction table as CSV; returns the JSON's path."""
     path = os.path.join(output_dir, RESULTS_JSON)
     results.atomic_write_json(counterfactual, path)

@@ -16,11 +16,12 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 import pipeline
 
 from . import results, sweeps
+from .cli import result_arguments
 from .errors import GlueError
 from .scores import load_scores
 
 logger = logging.getLogger(__name__)
-BASELINES = ("loss", "cleanlab", "random")
+BASELINE_RANKINGS = ("loss", "cleanlab", "random")
 INSPECTED = (0.05, 0.10, 0.20)  # fractions of the training set a researcher reads, top of the ranking first
 
 
@@ -111,24 +112,20 @@ def summarize(paths: list) -> None:
 # ----------------------------------------------------------------------------------------------------------------------
 # The experiment, as detect_mislabeled.py runs it
 
-NOT_RESULTS = ("device", "output_dir", "detection_dir", "figure", "verbose", "checkpoint_dir", "configured_by",
-               "overrides", "summarize")
-
-
-def arguments(args) -> dict:
-    """The arguments that change the results: they name the results folder and guard its reuse."""
-    return {k: v for k, v in vars(args).items() if k not in NOT_RESULTS}
+def detection_arguments(args) -> dict:
+    """The arguments that change the results (not where they go, nor --summarize)."""
+    return result_arguments(args, "detection_dir", "summarize")
 
 
 def detection_dir(args) -> str:
     """--detection_dir, or <output_dir>/<task>/detection_<digest of the arguments>."""
     return args.detection_dir or results.experiment_dir(os.path.join(args.output_dir, args.dataset_name),
-                                                        "detection", arguments(args))
+                                                        "detection", detection_arguments(args))
 
 
 def claim(folder: str, args) -> None:
     """Records the arguments in the results folder; refuses one built with other arguments."""
-    results.claim_experiment(folder, arguments(args), keep_both="another --detection_dir")
+    results.claim_experiment(folder, detection_arguments(args), keep_both="another --detection_dir")
 
 
 def flipped_labels(args, num_train: int) -> np.ndarray:
@@ -155,11 +152,11 @@ def rankings(args, train_text, folder: str) -> dict:
     return suspicion
 
 
-def write_results(folder: str, args, suspicion: dict, flipped: np.ndarray, labels, metrics: dict) -> str:
+def write_detection(folder: str, args, suspicion: dict, flipped: np.ndarray, labels, metrics: dict) -> str:
     """detection_results.json (metrics and arguments) and detection_rankings.csv; returns the JSON's path."""
     path = os.path.join(folder, "detection_results.json")
     results.atomic_write_json({"num_train": len(flipped), "num_flipped": int(flipped.sum()), "results": metrics,
-                               "arguments": arguments(args)}, path)
+                               "arguments": detection_arguments(args)}, path)
     results.write_csv(os.path.join(folder, "detection_rankings.csv"), ["index", "flipped", "label", *suspicion],
                       [[i, int(flipped[i]), labels[i], *(f"{s[i]:.6g}" for s in suspicion.values())]
                        for i in range(len(flipped))])

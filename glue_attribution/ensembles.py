@@ -28,7 +28,8 @@ def combine(members: list) -> np.ndarray:
     return (total / len(members)).astype(np.float32)
 
 
-def publish(output_dir: str, task_name: str, scores_name: str, members: list, overwrite: bool = False) -> tuple:
+def publish_ensemble(output_dir: str, task_name: str, scores_name: str, members: list,
+                     overwrite: bool = False) -> tuple:
     """Combines the published member score sets `members` [(seed, member scores name)] into the set
     `<scores_name>_ens<N>`, with the members' provenance (identical data, by construction) and their names and
     digests, so a reader can check what was averaged. Reused while the members are unchanged, recomputed (it is

@@ -206,7 +206,7 @@ def token_scores(args, model, tokenizer, factors_public: str, factors_name: str,
     for these few examples only: for the whole training set it would be queries x examples x tokens. Modules whose
     input has no token axis (the pooler, the classifier) act on the [CLS] state, so their scores go to [CLS]; so an
     example's per-token scores sum to its pairwise score."""
-    analyzer_at, (query_dataset, train_dataset), (train_order, _) = prepare(args, model, tokenizer, train, query)
+    analyzer_at, (query_dataset, train_dataset), (train_order, _) = setup_analysis(args, model, tokenizer, train, query)
     staging = os.path.join(os.path.dirname(factors_public), results.STAGING)
     root = tempfile.mkdtemp(prefix=f"tokens-{os.getpid()}-", dir=staging)
     try:
@@ -254,7 +254,7 @@ def sorted_splits(args, tokenizer, train_text, query_text) -> tuple:
     return (train_dataset.select(train_order), query_dataset.select(query_order)), (train_order, query_order)
 
 
-def prepare(args, model, tokenizer, train_text, query_text) -> tuple:
+def setup_analysis(args, model, tokenizer, train_text, query_text) -> tuple:
     """The splits of `sorted_splits`, the model wrapped for kronfluence with the token-factored trackers, and
     `analyzer_at(folder)`."""
     (train_dataset, query_dataset), (train_order, query_order) = sorted_splits(args, tokenizer, train_text,
@@ -335,7 +335,7 @@ def analyze_checkpoint(args, checkpoint_dir: str, suffix: str, train_text, query
         if args.factor_strategy == "trak":
             compute_trak(args, model, tokenizer, (train_text, query_text), scores_root, scores_public, meta)
             return scores_name
-        analyzer_at, datasets, orders = prepare(args, model, tokenizer, train_text, query_text)
+        analyzer_at, datasets, orders = setup_analysis(args, model, tokenizer, train_text, query_text)
         factors_name += suffix
         factors_public = os.path.join(args.output_dir, args.dataset_name, f"factors_{factors_name}")
         meta["factors_name"] = factors_name

@@ -27,7 +27,7 @@ from .failpoints import failpoint
 from .scores import analyze_command, load_scores, member, member_seeds
 
 logger = logging.getLogger(__name__)
-BASELINES = ("same-label", "random")
+BASELINE_SCORES = ("same-label", "random")
 GROUND_TRUTH_META = "ground_truth.json"
 EXPERIMENT_ARGS = "experiment_args.json"
 MAX_REPEATS = 1000  # run seeds are seed + MAX_REPEATS * mask + repeat, distinct while repeats stay below this
@@ -108,7 +108,7 @@ def load_or_make_masks(folder: str, args, train_labels) -> np.ndarray:
     return masks
 
 
-def load_run(folder: str, mask: int, repeat: int, num_query: int) -> dict | None:
+def load_retrain(folder: str, mask: int, repeat: int, num_query: int) -> dict | None:
     """A finished retrain's margins and correct flags (None if missing; a damaged one is deleted, to be redone)."""
     return results.load_run(run_path(folder, mask, repeat), {"margins": (num_query,)})
 
@@ -117,7 +117,7 @@ def retrain_runs(folder: str, args, masks: np.ndarray, train_text, query_text) -
     """Retrains this shard's missing or damaged (mask, repeat) runs, saving each as it ends."""
     runs = [(m, r) for m in range(args.num_masks) for r in range(args.num_repeats)]
     mine = sweeps.shard(runs, args.shard_index, args.num_shards)
-    pending = [(m, r) for m, r in mine if load_run(folder, m, r, len(query_text)) is None]
+    pending = [(m, r) for m, r in mine if load_retrain(folder, m, r, len(query_text)) is None]
     logger.info("***** Building LDS ground truth in %s *****", folder)
     logger.info("  Runs = %d (%d masks x %d repeats), this shard = %d, already done = %d, keep %d of %d examples",
                 len(runs), args.num_masks, args.num_repeats, len(mine), len(mine) - len(pending),
@@ -140,7 +140,7 @@ def merge_runs(folder: str, args, provenance: dict) -> bool:
     """Averages the runs over repeats into margins.npy once all are present and sound, and seals the folder with
     ground_truth.json (summary, provenance, sha256 of masks and margins); False if runs are missing."""
     with results.lock(folder):  # the last two shards may finish together
-        runs = [[load_run(folder, m, r, provenance["num_query"]) for r in range(args.num_repeats)]
+        runs = [[load_retrain(folder, m, r, provenance["num_query"]) for r in range(args.num_repeats)]
                 for m in range(args.num_masks)]
         missing = sum(run is None for row in runs for run in row)
         if missing:
@@ -204,7 +204,7 @@ def baseline_scores(args, train_labels, query_labels) -> dict:
     baselines = {"random": rng.standard_normal((len(query_labels), len(train_labels)), dtype=np.float32)}
     if not pipeline.get_task(args.dataset_name).is_regression:
         baselines["same-label"] = np.where(query_labels[:, None] == train_labels[None, :], 1, -1).astype(np.float32)
-    return {name: baselines[name] for name in BASELINES if name in baselines}
+    return {name: baselines[name] for name in BASELINE_SCORES if name in baselines}
 
 
 def lds_per_query(scores: np.ndarray, masks: np.ndarray, margin_ranks: np.ndarray) -> np.ndarray:

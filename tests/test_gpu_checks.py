@@ -1,6 +1,6 @@
 """benchmarks/gpu_checks.py --dry_run: every GPU step runs on CPU at tiny shapes and writes its numbers, so the script
-is known to work before it runs on a GPU. The driver runs in this process (its own imports are paid once); the scripts it
-calls run as subprocesses, as on the GPU."""
+is known to work before it runs on a GPU. The driver runs in this process (its own imports are paid once); the
+scripts it calls run as subprocesses, as on the GPU."""
 
 import json
 import sys
