@@ -146,16 +146,19 @@ def score(args) -> None:
     if args.inspect_query is not None and not 0 <= args.inspect_query < margins.shape[1]:
         raise cli.GlueError(f"--inspect_query {args.inspect_query} is out of range: there are {margins.shape[1]} "
                             "queries")
-    sets = {name: scores.load_scores(args.output_dir, args.dataset_name, name, provenance)[0]
-            for name in args.strategies}
+    checkpoints = cli.trained_checkpoints(args.checkpoint_dir, args.dataset_name)
+    loaded = {name: scores.load_scores(args.output_dir, args.dataset_name, name, provenance, checkpoints=checkpoints)
+              for name in args.strategies}
+    sets = {name: pairwise for name, (pairwise, _) in loaded.items()}
     sets.update(lds.baseline_scores(args, train_text["label"], query_text["label"]))
     reference = lds.reference_set(args.reference, sets)
     table = lds.lds_table(sets, masks, margins, args.num_bootstrap, args.seed, reference)
-    title = lds.describe(args, masks, margins, summary)
+    title = lds.table_title(args, masks, margins, summary)
     report.print_lds_table(table, title, reference)
     results_path = os.path.join(folder, "lds_results.json")
     results.atomic_write_json({"ground_truth": folder, "num_masks": masks.shape[0], "num_queries": margins.shape[1],
                                "num_train": int(masks.shape[1]), "num_bootstrap": args.num_bootstrap, **summary,
+                               "scores": {name: scores.source_of(meta) for name, (_, meta) in loaded.items()},
                                "results": table}, results_path)
     figure = args.figure or os.path.join(folder, "lds.png")
     plots.lds_bars(table, figure, title.split(";")[0], lds.BASELINE_SCORES)

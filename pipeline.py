@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from glue_attribution import results
+from glue_attribution import progress, results
 from glue_attribution.errors import GlueError, ResultDamaged, ResultMissing
 from glue_attribution.failpoints import failpoint
 
@@ -310,7 +310,9 @@ def save_checkpoint(model: nn.Module, tokenizer, checkpoint_dir: str, meta: dict
     """config + safetensors + tokenizer + `glue_checkpoint.json` (with every file's sha256) + `extra` JSON files,
     published in one rename (glue_attribution/results.py): a killed save leaves no checkpoint that looks complete,
     and the next save cleans up."""
-    results.make_output_dir(os.path.dirname(os.path.abspath(checkpoint_dir)))
+    parent = results.make_output_dir(os.path.dirname(os.path.abspath(checkpoint_dir)))
+    results.check_free_space(parent, sum(p.numel() * p.element_size() for p in model.parameters()), "the checkpoint")
+    progress.stage("saving the checkpoint", checkpoint_dir)
     with results.lock(checkpoint_dir):
         results.clean_staging(checkpoint_dir)  # leftovers of killed saves
         staging = results.staging_dir(checkpoint_dir, {"pid": os.getpid()})

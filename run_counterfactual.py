@@ -90,7 +90,7 @@ def main():
     train_text, query_text = pipeline.load_train_and_queries(args.dataset_name, args.data_dir,
                                                              args.max_train_samples, args.max_query_examples,
                                                              args.label_noise, args.label_noise_seed)
-    rankings = counterfactual.load_rankings(args, train_text, query_text["label"])
+    rankings, used = counterfactual.load_rankings(args, train_text, query_text["label"])
     counterfactual.check_intervals(args.remove_intervals, rankings, len(train_text), args.train_batch_size)
     results.claim_experiment(folder, counterfactual.experiment_arguments(args, rankings),
                              keep_both="another --counterfactual_dir")
@@ -104,7 +104,7 @@ def main():
         return
     for i, k in enumerate(outcomes["remove_intervals"]):
         logger.info("  k = %4d: %s", k, ", ".join(f"{m} {f[i]:.2f}" for m, f in outcomes["flip_fraction"].items()))
-    counterfactual.write_outcomes(outcomes, folder)
+    counterfactual.write_outcomes({**outcomes, "scores": used}, folder)
     plots.flip_fractions(outcomes, figure)
     logger.info("Results in %s, figure: %s", folder, figure)
 

@@ -47,7 +47,7 @@ def parse_args(argv=None):
 
 def main():
     args = parse_args()
-    from glue_attribution import results
+    from glue_attribution import progress, results
 
     cli.setup_logging(args.verbose)
     args.device = pipeline.torch_device(args.device)
@@ -81,6 +81,7 @@ def main():
         logger.info("  Task = %s, examples = %d, epochs = %d, batch size = %d, steps = %d, seed = %d, device = %s",
                     args.dataset_name, len(train_dataset), config.num_train_epochs, config.train_batch_size,
                     config.num_train_epochs * (len(train_dataset) // config.train_batch_size), seed, args.device)
+        progress.stage(f"training (seed {seed})", checkpoint_dir)
         start = time.time()
         model = pipeline.finetune(args.model_name_or_path, args.dataset_name, train_dataset, collate, config,
                                   seed=seed, device=args.device)

@@ -6,9 +6,11 @@ so `--help` and argument errors answer at once.
 """
 
 import argparse
+import errno
 import json
 import logging
 import os
+import signal
 import socket
 import sys
 import warnings
@@ -16,20 +18,59 @@ from dataclasses import asdict
 
 import pipeline
 
-from . import results
-from .errors import GlueError  # noqa: F401 (the scripts raise it from here, before the heavy imports)
+from . import progress, results
+from .errors import GlueError, ResultDamaged, ResultMissing, Terminated
 from .scores import member, member_seeds
 
 logger = logging.getLogger(__name__)
 
 
 def run(main, *args):
-    """The scripts' edge: runs `main(*args)`, reporting a `GlueError` as one line on stderr with exit status 2."""
+    """The scripts' edge: runs `main(*args)` and ends every way a run can fail for reasons outside the code in one
+    line on stderr: a `GlueError` (exit 2), Ctrl-C (130), SIGTERM (143), a full disk (1). Resuming needs nothing
+    more: results are published only once complete, and a rerun of the same command reuses what is finished."""
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         return main(*args)
     except GlueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        _exit(f"error: {err}", 2)
+    except KeyboardInterrupt:
+        _exit(f"interrupted during {progress.current()['name']}; rerun the same command to resume from there", 130)
+    except Terminated:
+        _exit(f"terminated (SIGTERM) during {progress.current()['name']}; rerun the same command to resume from "
+              "there", 143)
+    except Exception as err:
+        if not disk_full(err):
+            raise
+        _exit(f"error: {disk_full_message(err)}", 1)
+
+
+def _terminate(signum, frame):
+    raise Terminated
+
+
+def _exit(line: str, status: int) -> None:
+    print(line, file=sys.stderr)
+    sys.exit(status)
+
+
+def disk_full(err: BaseException) -> bool:
+    """ENOSPC, as an OSError or as a library's own error that wraps it (safetensors: "No space left on device (os
+    error 28)"), anywhere in the chain of causes."""
+    while err is not None:
+        if (isinstance(err, OSError) and err.errno == errno.ENOSPC) or "No space left on device" in str(err):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def disk_full_message(err: BaseException) -> str:
+    """Where the disk is full (the file's folder, else the stage's), how much is free there, and what to do."""
+    where = progress.current()
+    folder = os.path.dirname(err.filename) if isinstance(err, OSError) and err.filename else where["folder"]
+    place = f" in {folder} ({results.free_bytes(folder) / 1e6:.0f} MB free)" if folder else ""
+    return (f"no space left on device{place} during {where['name']}; free some space (or choose another "
+            "--output_dir / --checkpoint_dir), then rerun the same command: finished work is kept")
 
 
 def positive_int(value: str) -> int:
@@ -198,6 +239,22 @@ def trained_member(checkpoint_dir: str, arguments: dict) -> bool:
     check_recipe(checkpoint_dir, saved, arguments, (*RECIPE_KEYS, "max_eval_samples"),
                  fix="choose another --checkpoint_dir, or delete that member")
     return True
+
+
+def trained_checkpoints(checkpoint_dir: str, dataset_name: str) -> tuple | None:
+    """(checkpoint_dir, {model sha256: folder}) of the verified checkpoint(s) train.py wrote in
+    <checkpoint_dir>/<task> (an ensemble's members): what a score set read for them must have been computed from.
+    None when there is no checkpoint there."""
+    found = {}
+    for _, folder in checkpoints(checkpoint_dir, dataset_name):
+        try:
+            meta = results.read(folder, pipeline.CHECKPOINT_META, "checkpoint")
+        except ResultMissing:
+            continue
+        except ResultDamaged as err:
+            raise GlueError(f"{err}; retrain it with train.py") from None
+        found[meta["files"]["model.safetensors"]["sha256"]] = folder
+    return (checkpoint_dir, found) if found else None
 
 
 def check_recipe(checkpoint_dir: str, saved: dict, reference: dict, keys: tuple = RECIPE_KEYS,

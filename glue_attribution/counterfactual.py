@@ -15,10 +15,10 @@ from tqdm.auto import tqdm
 
 import pipeline
 
-from . import results, sweeps
-from .cli import result_arguments
+from . import progress, results, sweeps
+from .cli import result_arguments, trained_checkpoints
 from .errors import GlueError
-from .scores import load_scores
+from .scores import load_scores, source_of
 
 logger = logging.getLogger(__name__)
 RANDOM = "random"
@@ -56,13 +56,16 @@ def random_ranking(train_labels: np.ndarray, label: int, seed: int, query: int) 
     return np.random.default_rng([seed, query]).permutation(np.flatnonzero(train_labels == label))
 
 
-def load_rankings(args, train_text, query_labels: list) -> dict:
-    """{method: [ranking of query 0, 1, ...]} for --strategies (from analyze.py's scores, verified and computed on this
-    training set and these queries) and the random baseline."""
+def load_rankings(args, train_text, query_labels: list) -> tuple:
+    """({method: [ranking of query 0, 1, ...]}, {method: what its scores were computed from}) for --strategies (from
+    analyze.py's scores, verified, computed on this training set and these queries, and from the checkpoint in
+    --checkpoint_dir when there is one) and the random baseline."""
     train_labels, n_query = np.array(train_text["label"]), len(query_labels)
-    rankings = {}
+    checkpoints = trained_checkpoints(args.checkpoint_dir, args.dataset_name)
+    rankings, used = {}, {}
     for name in dict.fromkeys(m for m in args.strategies if m != RANDOM):
-        scores, meta = load_scores(args.output_dir, args.dataset_name, name)
+        scores, meta = load_scores(args.output_dir, args.dataset_name, name, checkpoints=checkpoints)
+        used[name] = source_of(meta)
         if scores.shape[0] < n_query:
             raise GlueError(f"scores '{name}' cover {scores.shape[0]} queries, fewer than --max_query_examples "
                             f"{n_query}; lower --max_query_examples or rerun analyze.py with more queries")
@@ -72,7 +75,7 @@ def load_rankings(args, train_text, query_labels: list) -> dict:
             args.dataset_name, train_text, scored_queries, args.max_seq_length), f"scores '{name}'")
         rankings[name] = [influence_ranking(row) for row in scores[:n_query]]
     rankings[RANDOM] = [random_ranking(train_labels, y, args.seed, q) for q, y in enumerate(query_labels)]
-    return rankings
+    return rankings, used
 
 
 def check_intervals(intervals: list, rankings: dict, n_train: int, batch_size: int) -> None:
@@ -143,6 +146,7 @@ def run_experiment(args, rankings: dict, n_train: int, retrain) -> dict | None:
     runs = os.path.join(results_dir(args), "runs")
     for method in rankings:
         os.makedirs(os.path.join(runs, method), exist_ok=True)
+    progress.stage("the counterfactual retrains", runs)
     candidates = list(range(len(rankings[RANDOM])))
     mine = sweeps.shard(candidates, args.shard_index, args.num_shards)
 

@@ -15,8 +15,8 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 
 import pipeline
 
-from . import results, sweeps
-from .cli import result_arguments
+from . import progress, results, sweeps
+from .cli import result_arguments, trained_checkpoints
 from .errors import GlueError
 from .scores import load_scores
 
@@ -46,6 +46,7 @@ def cross_validated_probabilities(args, train_text, folder: str) -> np.ndarray:
     n, classes = len(train_text), pipeline.get_task(args.dataset_name).num_labels
     folds = np.array_split(np.random.default_rng(args.seed).permutation(n), args.num_folds)
     probabilities, retrain = np.zeros((n, classes)), None
+    progress.stage("the cross-validation retrains", folder)
     for k, held_out in enumerate(folds):
         path = os.path.join(folder, "runs", f"fold{k}.npz")
         run = results.load_run(path, {"probabilities": (len(held_out), classes)})
@@ -82,7 +83,8 @@ def training_losses(args, train_text) -> np.ndarray:
 
 def self_influence(args, name: str, train_text) -> np.ndarray:
     """A score set's verified self-influence, computed on this (noisy) training set."""
-    scores, meta = load_scores(args.output_dir, args.dataset_name, name, kind="self")
+    scores, meta = load_scores(args.output_dir, args.dataset_name, name, kind="self",
+                               checkpoints=trained_checkpoints(args.checkpoint_dir, args.dataset_name))
     expected = {"dataset_name": args.dataset_name, "num_train": len(train_text),
                 "train_data": pipeline.fingerprint(train_text), "max_seq_length": args.max_seq_length}
     results.check_provenance(meta["provenance"], expected, f"scores '{name}'")

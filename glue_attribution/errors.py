@@ -13,3 +13,9 @@ class ResultMissing(GlueError):
 
 class ResultDamaged(GlueError):
     """The result is there but fails verification: truncated, corrupt, or its metadata is unreadable."""
+
+
+class Terminated(BaseException):
+    """SIGTERM (what kill, SLURM and timeout send), raised like KeyboardInterrupt for SIGINT: the run unwinds (locks
+    released, nothing half-published) and the scripts' edge ends it in one line. A BaseException, so that no
+    `except Exception` on the way swallows it."""

@@ -34,7 +34,7 @@ from torch import nn
 import pipeline
 from task import GlueTask
 
-from . import fast_factors, results
+from . import fast_factors, progress, results
 from .errors import GlueError
 from .failpoints import failpoint
 from .scores import SCORES_META, SELF_RANKING, scores_dir
@@ -81,6 +81,25 @@ def tracked_modules(model: nn.Module, patterns) -> list:
     return chosen
 
 
+def factor_bytes(model: nn.Module, modules: list | None, factor_args) -> int:
+    """The factors' size on disk, known before fitting from the tracked nn.Linear shapes (d_in counts the bias):
+    K-FAC and EK-FAC store two covariances and their eigenvectors (2 (d_in^2 + d_out^2) entries) and eigenvalues
+    (d_in + d_out); EK-FAC and diagonal a d_out x d_in Lambda; identity nothing. Each stored tensor also costs an
+    int64 count of the examples it has seen and its entry in the file's header (at most 160 bytes)."""
+    tensors = {"identity": 0, "diagonal": 2, "kfac": 8, "ekfac": 10}[factor_args.strategy]
+    entries = overhead = 0
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear) or (modules is not None and name not in modules):
+            continue
+        d_in, d_out = module.in_features + (module.bias is not None), module.out_features
+        if factor_args.strategy in ("kfac", "ekfac"):
+            entries += 2 * (d_in**2 + d_out**2) + d_in + d_out
+        if factor_args.strategy in ("ekfac", "diagonal"):
+            entries += d_in * d_out
+        overhead += tensors * 160
+    return entries * factor_args.activation_covariance_dtype.itemsize + overhead
+
+
 def on_main(fn, *args, **kwargs):
     """Runs a decision or write on disk in the main process only and hands its result to every rank: under torchrun
     all ranks compute, one writes."""
@@ -92,16 +111,18 @@ def on_main(fn, *args, **kwargs):
 
 
 def fit_factors(analyzer_at, public: str, signature: dict, factors_name: str, factor_args, train_dataset,
-                batch_size: int | None, seed: int, overwrite: bool) -> dict:
+                batch_size: int | None, seed: int, overwrite: bool, size: int = 0) -> dict:
     """Reuses the published factors for `signature`, or fits them in their private folder, resuming after the last
     stage whose files verify, and publishes them. Each stage is seeded (the true Fisher samples labels), so a
-    resumed fit equals an uninterrupted one."""
+    resumed fit equals an uninterrupted one. A fit is refused before it starts if the factors' `size` (bytes,
+    `factor_bytes`) does not fit on the disk."""
     meta = on_main(results.reuse, public, FACTORS_META, "factors", signature, overwrite)
     if meta is not None:
         logger.info("Reusing factors %s", public)
         return meta
     root = results.staging_dir(public, signature)
     work = os.path.join(root, f"factors_{factors_name}")
+    on_main(results.check_free_space, os.path.dirname(public), size, "the factors")
 
     def resumable_stages():
         if overwrite:
@@ -123,6 +144,7 @@ def fit_factors(analyzer_at, public: str, signature: dict, factors_name: str, fa
     for i, (stage, run) in enumerate(stages.items()):
         if stage in done:
             continue
+        progress.stage(f"fitting factors ({stage})", work)
         failpoint(f"before_{stage}")
         transformers.set_seed(seed + i)
         before, start = results.files_in(work), time.time()
@@ -148,6 +170,10 @@ def compute_scores(analyzer, root: str, public: str, args, names: tuple, score_a
     factors_name, scores_name = names
     query_dataset, train_dataset = datasets
     train_order, query_order = orders
+    # The scores, and their copy in dataset order, before the first is replaced by the second.
+    entries = (len(query_dataset) + args.compute_self_scores) * len(train_dataset)
+    on_main(results.check_free_space, root, 2 * entries * score_args.score_dtype.itemsize, "the scores")
+    progress.stage("computing scores", root)
     start = time.time()
     analyzer.compute_pairwise_scores(
         scores_name=scores_name, factors_name=factors_name, query_dataset=query_dataset,
@@ -335,6 +361,7 @@ def analyze_checkpoint(args, checkpoint_dir: str, suffix: str, train_text, query
         if args.factor_strategy == "trak":
             compute_trak(args, model, tokenizer, (train_text, query_text), scores_root, scores_public, meta)
             return scores_name
+        size = factor_bytes(model, tracked_modules(model, args.tracked_modules), factor_args)  # before wrapping
         analyzer_at, datasets, orders = setup_analysis(args, model, tokenizer, train_text, query_text)
         factors_name += suffix
         factors_public = os.path.join(args.output_dir, args.dataset_name, f"factors_{factors_name}")
@@ -343,7 +370,7 @@ def analyze_checkpoint(args, checkpoint_dir: str, suffix: str, train_text, query
             search = args.device != "cpu" and not torch.distributed.is_initialized()
             factor_batch_size = args.factor_batch_size or (None if search else args.train_batch_size)
             factors_meta = fit_factors(analyzer_at, factors_public, factors_signature, factors_name, factor_args,
-                                       datasets[1], factor_batch_size, args.seed, args.overwrite)
+                                       datasets[1], factor_batch_size, args.seed, args.overwrite, size)
             # A snapshot: another process may replace the published factors while these scores are computed.
             on_main(results.link_tree, factors_public, os.path.join(scores_root, f"factors_{factors_name}"))
         meta.update({k: v for k, v in factors_meta.items() if k.endswith("_seconds")})

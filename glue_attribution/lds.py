@@ -19,12 +19,12 @@ from tqdm.auto import tqdm
 
 import pipeline
 
-from . import results, sweeps
-from .cli import RECIPE_DEFAULTS
+from . import progress, results, sweeps
+from .cli import RECIPE_DEFAULTS, trained_checkpoints
 from .ensembles import combine
 from .errors import GlueError, ResultDamaged, ResultMissing
 from .failpoints import failpoint
-from .scores import analyze_command, load_scores, member, member_seeds
+from .scores import analyze_command, load_scores, member, member_seeds, source_of
 
 logger = logging.getLogger(__name__)
 BASELINE_SCORES = ("same-label", "random")
@@ -126,14 +126,15 @@ def retrain_runs(folder: str, args, masks: np.ndarray, train_text, query_text) -
         return
     retrain = sweeps.retrainer(args, train_text, query_text)
     os.makedirs(os.path.join(folder, "runs"), exist_ok=True)
-    with tqdm(pending, desc=f"Retrains (shard {args.shard_index}/{args.num_shards})", unit="run") as progress:
-        for m, r in progress:
+    progress.stage("the LDS retrains", folder)
+    with tqdm(pending, desc=f"Retrains (shard {args.shard_index}/{args.num_shards})", unit="run") as bar:
+        for m, r in bar:
             seed = run_seed(args.seed, m, r)
             result = retrain(np.flatnonzero(masks[m]), seed)
             results.save_arrays(run_path(folder, m, r), **result, seed=np.array(seed))
             failpoint("lds_run_saved")
             if "correct" in result:  # classification
-                progress.set_postfix(query_acc=f"{result['correct'].mean():.3f}")
+                bar.set_postfix(query_acc=f"{result['correct'].mean():.3f}")
 
 
 def merge_runs(folder: str, args, provenance: dict) -> bool:
@@ -264,7 +265,7 @@ def reference_set(requested: str | None, names) -> str | None:
     return requested or next((n for n in ("ekfac", "identity") if n in names), None)
 
 
-def describe(args, masks: np.ndarray, margins: np.ndarray, summary: dict) -> str:
+def table_title(args, masks: np.ndarray, margins: np.ndarray, summary: dict) -> str:
     """The table's title: the ground truth's size, and how good and how reproducible its retrains are."""
     return (f"LDS on {args.dataset_name}: {masks.shape[0]} masks x {args.num_repeats} repeats keeping "
             f"{int(masks[0].sum())} of {masks.shape[1]} examples, {margins.shape[1]} queries"
@@ -295,6 +296,7 @@ def ensemble_curves(args, provenance: dict, masks: np.ndarray, margins: np.ndarr
     """Per method: the seeds of its members and, for 1, 2, 4, ... ensembled models, their LDS (and, with
     --stability_dir, their agreement with the same members computed under other randomness)."""
     margin_ranks = rankdata(margins.T, axis=1)
+    checkpoints = trained_checkpoints(args.checkpoint_dir, args.dataset_name)
     curves = {}
     for method in args.strategies:
         seeds = scored_members(args.output_dir, args.dataset_name, method)
@@ -306,14 +308,14 @@ def ensemble_curves(args, provenance: dict, masks: np.ndarray, margins: np.ndarr
             raise GlueError(f"no member score sets {method}_{member('<S>')} in {where}"
                             + (f" (and {args.stability_dir})" if args.stability_dir else "")
                             + f"; make them with: {command}")
-        members, metas = zip(*(load_scores(args.output_dir, args.dataset_name, f"{method}_{member(seed)}", provenance)
-                               for seed in seeds))
+        members, metas = zip(*(load_scores(args.output_dir, args.dataset_name, f"{method}_{member(seed)}", provenance,
+                                           checkpoints=checkpoints) for seed in seeds))
         seconds = [sum(v for k, v in meta.items() if k.endswith("_seconds")) for meta in metas]
         others = stability_counterparts(args, method, seeds, metas, provenance) if args.stability_dir else None
         rows = curve_rows(members, others, masks, margin_ranks)
         for row in rows:
             row["seconds_per_model"] = float(np.mean(seconds))
-        curves[method] = {"seeds": seeds, "rows": rows}
+        curves[method] = {"seeds": seeds, "rows": rows, "scores": [source_of(meta) for meta in metas]}
     return curves
 
 

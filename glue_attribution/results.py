@@ -48,12 +48,31 @@ def make_output_dir(path: str) -> str:
     return path
 
 
-def check_writable(path: str) -> str:
-    """Fails now, not after hours of work, if `path` could not be created or written; creates nothing (a failed
-    run leaves no empty folder)."""
+def nearest_existing(path: str) -> str:
+    """`path`, or the closest of its parents that exists."""
     existing = os.path.abspath(path)
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
+    return existing
+
+
+def free_bytes(path: str) -> int:
+    """Free space on the file system that `path` is (or would be created) on."""
+    return shutil.disk_usage(nearest_existing(path)).free
+
+
+def check_free_space(path: str, needed: int, what: str) -> None:
+    """Refuses a stage before it starts when its output (`needed` bytes, known in advance) cannot fit in `path`."""
+    free = free_bytes(path)
+    if free < needed:
+        raise GlueError(f"no space left in {path}: {needed / 1e6:.0f} MB needed for {what}, {free / 1e6:.0f} MB free; "
+                        "free some space or choose another --output_dir")
+
+
+def check_writable(path: str) -> str:
+    """Fails now, not after hours of work, if `path` could not be created or written; creates nothing (a failed
+    run leaves no empty folder)."""
+    existing = nearest_existing(path)
     if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
         problem = "is not a directory" if not os.path.isdir(existing) else "is not writable"
         raise GlueError(f"cannot write to {path}: {existing} {problem}; choose another directory")
@@ -64,7 +83,12 @@ def check_writable(path: str) -> str:
 def atomic_path(path: str, suffix: str = ""):
     """Yields a temporary name beside `path`, renamed over it once written: a file that exists is complete."""
     tmp = f"{path}.tmp{os.getpid()}{suffix}"
-    yield tmp
+    try:
+        yield tmp
+    except BaseException:  # a full disk, Ctrl-C: no partial file left behind
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
     os.replace(tmp, path)
 
 

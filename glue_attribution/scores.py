@@ -48,7 +48,7 @@ def scores_dir(output_dir: str, task_name: str, scores_name: str) -> str:
     return os.path.join(output_dir, task_name, f"scores_{scores_name}")
 
 
-def analyze_command(output_dir: str, task_name: str, scores_name: str) -> str:
+def analyze_command(output_dir: str, task_name: str, scores_name: str, checkpoint_dir: str | None = None) -> str:
     """The analyze.py command that makes the score set `scores_name` (as analyze.py names its sets)."""
     base = base_name(scores_name)
     strategy, *parts = base.split("_")
@@ -61,27 +61,55 @@ def analyze_command(output_dir: str, task_name: str, scores_name: str) -> str:
         else:  # a custom --scores_name
             flags = [f"--scores_name {base}"]
             break
-    if base != scores_name:  # an ensemble's member or combination
+    if checkpoint_dir is not None:
+        flags.append(f"--checkpoint_dir {checkpoint_dir}")
+    elif base != scores_name:  # an ensemble's member or combination
         flags.append("--checkpoint_dir <the ensemble's root>")
     return (f"python analyze.py --dataset_name {task_name} --output_dir {output_dir} {' '.join(flags)} (plus the data "
             "flags it was computed with)")
 
 
+def computed_from(meta: dict) -> list:
+    """The sha256 of the checkpoint(s) a score set was computed from (an ensemble's: its members')."""
+    if "ensemble" in meta:
+        return list(meta.get("checkpoint_sha256", []))
+    sha = meta.get("provenance", {}).get("checkpoint_sha256")
+    return [sha] if sha else []
+
+
+def source_of(meta: dict) -> dict:
+    """What a result records of each score set it used: the checkpoint(s) and the digest of its signature."""
+    return {"checkpoint_sha256": computed_from(meta), "signature_digest": results.digest(meta.get("signature"))}
+
+
 def load_scores(output_dir: str, task_name: str, scores_name: str, expected: dict | None = None,
-                kind: str = "pairwise") -> tuple:
+                kind: str = "pairwise", checkpoints: tuple | None = None) -> tuple:
     """A verified score set: (scores as float32 numpy, queries x train in dataset order, or train for "self"; meta).
 
+    Args:
+        expected: the provenance the reader relies on (task, training examples and order, queries, truncation).
+        checkpoints: (checkpoint_dir, {sha256: folder}) from `cli.trained_checkpoints`: the set must have been
+            computed from these checkpoints (an ensemble's: from its members).
+
     Raises:
-        GlueError: missing, damaged or computed on other data (`expected` provenance), naming the command to rerun.
+        GlueError: missing, damaged, computed on other data or from another checkpoint, naming the command to rerun.
     """
     from safetensors.torch import load_file  # numpy has no bfloat16 (--use_half_precision)
 
     folder = scores_dir(output_dir, task_name, scores_name)
-    rerun = analyze_command(output_dir, task_name, scores_name)
+    rerun = analyze_command(output_dir, task_name, scores_name, checkpoints[0] if checkpoints else None)
     try:
         meta = results.read(folder, SCORES_META, f"scores '{scores_name}'", expected)
     except (ResultMissing, ResultDamaged) as err:
         raise GlueError(f"{err}; make them with: {rerun}") from None
+    if checkpoints is not None:
+        shas = checkpoints[1]
+        foreign = [sha for sha in computed_from(meta) if sha not in shas]
+        if foreign:
+            raise GlueError(f"scores '{scores_name}' in {folder} were computed from another checkpoint "
+                            f"({meta.get('checkpoint_dir', 'unknown folder')}, sha256 {foreign[0][:12]}) than "
+                            f"{', '.join(shas.values())} (sha256 {', '.join(s[:12] for s in shas)}); compute them for "
+                            f"it with: {rerun}")
     name = f"{kind}_scores.safetensors"
     if name not in meta["files"]:
         raise GlueError(f"scores '{scores_name}' in {folder} have no {kind} scores; rerun: {rerun}"

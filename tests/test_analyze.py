@@ -9,12 +9,13 @@ import sys
 import numpy as np
 import pytest
 import torch
+from kronfluence.arguments import FactorArguments
 from safetensors.torch import load_file
 
 import analyze
 import pipeline
 from conftest import assert_user_error, run_script
-from glue_attribution import influence
+from glue_attribution import influence, results
 from glue_attribution.errors import GlueError
 from glue_attribution.scores import load_scores
 from task import GlueTask
@@ -183,7 +184,7 @@ def reference(tmp_path_factory, glue_dir, checkpoints):
     with pytest.MonkeyPatch.context() as monkeypatch:
         for strategy in ("ekfac", "identity"):
             run_analyze(monkeypatch, glue_dir, checkpoints, output_dir, "--factor_strategy", strategy)
-    return {name: scores_of(output_dir, name) for name in ("ekfac", "identity")}
+    return {"output_dir": output_dir, **{name: scores_of(output_dir, name) for name in ("ekfac", "identity")}}
 
 
 @pytest.mark.parametrize("step", ["after_covariance", "after_eigendecomposition", "scores_saved", "before_publish:2"])
@@ -195,6 +196,48 @@ def test_killed_run_resumes_to_the_uninterrupted_scores(monkeypatch, glue_dir, c
     assert not (tmp_path / "rte" / "scores_ekfac").exists()
     run_analyze(monkeypatch, glue_dir, checkpoints, tmp_path)
     np.testing.assert_array_equal(scores_of(tmp_path, "ekfac"), reference["ekfac"])
+
+
+@pytest.mark.parametrize("stop, status, line", [
+    ({"GLUE_KILL_AT": "before_lambda", "GLUE_KILL_SIGNAL": "INT"}, 130,
+     "interrupted during fitting factors (lambda); rerun the same command to resume from there"),
+    ({"GLUE_KILL_AT": "before_lambda", "GLUE_KILL_SIGNAL": "TERM"}, 143,
+     "terminated (SIGTERM) during fitting factors (lambda); rerun the same command to resume from there"),
+    ({"GLUE_FAIL_AT": "before_lambda"}, 1, "error: no space left on device in "),
+])
+def test_ctrl_c_sigterm_and_full_disk_end_in_one_line_and_resume(monkeypatch, glue_dir, checkpoints, reference,
+                                                                  tmp_path, stop, status, line):
+    """Ctrl-C, SIGTERM (kill, SLURM, timeout) and a full disk (an injected ENOSPC) end with their conventional exit
+    status and one line, no traceback; the rerun resumes after the finished stages to the uninterrupted scores."""
+    stopped = run_script("analyze.py", *analyze_argv(glue_dir, checkpoints, tmp_path), **stop)
+    assert stopped.returncode == status, stopped.stderr[-2000:]
+    assert "Traceback" not in stopped.stderr
+    last = stopped.stderr.strip().splitlines()[-1]
+    assert last.startswith(line), last
+    if status == 1:
+        assert "MB free) during fitting factors (lambda); free some space" in last and "rerun the same command" in last
+    assert not (tmp_path / "rte" / "scores_ekfac").exists()
+    rerun = run_script("analyze.py", *analyze_argv(glue_dir, checkpoints, tmp_path))
+    assert "Resuming factors after the covariance, eigendecomposition stage(s)" in rerun.stderr, rerun.stderr[-2000:]
+    np.testing.assert_array_equal(scores_of(tmp_path, "ekfac"), reference["ekfac"])
+
+
+def test_factors_that_cannot_fit_are_refused_before_fitting(monkeypatch, glue_dir, checkpoints, reference, tmp_path):
+    """The factors' size follows from the tracked modules: it matches what kronfluence writes, and a disk with less
+    free space is refused before the first stage, naming both numbers."""
+    model, _, _ = pipeline.load_checkpoint(str(checkpoints / "rte"), "rte")
+    for strategy in ("ekfac", "kfac", "diagonal", "identity"):
+        estimate = influence.factor_bytes(model, None, FactorArguments(strategy=strategy))
+        if strategy == "ekfac":
+            written = sum(os.path.getsize(os.path.join(root, name)) for root, _, names in
+                          os.walk(reference["output_dir"] / "rte" / "factors_ekfac") for name in names
+                          if name.endswith(".safetensors"))
+            assert written <= estimate <= 1.1 * written, (estimate, written)
+        assert (estimate == 0) == (strategy == "identity")
+    monkeypatch.setattr(results, "free_bytes", lambda path: 1000)
+    with pytest.raises(GlueError, match=r"no space left in .*: 0 MB needed for the factors, 0 MB free"):
+        run_analyze(monkeypatch, glue_dir, checkpoints, tmp_path)
+    assert not (tmp_path / "rte" / "factors_ekfac").exists()
 
 
 def test_interrupted_overwrite_never_serves_stale_factors(monkeypatch, glue_dir, checkpoints, tiny_model_dir,

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import analyze
 import evaluate_lds
@@ -57,7 +58,7 @@ def test_chain_with_the_data_flags_given_once(monkeypatch, tiny_model_dir, glue_
     lds_argv = [*own, "--max_query_examples", "8", "--num_masks", "3", "--num_repeats", "1"]
     run_main(evaluate_lds, monkeypatch, "build", *lds_argv)
     run_main(evaluate_lds, monkeypatch, "score", *lds_argv, "--strategies", "identity", "--num_bootstrap", "20")
-    folder = lds.ground_truth_dir(evaluate_lds.parse_args(["score", *lds_argv]))
+    folder = lds_folder = lds.ground_truth_dir(evaluate_lds.parse_args(["score", *lds_argv]))
     recorded = json.loads(open(os.path.join(folder, "experiment_args.json")).read())
     assert recorded["data_dir"] == str(glue_dir) and recorded["max_train_samples"] == 32
     assert recorded["recipe"]["learning_rate"] == 1e-3 and recorded["model_name_or_path"] == tiny_model_dir
@@ -71,6 +72,24 @@ def test_chain_with_the_data_flags_given_once(monkeypatch, tiny_model_dir, glue_
     assert folder.startswith(str(out / "rte" / "counterfactual_"))
     assert os.path.isfile(os.path.join(folder, "counterfactual_results.json"))
     assert os.path.isfile(os.path.join(folder, "counterfactual.png"))  # under the results, not the README's figure
+
+    # Each result names the checkpoint and the score set it used; scores of another checkpoint are refused.
+    sha = json.loads((checkpoints / "rte" / "glue_checkpoint.json").read_text())["files"]["model.safetensors"]["sha256"]
+    for path in (os.path.join(lds_folder, "lds_results.json"), os.path.join(folder, "counterfactual_results.json")):
+        source = json.loads(open(path).read())["scores"]["identity"]
+        assert source["checkpoint_sha256"] == [sha] and len(source["signature_digest"]) == 16
+    model, tokenizer, meta = pipeline.load_checkpoint(str(checkpoints / "rte"), "rte")
+    with torch.no_grad():
+        model.classifier.bias.add_(1.0)
+    other = tmp_path / "other"
+    pipeline.save_checkpoint(model, tokenizer, str(other / "rte"),
+                             {"task": "rte", "num_labels": 2, "args": meta["args"]})
+    theirs = ["--dataset_name", "rte", "--checkpoint_dir", str(other), "--output_dir", str(out)]
+    for script, argv in (("evaluate_lds.py", ["score", *theirs, *lds_argv[6:], "--strategies", "identity"]),
+                         ("run_counterfactual.py", [*theirs, *counterfactual_argv[6:]])):
+        assert_user_error(run_script(script, *argv), "scores 'identity'", "computed from another checkpoint",
+                          str(other / "rte"), f"python analyze.py --dataset_name rte --output_dir {out} "
+                          f"--factor_strategy identity --checkpoint_dir {other}")
 
     args = analyze.parse_args([*own, "--max_seq_length", "16"])
     assert args.overrides == {"max_seq_length": {"checkpoint": 32, "here": 16}} and args.data_dir == str(glue_dir)

@@ -70,8 +70,8 @@ def test_random_baseline_draws_training_examples_with_the_query_label(glue_dir, 
     train_labels = np.array(train_text["label"])
     query_labels = pipeline.load_glue("rte", "validation", str(glue_dir), 6)["label"]
     args = argparse.Namespace(strategies=["ekfac", "random"], output_dir=str(scores_dir), dataset_name="rte", seed=3,
-                              data_dir=str(glue_dir), max_seq_length=32)
-    rankings = counterfactual.load_rankings(args, train_text, query_labels)
+                              data_dir=str(glue_dir), max_seq_length=32, checkpoint_dir=str(scores_dir / "none"))
+    rankings, _ = counterfactual.load_rankings(args, train_text, query_labels)
     assert list(rankings) == ["ekfac", "random"]
     for query, (ranking, label) in enumerate(zip(rankings["random"], query_labels)):
         assert sorted(ranking.tolist()) == np.flatnonzero(train_labels == label).tolist()  # training, same label

@@ -73,7 +73,8 @@ def test_bad_tsv_rows(tmp_path):
     with pytest.raises(GlueError, match=r"RTE/train.tsv:3: expected 4 tab-separated fields, found 5"):
         pipeline.load_glue("rte", "train", str(tmp_path))
     write_rte(tmp_path, ["0\ta\tb\tentailment\n", "1\ta\tb\tmaybe\n"])
-    with pytest.raises(GlueError, match=r"train.tsv:3: unknown label 'maybe'"):
+    with pytest.raises(GlueError, match=r"train.tsv:3: unknown label 'maybe' for RTE \(expected one of "
+                                        r"entailment, not_entailment, or an id 0-1\)$"):
         pipeline.load_glue("rte", "train", str(tmp_path))
     with pytest.raises(GlueError, match=r"no GLUE file at .*SST-2/train.tsv"):
         pipeline.load_glue("sst2", "train", str(tmp_path))
@@ -205,6 +206,9 @@ def test_train_script_end_to_end(tiny_model_dir, glue_dir, tmp_path):
             "--max_seq_length", "32", "--learning_rate", "1e-3"]
     assert run_script("train.py", *argv, GLUE_KILL_AT="checkpoint_saved").returncode == -9
     assert not (tmp_path / "mnli").exists() and list((tmp_path / ".staging").glob("mnli-*"))
+    full = run_script("train.py", *argv, GLUE_FAIL_AT="checkpoint_saved")  # a full disk while saving: one line
+    assert_user_error(full, f"no space left on device in {tmp_path / 'mnli'} (", "during saving the checkpoint")
+    assert full.returncode == 1 and not (tmp_path / "mnli").exists()
     result = run_script("train.py", "--dataset_name", "mnli", "--data_dir", str(glue_dir), "--model_name_or_path",
                         tiny_model_dir, "--checkpoint_dir", str(tmp_path), "--num_train_epochs", "1",
                         "--train_batch_size", "8", "--max_seq_length", "32", "--learning_rate", "1e-3")

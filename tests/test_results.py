@@ -1,6 +1,7 @@
 """results.py on plain files: publish and verified reads, refusal of other signatures and other data, stage
 resumption, and a lock that a killed holder does not keep."""
 
+import errno
 import os
 import subprocess
 import sys
@@ -89,5 +90,10 @@ def test_failpoint_counts_passes(monkeypatch):
     failpoints.failpoint("step")
     failpoints.failpoint("other")
     failpoints.failpoint("step")  # the third pass would SIGKILL this process
-    assert failpoints._passes == {"step": 2}
+    assert failpoints._passes == {("GLUE_KILL_AT", "step"): 2}
+    monkeypatch.setenv("GLUE_FAIL_AT", "other:2")
+    failpoints.failpoint("other")
+    with pytest.raises(OSError) as raised:
+        failpoints.failpoint("other")
+    assert raised.value.errno == errno.ENOSPC
     assert results.digest({"b": 1, "a": [1, 2]}) == results.digest({"a": [1, 2], "b": 1})
