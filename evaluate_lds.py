@@ -41,6 +41,7 @@ import pipeline
 from glue_attribution import cli
 
 logger = logging.getLogger("evaluate_lds")
+NUM_BOOTSTRAP = 1000  # mask resamples for the intervals (score: --num_bootstrap)
 
 # The ground truth's own flags, with the seed's values; --lds_dir D fills the ones not given from D's record.
 LDS_DEFAULTS = {"dataset_name": "rte", "max_query_examples": 2000, "num_masks": 100, "subset_fraction": 0.5,
@@ -91,7 +92,7 @@ def parse_args(argv=None):
                        help="Score sets as analyze.py names them (identity diagonal kfac ekfac ekfac_half ...).")
     score.add_argument("--reference", default=None,
                        help="The set every other is compared with, paired (default: ekfac if scored, else identity).")
-    score.add_argument("--num_bootstrap", type=cli.positive_int, default=1000,
+    score.add_argument("--num_bootstrap", type=cli.positive_int, default=NUM_BOOTSTRAP,
                        help="Mask resamples for the confidence intervals.")
     score.add_argument("--figure", default=None,
                        help="Where the bar plot goes (default: lds.png in the ground truth folder).")
@@ -152,12 +153,17 @@ def score(args) -> None:
     sets = {name: pairwise for name, (pairwise, _) in loaded.items()}
     sets.update(lds.baseline_scores(args, train_text["label"], query_text["label"]))
     reference = lds.reference_set(args.reference, sets)
-    table = lds.lds_table(sets, masks, margins, args.num_bootstrap, args.seed, reference)
+    repeats = lds.load_repeat_margins(folder, args, margins.shape[1])
+    table = lds.lds_table(sets, masks, margins, args.num_bootstrap, args.seed, reference, repeats)
+    ceiling = None if repeats is None else lds.noise_ceiling(repeats, args.num_bootstrap, args.seed)
     title = lds.table_title(args, masks, margins, summary)
-    report.print_lds_table(table, title, reference)
+    report.print_lds_table(table, title, reference, ceiling)
+    if ceiling is None:
+        logger.info("No noise ceiling: it needs two or more retrains per mask (build with --num_repeats 2 or more)")
     results_path = os.path.join(folder, "lds_results.json")
     results.atomic_write_json({"ground_truth": folder, "num_masks": masks.shape[0], "num_queries": margins.shape[1],
                                "num_train": int(masks.shape[1]), "num_bootstrap": args.num_bootstrap, **summary,
+                               "noise_ceiling": ceiling,
                                "scores": {name: scores.source_of(meta) for name, (_, meta) in loaded.items()},
                                "results": table}, results_path)
     figure = args.figure or os.path.join(folder, "lds.png")
@@ -175,11 +181,16 @@ def ensembles(args) -> None:
 
     _, _, provenance, (folder, masks, margins, _) = lds.data_and_ground_truth(args)
     curves = lds.ensemble_curves(args, provenance, masks, margins)
+    repeats = lds.load_repeat_margins(folder, args, margins.shape[1])
+    ceiling = None if repeats is None else lds.noise_ceiling(repeats, NUM_BOOTSTRAP, args.seed)
+    for row in (row for curve in curves.values() for row in curve["rows"]):
+        row["fraction_of_ceiling"] = row["lds_mean"] / ceiling["mean"] if ceiling and ceiling["mean"] > 0 else None
     report.print_curve(curves, f"LDS against the number of ensembled models ({args.dataset_name}, {masks.shape[0]} "
-                               f"masks, {margins.shape[1]} queries; mean ± sd over disjoint groups of members)")
+                               f"masks, {margins.shape[1]} queries; mean ± sd over disjoint groups of members"
+                               + (f"; noise ceiling {ceiling['mean']:.3f})" if ceiling else ")"))
     results_path = os.path.join(folder, "lds_ensembles.json")
-    results.atomic_write_json({"ground_truth": folder, "stability_dir": args.stability_dir, "results": curves},
-                              results_path)
+    results.atomic_write_json({"ground_truth": folder, "stability_dir": args.stability_dir, "noise_ceiling": ceiling,
+                               "results": curves}, results_path)
     figure = args.figure or os.path.join(folder, "lds_ensembles.png")
     plots.ensemble_curve(curves, figure, f"LDS on {args.dataset_name} against ensemble size")
     logger.info("Wrote %s and %s", results_path, figure)

@@ -213,21 +213,42 @@ def lds_per_query(scores: np.ndarray, masks: np.ndarray, margin_ranks: np.ndarra
     return pearson_rows(rankdata(scores.astype(np.float64) @ masks.T.astype(np.float64), axis=1), margin_ranks)
 
 
+def ceiling_per_query(repeat_ranks: list, picks=slice(None)) -> np.ndarray:
+    """Each query's noise ceiling: the highest Spearman any attributor can reach against the averaged ground truth.
+
+    One retrain's reliability r is the mean, over pairs of repeats, of their Spearman over masks; the average of R
+    repeats has reliability R r / (1 + (R - 1) r) (Spearman-Brown), and a correlation with a measurement of
+    reliability rho is at most sqrt(rho). `repeat_ranks`: per repeat, its margins' ranks (queries, masks).
+    """
+    pairs = [(i, j) for i in range(len(repeat_ranks)) for j in range(i + 1, len(repeat_ranks))]
+    single = np.mean([pearson_rows(repeat_ranks[i][:, picks], repeat_ranks[j][:, picks]) for i, j in pairs], axis=0)
+    single = np.clip(single, 0, 1)  # repeats that disagree more than chance: no reproducible signal
+    repeats = len(repeat_ranks)
+    return np.sqrt(repeats * single / (1 + (repeats - 1) * single))
+
+
 def lds_table(scores: dict, masks: np.ndarray, margins: np.ndarray, num_bootstrap: int, seed: int,
-              reference: str | None = None) -> dict:
+              reference: str | None = None, repeat_margins: np.ndarray | None = None) -> dict:
     """Per score set: LDS (mean over queries), its standard error over queries, a 95% bootstrap interval over masks,
-    and the paired difference against the `reference` set (same queries, same mask resamples)."""
+    and the paired difference against the `reference` set (same queries, same mask resamples). With the per-repeat
+    margins (masks, repeats, queries), also the LDS as a fraction of the noise ceiling (`ceiling_per_query`), with
+    its interval over the same resamples."""
     # Spearman = Pearson of ranks. The bootstrap resamples masks and keeps each mask's rank in the full set:
     # re-ranking a resample ties its duplicated masks, which biases the interval away from the estimate.
     margin_ranks = rankdata(margins.T, axis=1)  # (queries, masks)
     ranks = {name: rankdata(s.astype(np.float64) @ masks.T.astype(np.float64), axis=1) for name, s in scores.items()}
     per_query = {name: pearson_rows(r, margin_ranks) for name, r in ranks.items()}
+    repeat_ranks = (None if repeat_margins is None else
+                    [rankdata(repeat_margins[:, i].T, axis=1) for i in range(repeat_margins.shape[1])])
     rng = np.random.default_rng(seed)
     boot = {name: np.empty(num_bootstrap) for name in scores}
+    boot_ceiling = np.empty(num_bootstrap)
     for b in range(num_bootstrap):
         picks = rng.integers(0, masks.shape[0], masks.shape[0])
         for name, r in ranks.items():
             boot[name][b] = pearson_rows(r[:, picks], margin_ranks[:, picks]).mean()
+        if repeat_ranks is not None:
+            boot_ceiling[b] = ceiling_per_query(repeat_ranks, picks).mean()
 
     def summary(values, resampled):
         return {"mean": float(values.mean()), "se_queries": float(values.std(ddof=1) / np.sqrt(len(values))),
@@ -239,7 +260,37 @@ def lds_table(scores: dict, masks: np.ndarray, margins: np.ndarray, num_bootstra
         if reference in scores and name != reference:
             table[name]["versus"] = {"reference": reference, **summary(per_query[name] - per_query[reference],
                                                                        boot[name] - boot[reference])}
+        if repeat_ranks is not None:
+            ceiling = ceiling_per_query(repeat_ranks).mean()
+            # A resample whose ceiling is 0 (no reproducible signal at all) has no fraction: left out.
+            fractions = boot[name][boot_ceiling > 0] / boot_ceiling[boot_ceiling > 0]
+            table[name]["fraction_of_ceiling"] = {
+                "mean": float(per_query[name].mean() / ceiling) if ceiling > 0 else None,
+                "ci95_masks": [float(x) for x in np.percentile(fractions, [2.5, 97.5])] if len(fractions) else None}
     return table
+
+
+def noise_ceiling(repeat_margins: np.ndarray, num_bootstrap: int, seed: int) -> dict:
+    """The ground truth's noise ceiling (mean over queries of `ceiling_per_query`) with a 95% bootstrap interval over
+    masks (the resamples of `lds_table` with the same seed), and the single-retrain reliability it rests on."""
+    repeat_ranks = [rankdata(repeat_margins[:, i].T, axis=1) for i in range(repeat_margins.shape[1])]
+    rng = np.random.default_rng(seed)
+    boot = [ceiling_per_query(repeat_ranks, rng.integers(0, len(repeat_margins), len(repeat_margins))).mean()
+            for _ in range(num_bootstrap)]
+    return {"mean": float(ceiling_per_query(repeat_ranks).mean()),
+            "ci95_masks": [float(x) for x in np.percentile(boot, [2.5, 97.5])],
+            "num_repeats": int(repeat_margins.shape[1])}
+
+
+def load_repeat_margins(folder: str, args, num_query: int) -> np.ndarray | None:
+    """Every retrain's margins, (masks, repeats, queries), from the ground truth's runs; None with one repeat (no
+    ceiling can be estimated then) or when runs are missing."""
+    if args.num_repeats < 2:
+        return None
+    runs = [[load_retrain(folder, m, r, num_query) for r in range(args.num_repeats)] for m in range(args.num_masks)]
+    if any(run is None for row in runs for run in row):
+        return None
+    return np.stack([[run["margins"] for run in row] for row in runs])
 
 
 def load_data(args) -> tuple:

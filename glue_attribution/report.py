@@ -139,17 +139,27 @@ def show_self_ranking(path: str, k: int, scores_name: str) -> None:
         print(f"[{rank}. train {index}]  self-influence: {float(score):.4g}  label: {label}\n  " + "\n  ".join(texts))
 
 
-def print_lds_table(table: dict, title: str, reference: str | None) -> None:
+def print_lds_table(table: dict, title: str, reference: str | None, ceiling: dict | None = None) -> None:
+    """The LDS table (lds.lds_table); with the noise ceiling, each set's LDS as a fraction of it."""
     print(f"\n{title}")
     width = max(14, *(len(name) + 2 for name in table))
     print(f"{'scores':<{width}}{'LDS':>8}{'± SE (queries)':>16}{'95% CI (masks)':>20}"
-          + (f"{f'vs {reference} [95% CI masks]':>32}" if reference else ""))
+          + (f"{f'vs {reference} [95% CI masks]':>32}" if reference else "")
+          + (f"{'of ceiling [95% CI]':>24}" if ceiling else ""))
     for name, row in table.items():
         diff = row.get("versus")
         versus = f"{diff['mean']:+.3f} [{diff['ci95_masks'][0]:+.3f}, {diff['ci95_masks'][1]:+.3f}]" if diff else ""
         low, high = row["ci95_masks"]
-        print(f"{name:<{width}}{row['mean']:>8.3f}{row['se_queries']:>16.3f}{f'[{low:.3f}, {high:.3f}]':>20}"
-              f"{versus:>32}")
+        line = (f"{name:<{width}}{row['mean']:>8.3f}{row['se_queries']:>16.3f}{f'[{low:.3f}, {high:.3f}]':>20}"
+                + (f"{versus:>32}" if reference else ""))
+        if ceiling and None not in row["fraction_of_ceiling"].values():
+            part, (low, high) = row["fraction_of_ceiling"]["mean"], row["fraction_of_ceiling"]["ci95_masks"]
+            line += f"{f'{part:.2f} [{low:.2f}, {high:.2f}]':>24}"
+        print(line)
+    if ceiling:
+        low, high = ceiling["ci95_masks"]
+        print(f"{'noise ceiling':<{width}}{ceiling['mean']:>8.3f}{'':>16}{f'[{low:.3f}, {high:.3f}]':>20}  (the "
+              f"highest LDS reachable through the noise of {ceiling['num_repeats']} retrains per mask)")
 
 
 def print_curve(curves: dict, title: str) -> None:

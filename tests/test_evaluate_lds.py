@@ -213,3 +213,42 @@ def test_folders_of_the_earlier_naming_are_found(tmp_path):
     legacy = tmp_path / f"lds_{results.digest(arguments)[:10]}"
     legacy.mkdir()
     assert results.experiment_dir(str(tmp_path), "lds", arguments) == str(legacy)
+
+
+def test_noise_ceiling_on_a_synthetic_ground_truth_with_known_noise():
+    """Margins = signal + noise of the signal's variance, 2 repeats: one retrain's reliability is 1/2, the average's
+    2/3, so the ceiling is sqrt(2/3) = 0.816 in Pearson terms (0.80 in Spearman's); the oracle (the scores that make
+    the signal) reaches it, a half-informative set about half of it, each with an interval around the truth."""
+    rng = np.random.default_rng(0)
+    masks = lds.make_masks(100, 600, 0.5, seed=0)
+    oracle = rng.standard_normal((5, 100))
+    signal = masks @ oracle.T
+    signal = (signal - signal.mean(0)) / signal.std(0)  # unit variance per query
+    repeats = signal[:, None, :] + rng.standard_normal((600, 2, 5))
+    half = oracle + 1.7 * rng.standard_normal(oracle.shape)
+    ceiling = lds.noise_ceiling(repeats, 200, seed=0)
+    assert ceiling["mean"] == pytest.approx(0.80, abs=0.03) and ceiling["num_repeats"] == 2
+    assert ceiling["ci95_masks"][0] < ceiling["mean"] < ceiling["ci95_masks"][1]
+    table = lds.lds_table({"oracle": oracle, "half": half}, masks, repeats.mean(axis=1), 200, 0,
+                          repeat_margins=repeats)
+    assert table["oracle"]["mean"] == pytest.approx(ceiling["mean"], abs=0.03)
+    low, high = table["oracle"]["fraction_of_ceiling"]["ci95_masks"]
+    assert low < 1 < high and table["oracle"]["fraction_of_ceiling"]["mean"] == pytest.approx(1, abs=0.04)
+    assert 0.2 < table["half"]["fraction_of_ceiling"]["mean"] < 0.8
+    single = lds.lds_table({"oracle": oracle}, masks, repeats.mean(axis=1), 10, 0)
+    assert "fraction_of_ceiling" not in single["oracle"]  # one repeat: no ceiling
+
+
+def test_score_reports_the_noise_ceiling_with_two_repeats(glue_dir, tiny_model_dir, tmp_path, capsys):
+    argv = lds_argv("build", glue_dir, tiny_model_dir, tmp_path)
+    argv[argv.index("--num_repeats") + 1] = "2"
+    evaluate_lds.build(evaluate_lds.parse_args(argv))
+    write_scores(tmp_path, "identity", np.random.default_rng(0).standard_normal((8, 32)), glue_dir)
+    evaluate_lds.score(evaluate_lds.parse_args(["score", *argv[1:], "--strategies", "identity",
+                                                "--num_bootstrap", "20"]))
+    assert "noise ceiling" in capsys.readouterr().out
+    folder = lds.ground_truth_dir(evaluate_lds.parse_args(argv))
+    with open(os.path.join(folder, "lds_results.json")) as f:
+        saved = json.load(f)
+    assert saved["noise_ceiling"]["num_repeats"] == 2 and 0 <= saved["noise_ceiling"]["mean"] <= 1
+    assert set(saved["results"]["identity"]["fraction_of_ceiling"]) == {"mean", "ci95_masks"}
