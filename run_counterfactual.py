@@ -102,8 +102,10 @@ def main():
                                              sweeps.retrainer(args, train_text, query_text))
     if outcomes is None:  # another shard is still running
         return
-    for i, k in enumerate(outcomes["remove_intervals"]):
-        logger.info("  k = %4d: %s", k, ", ".join(f"{m} {f[i]:.2f}" for m, f in outcomes["flip_fraction"].items()))
+    for i, k in enumerate(outcomes["remove_intervals"]):  # flip fraction [95% CI over queries]
+        logger.info("  k = %4d: %s", k, ", ".join(f"{m} {f[i]:.2f} [{outcomes['flip_fraction_ci95'][m][i][0]:.2f}, "
+                                                  f"{outcomes['flip_fraction_ci95'][m][i][1]:.2f}]"
+                                                  for m, f in outcomes["flip_fraction"].items()))
     counterfactual.write_outcomes({**outcomes, "scores": used}, folder)
     plots.flip_fractions(outcomes, figure)
     logger.info("Results in %s, figure: %s", folder, figure)

@@ -24,6 +24,7 @@ logger = logging.getLogger(__name__)
 RANDOM = "random"
 FLIP_BELOW = 0.5  # a query is flipped once its mean accuracy over the retrains drops below this
 RESULTS_JSON = "counterfactual_results.json"
+NUM_BOOTSTRAP = 1000  # query resamples for the intervals
 
 
 def results_dir(args) -> str:
@@ -183,11 +184,31 @@ def run_experiment(args, rankings: dict, n_train: int, retrain) -> dict | None:
                             args.shard_index)
                 return None
             rows += [{"method": method, **row} for row in found]
-    fractions = {method: [float(np.mean([r["flipped"] for r in rows if r["method"] == method and r["k"] == k]))
-                          for k in args.remove_intervals] for method in rankings}
+    flips = {method: np.array([[r["flipped"] for r in rows if r["method"] == method and r["k"] == k]
+                               for k in args.remove_intervals], dtype=float) for method in rankings}
     return {"task": args.dataset_name, "num_train": n_train, "remove_intervals": args.remove_intervals,
             "num_base_repeat": args.num_base_repeat, "num_repeat": args.num_repeat, "num_candidates": len(candidates),
-            "queries": queries, "base_accuracy": base.tolist(), "flip_fraction": fractions, "outcomes": rows}
+            "queries": queries, "base_accuracy": base.tolist(),
+            "flip_fraction": {method: f.mean(axis=1).tolist() for method, f in flips.items()},
+            **flip_intervals(flips, next(iter(rankings)), NUM_BOOTSTRAP, args.seed), "outcomes": rows}
+
+
+def flip_intervals(flips: dict, reference: str, num_bootstrap: int, seed: int) -> dict:
+    """95% bootstrap intervals over queries of each method's flip fraction at each k, and of its paired difference
+    from `reference` (the same query resamples for every method). `flips`: {method: (k, queries) 0/1 flipped}."""
+    rng = np.random.default_rng(seed)
+    num_queries = next(iter(flips.values())).shape[1]
+    picks = [rng.integers(0, num_queries, num_queries) for _ in range(num_bootstrap)]
+    boot = {method: np.stack([f[:, p].mean(axis=1) for p in picks]) for method, f in flips.items()}  # (B, k)
+
+    def interval(resampled):
+        return np.percentile(resampled, [2.5, 97.5], axis=0).T.tolist()  # per k: [low, high]
+
+    return {"flip_fraction_ci95": {method: interval(b) for method, b in boot.items()},
+            "versus": {method: {"reference": reference,
+                                "mean": (flips[method].mean(axis=1) - flips[reference].mean(axis=1)).tolist(),
+                                "ci95": interval(boot[method] - boot[reference])}
+                       for method in flips if method != reference}}
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -64,11 +64,16 @@ def ensemble_curve(curves: dict, path: str, title: str) -> None:
 
 
 def flip_fractions(counterfactual: dict, path: str) -> None:
-    """Fraction of queries flipped against k, one line per method (counterfactual_results.json)."""
+    """Fraction of queries flipped against k, one line per method, with its 95% interval over queries as a band
+    (counterfactual_results.json)."""
+    ks = counterfactual["remove_intervals"]
     with figure(path, (5, 3.6)) as ax:
         for i, (method, fractions) in enumerate(counterfactual["flip_fraction"].items()):
-            ax.plot(counterfactual["remove_intervals"], fractions, marker="os^vDP"[i % 6], label=method)  # ties show
-        ax.set_xticks(counterfactual["remove_intervals"])
+            ax.plot(ks, fractions, marker="os^vDP"[i % 6], label=method, color=f"C{i}")  # markers: ties show
+            if "flip_fraction_ci95" in counterfactual:
+                low, high = np.array(counterfactual["flip_fraction_ci95"][method]).T
+                ax.fill_between(ks, low, high, color=f"C{i}", alpha=0.12, linewidth=0)
+        ax.set_xticks(ks)
         ax.set(xlabel="training examples removed (k)", ylabel="fraction of queries flipped", ylim=(-0.02, 1.02),
                title=f"{counterfactual['task']}: {len(counterfactual['queries'])} queries, "
                      f"{counterfactual['num_train']} training examples")

@@ -215,3 +215,16 @@ def test_script_end_to_end_and_missing_scores(tiny_model_dir, glue_dir, scores_d
     query = outcomes["queries"][0]
     run = results.load_run(str(out / "runs" / "ekfac" / f"q{query}_k2_s1004.npz"), {})
     assert run["correct"].shape == (1,)
+
+
+def test_flip_intervals_on_a_known_case():
+    """40 queries: a method that flips all of them, one that flips half, one that flips none; the intervals cover
+    the true fractions, a method that always flips has a zero-width interval, and the paired differences from the
+    reference exclude 0 exactly where the methods differ."""
+    always, half, never = np.ones((1, 40)), np.tile([[1.0, 0.0]], 20), np.zeros((1, 40))
+    found = counterfactual.flip_intervals({"ekfac": always, "identity": half, "random": never}, "ekfac", 500, 0)
+    assert found["flip_fraction_ci95"]["ekfac"] == [[1.0, 1.0]] and found["flip_fraction_ci95"]["random"] == [[0, 0]]
+    low, high = found["flip_fraction_ci95"]["identity"][0]
+    assert 0.3 < low < 0.5 < high < 0.7
+    assert found["versus"]["identity"]["mean"] == [-0.5] and found["versus"]["identity"]["ci95"][0][1] < 0
+    assert found["versus"]["random"]["ci95"] == [[-1.0, -1.0]] and "ekfac" not in found["versus"]
