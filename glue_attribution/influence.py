@@ -13,7 +13,6 @@ one checkpoint, each computed in a private folder and published once complete (r
 import copy
 import datetime
 import fnmatch
-import importlib.metadata
 import logging
 import os
 import shutil
@@ -338,7 +337,9 @@ def analyze_checkpoint(args, checkpoint_dir: str, suffix: str, train_text, query
                   "data_dir": args.data_dir, "model_name_or_path": args.model_name_or_path,
                   "checkpoint_sha256": checkpoint_meta["files"]["model.safetensors"]["sha256"]}
     if args.factor_strategy == "trak":
-        factors_signature, scores_signature = None, trak_signature(args, provenance)
+        from . import trak_scores  # traker: only for --factor_strategy trak
+
+        factors_signature, scores_signature = None, trak_scores.signature(args, provenance)
     else:
         factors_signature, scores_signature = signatures(args, provenance, factor_args, score_args)
 
@@ -359,7 +360,8 @@ def analyze_checkpoint(args, checkpoint_dir: str, suffix: str, train_text, query
         scores_root = results.staging_dir(scores_public, scores_signature)
         on_main(shutil.rmtree, scores_root, ignore_errors=True)
         if args.factor_strategy == "trak":
-            compute_trak(args, model, tokenizer, (train_text, query_text), scores_root, scores_public, meta)
+            trak_scores.publish_trak(args, model, tokenizer, (train_text, query_text), scores_root, scores_public,
+                                     meta)
             return scores_name
         size = factor_bytes(model, tracked_modules(model, args.tracked_modules), factor_args)  # before wrapping
         analyzer_at, datasets, orders = setup_analysis(args, model, tokenizer, train_text, query_text)
@@ -377,37 +379,6 @@ def analyze_checkpoint(args, checkpoint_dir: str, suffix: str, train_text, query
         compute_scores(analyzer_at(scores_root), scores_root, scores_public, args, (factors_name, scores_name),
                        score_args, datasets, orders, meta, train_text)
     return scores_name
-
-
-def trak_signature(args, provenance: dict) -> dict:
-    """Everything that changes TRAK scores."""
-    return {**{k: provenance[k] for k in ("checkpoint_sha256", "dataset_name", "num_train", "train_data",
-                                          "max_seq_length", "num_query", "query_data")},
-            "pad_to_max_length": args.pad_to_max_length, "tracked_modules": args.tracked_modules, "seed": args.seed,
-            "trak": {"proj_dim": args.proj_dim, "proj_type": "normal", "featurised": "nn.Linear weights and biases",
-                     "traker": importlib.metadata.version("traker")}}
-
-
-def compute_trak(args, model, tokenizer, texts: tuple, root: str, public: str, meta: dict) -> None:
-    """TRAK scores of one checkpoint (trak_scores.py), computed in the private folder on `sorted_splits`,
-    written in dataset order as kronfluence's layout (`all_modules`), then published."""
-    from . import trak_scores
-
-    if torch.distributed.is_initialized():
-        raise GlueError("--factor_strategy trak runs in one process; launch it without torchrun")
-    (train_dataset, query_dataset), (train_order, query_order) = sorted_splits(args, tokenizer, *texts)
-    start = time.time()
-    scores = trak_scores.compute(
-        model, train_dataset, query_dataset, pipeline.collator(tokenizer),
-        pipeline.get_task(args.dataset_name).is_regression, tracked_modules(model, args.tracked_modules),
-        args.proj_dim, (args.train_batch_size, args.query_batch_size), os.path.join(root, "traker"), seed=args.seed,
-        device=args.device, verbose=args.verbose)
-    meta["scores_seconds"] = time.time() - start
-    work = os.path.join(root, f"scores_{meta['scores_name']}")
-    os.makedirs(work)
-    save_file({"all_modules": torch.from_numpy(scores)}, os.path.join(work, "pairwise_scores.safetensors"))
-    publish_scores(work, root, public, meta, (train_order, query_order))
-
 
 
 def length_order(dataset) -> np.ndarray:

@@ -5,13 +5,18 @@ checkpoint, training examples and queries as the influence scores and returned i
 What is featurised: the weights and biases of the tracked nn.Linear modules (all of them by default, the parameters
 EK-FAC's factors cover), not the embeddings; their per-example gradients of the margin (task.py's measurement) are
 projected to `proj_dim` dimensions by a Gaussian random matrix (as traker's BasicProjector, generated block by block
-on --device so that it fits memory).
+on --device so that it fits memory). `publish_trak` computes and publishes one checkpoint's TRAK score set as
+influence.py publishes kronfluence's (same splits, same order, same layout).
 """
 
+import importlib.metadata
 import logging
+import os
+import time
 
 import numpy as np
 import torch
+from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 from trak import TRAKer
@@ -20,6 +25,9 @@ from trak.modelout_functions import AbstractModelOutput
 from trak.projectors import AbstractProjector, ProjectionType
 
 import pipeline
+
+from .errors import GlueError
+from .influence import publish_scores, sorted_splits, tracked_modules
 
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
@@ -139,3 +147,31 @@ def compute(model: nn.Module, train_dataset, query_dataset, collate, regression:
     for batch in batches(query_dataset, collate, keys, batch_sizes[1], "TRAK features (queries)"):
         traker.score(batch=batch, num_samples=len(batch[0]))
     return np.asarray(traker.finalize_scores(exp_name="queries"), dtype=np.float32).T.copy()
+
+
+def signature(args, provenance: dict) -> dict:
+    """Everything that changes TRAK scores."""
+    return {**{k: provenance[k] for k in ("checkpoint_sha256", "dataset_name", "num_train", "train_data",
+                                          "max_seq_length", "num_query", "query_data")},
+            "pad_to_max_length": args.pad_to_max_length, "tracked_modules": args.tracked_modules, "seed": args.seed,
+            "trak": {"proj_dim": args.proj_dim, "proj_type": "normal", "featurised": "nn.Linear weights and biases",
+                     "traker": importlib.metadata.version("traker")}}
+
+
+def publish_trak(args, model, tokenizer, texts: tuple, root: str, public: str, meta: dict) -> None:
+    """TRAK scores of one checkpoint, computed in the private folder `root` on influence.py's length-sorted splits,
+    written in dataset order in kronfluence's layout (`all_modules`), then published as the score set `public`."""
+    if torch.distributed.is_initialized():
+        raise GlueError("--factor_strategy trak runs in one process; launch it without torchrun")
+    (train_dataset, query_dataset), (train_order, query_order) = sorted_splits(args, tokenizer, *texts)
+    start = time.time()
+    scores = compute(
+        model, train_dataset, query_dataset, pipeline.collator(tokenizer),
+        pipeline.get_task(args.dataset_name).is_regression, tracked_modules(model, args.tracked_modules),
+        args.proj_dim, (args.train_batch_size, args.query_batch_size), os.path.join(root, "traker"), seed=args.seed,
+        device=args.device, verbose=args.verbose)
+    meta["scores_seconds"] = time.time() - start
+    work = os.path.join(root, f"scores_{meta['scores_name']}")
+    os.makedirs(work)
+    save_file({"all_modules": torch.from_numpy(scores)}, os.path.join(work, "pairwise_scores.safetensors"))
+    publish_scores(work, root, public, meta, (train_order, query_order))
