@@ -114,6 +114,10 @@ def parse_args(argv=None):
                        help="Where the plot goes (default: lds_ensembles.png in the ground truth folder).")
 
     args = parser.parse_args(argv)
+    record = os.path.join(args.lds_dir or "", "experiment_args.json")
+    if args.command != "build" and args.lds_dir and not os.path.isfile(record):
+        raise cli.GlueError(f"no LDS ground truth at --lds_dir {args.lds_dir}; build it with: python evaluate_lds.py "
+                            f"build --lds_dir {args.lds_dir} (and its flags)")
     cli.from_results_folder(args, args.lds_dir)
     cli.fill_flags(args, {}, LDS_DEFAULTS)
     if not 0 < args.subset_fraction < 1:

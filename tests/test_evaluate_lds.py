@@ -198,6 +198,8 @@ def test_lds_dir_configures_its_own_flags(built, tmp_path):
     assert (args.dataset_name, args.num_masks, args.num_repeats, args.max_query_examples) == ("rte", 4, 1, 8)
     assert (args.learning_rate, args.max_train_samples, args.data_dir) == (1e-3, 32, str(built["glue_dir"]))
     assert lds.ground_truth_dir(args) == built["folder"]
+    assert_user_error(run_script("evaluate_lds.py", "score", "--lds_dir", str(tmp_path / "typo")),
+                      f"no LDS ground truth at --lds_dir {tmp_path / 'typo'}; build it with")
     write_scores(built["output_dir"], "identity", np.ones((8, 32)), built["glue_dir"])
     evaluate_lds.score(evaluate_lds.parse_args(["score", "--lds_dir", built["folder"], "--output_dir",
                                                 str(built["output_dir"]), "--strategies", "identity",
