@@ -110,7 +110,7 @@ def main():
     args = parse_args()
     import torch
 
-    from glue_attribution import ensembles, influence, report, results, scores
+    from glue_attribution import ensembles, explorer, influence, report, results, scores
 
     cli.setup_logging(args.verbose)
     cli.log_configuration(args)
@@ -144,8 +144,9 @@ def main():
     folder = scores.scores_dir(args.output_dir, args.dataset_name, scores_name)
     logger.info("Scores %s (%d queries x %d training examples, dataset order): %s", scores_name, *pairwise.shape,
                 os.path.join(folder, "pairwise_scores.safetensors"))
+    page = explorer.explore_scores(args, members[0][1], pairwise, scores_name, query_text, train_text, folder)
+    logger.info("Explorer (open it in a browser): %s", page)
     if args.compute_self_scores:
-        scores.load_scores(args.output_dir, args.dataset_name, scores_name, kind="self")  # verified
         logger.info("Training examples by self-influence (candidates for wrong labels first): %s",
                     os.path.join(folder, scores.SELF_RANKING))
         if args.inspect_self is not None:

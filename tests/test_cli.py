@@ -52,6 +52,8 @@ def test_chain_with_the_data_flags_given_once(monkeypatch, tiny_model_dir, glue_
     assert meta["provenance"]["data_dir"] == str(glue_dir) and meta["provenance"]["max_seq_length"] == 32
     assert meta["provenance"]["num_train"] == 32 and meta["provenance"]["model_name_or_path"] == tiny_model_dir
     assert meta["overrides"] == {}
+    page = (out / "rte" / "scores_identity" / "explorer.html").read_text()  # the explorer, beside the scores
+    assert page.count('"positive": [') == 8 and "explorer.html" in result.stderr
     rerun = run_script("analyze.py", *own, "--max_query_examples", "8", "--factor_strategy", "identity")
     assert "Reusing scores" in rerun.stderr
 

@@ -1,0 +1,221 @@
+"""The explorer: one self-contained page per score set (`explorer.html` beside its scores) to browse a whole analysis.
+
+Every query (text, gold label, the model's prediction and margin), filtered by text, label or correctness and sorted
+by margin or by its largest influence; for the selected query its top-k most positive and most negative training
+examples (text, label, score, rank, share of the query's total absolute influence); with self-influence scores, the
+training set's most self-influential examples (the label-error candidates). The data is inline JSON and the page
+makes no request of any kind, so it opens from `file://` anywhere; only the training examples it shows are embedded,
+so its size grows with queries x k, not with the training set. All text from the data is inserted as text, never as
+markup.
+"""
+
+import json
+import os
+
+import numpy as np
+
+import pipeline
+
+from . import results
+
+TOP_K = 10  # training examples shown per query and side
+SELF_TOP = 200  # training examples shown by self-influence
+
+
+def explorer_data(title: str, task_name: str, pairwise: np.ndarray, query_text, train_text, predictions: dict,
+                  self_scores: np.ndarray | None = None, top_k: int = TOP_K) -> dict:
+    """What the page shows, as JSON: queries with their top examples (training indices and scores, in the order of
+    the scores), the embedded training examples, and the self-influence ranking."""
+    task = pipeline.get_task(task_name)
+    label = (lambda y: round(float(y), 3)) if task.is_regression else (lambda y: task.labels[int(y)])
+    shown, queries = set(), []
+    for q, row in enumerate(pairwise):
+        order = np.argsort(-row, kind="stable")
+        total = float(np.abs(row).sum()) or 1.0
+        top = {side: [{"index": int(j), "score": float(row[j]), "share": float(row[j]) / total}
+                      for j in picks] for side, picks in (("positive", order[:top_k]),
+                                                          ("negative", order[::-1][:top_k]))}
+        shown.update(e["index"] for side in top.values() for e in side)
+        example = query_text[q]
+        queries.append({"index": q, "texts": [example[k] for k in task.keys], "label": label(example["label"]),
+                        "prediction": label(predictions["predictions"][q]), "margin": float(predictions["margins"][q]),
+                        "correct": bool(predictions["correct"][q]) if "correct" in predictions else None,
+                        "largest": float(np.abs(row).max()), **top})
+    ranking = []
+    if self_scores is not None:
+        order = np.argsort(-self_scores, kind="stable")[:SELF_TOP]
+        ranking = [{"index": int(j), "score": float(self_scores[j])} for j in order]
+        shown.update(int(j) for j in order)
+    train = {str(j): {"texts": [train_text[j][k] for k in task.keys], "label": label(train_text[j]["label"])}
+             for j in sorted(shown)}
+    return {"title": title, "task": task_name, "keys": list(task.keys), "num_train": len(train_text),
+            "queries": queries, "train": train, "self_influence": ranking}
+
+
+def page(data: dict) -> str:
+    """The page: data inline (`<` escaped, so no text can close the script element), rendered by a little vanilla
+    JavaScript that only ever sets textContent."""
+    payload = json.dumps(data, ensure_ascii=False)
+    for raw, escaped in (("<", "\\u003c"), ("\u2028", "\\u2028"), ("\u2029", "\\u2029")):
+        payload = payload.replace(raw, escaped)
+    return PAGE.replace("__DATA__", payload)
+
+
+def write_explorer(path: str, data: dict) -> None:
+    """Writes the page under a temporary name and renames it."""
+    with results.atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.write(page(data))
+
+
+def explore_scores(args, checkpoint_dir: str, pairwise: np.ndarray, scores_name: str, query_text, train_text,
+                   folder: str) -> str:
+    """analyze.py's page for a published score set: the checkpoint's predictions on the queries (one forward pass),
+    the scores, and with --compute_self_scores the self-influence; written to <folder>/explorer.html."""
+    from .scores import load_scores
+
+    model, tokenizer, _ = pipeline.load_checkpoint(checkpoint_dir, args.dataset_name)
+    queries = pipeline.tokenize(query_text, args.dataset_name, tokenizer, args.max_seq_length, args.pad_to_max_length)
+    evaluated = pipeline.evaluate(model, queries, pipeline.collator(tokenizer), args.dataset_name,
+                                  args.query_batch_size, args.device)
+    regression = pipeline.get_task(args.dataset_name).is_regression
+    evaluated["predictions"] = evaluated["margins"] if regression else evaluated["probabilities"].argmax(-1)
+    self_scores = (load_scores(args.output_dir, args.dataset_name, scores_name, kind="self")[0]
+                   if args.compute_self_scores else None)
+    title = f"{args.dataset_name}: {scores_name} scores of {checkpoint_dir}"
+    path = os.path.join(folder, "explorer.html")
+    write_explorer(path, explorer_data(title, args.dataset_name, pairwise, query_text, train_text, evaluated,
+                                       self_scores))
+    return path
+
+
+PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta http-equiv="Content-Security-Policy"
+      content="default-src 'none'; style-src 'unsafe-inline'; script-src 'unsafe-inline'">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>Explorer</title>
+<style>
+body { font: 14px/1.5 "DejaVu Sans", sans-serif; margin: 0; color: #222; }
+header { padding: 10px 16px; background: #f3f3f3; border-bottom: 1px solid #ddd; }
+h1 { font-size: 17px; margin: 0 0 4px; } .sub { color: #555; font-size: 13px; }
+main { display: flex; flex-wrap: wrap; }
+#side { flex: 1 1 340px; max-width: 460px; border-right: 1px solid #ddd; height: calc(100vh - 64px); overflow: auto; }
+#view { flex: 3 1 480px; padding: 8px 16px; height: calc(100vh - 64px); overflow: auto; }
+.controls { padding: 8px; display: flex; flex-wrap: wrap; gap: 6px; position: sticky; top: 0; background: #fff; }
+.controls input { flex: 1 1 160px; } ol#queries { list-style: none; margin: 0; padding: 0; }
+#queries li { padding: 6px 10px; border-bottom: 1px solid #eee; cursor: pointer; }
+#queries li:focus, #queries li:hover { background: #eef4ff; outline: none; }
+#queries li[aria-selected="true"] { background: #dbe7ff; }
+.wrong { color: #b00; } .meta { color: #666; font-size: 12px; }
+table { border-collapse: collapse; width: 100%; margin: 6px 0 16px; }
+th, td { border-bottom: 1px solid #eee; padding: 4px 6px; text-align: left; vertical-align: top; }
+td.num { text-align: right; white-space: nowrap; font-variant-numeric: tabular-nums; }
+.pos { color: #1a7a30; } .neg { color: #b02a2a; } .text { white-space: pre-wrap; }
+@media (max-width: 800px) { #side, #view { height: auto; max-width: none; border-right: none; } }
+</style></head>
+<body>
+<header><h1 id="title"></h1><div class="sub" id="summary"></div></header>
+<main>
+<section id="side" aria-label="queries">
+  <div class="controls">
+    <input id="filter" type="search" placeholder="filter queries by text" aria-label="filter queries by text">
+    <select id="label" aria-label="label"><option value="">any label</option></select>
+    <select id="correct" aria-label="correctness"><option value="">all</option>
+      <option value="1">correct</option><option value="0">incorrect</option></select>
+    <select id="sort" aria-label="sort">
+      <option value="index">dataset order</option><option value="margin">margin, lowest first</option>
+      <option value="largest">largest influence first</option></select>
+  </div>
+  <ol id="queries"></ol>
+</section>
+<section id="view" aria-live="polite"></section>
+</main>
+<script type="application/json" id="data">__DATA__</script>
+<script>
+"use strict";
+const data = JSON.parse(document.getElementById("data").textContent);
+const $ = (id) => document.getElementById(id);
+function el(tag, text, cls) {
+  const node = document.createElement(tag);
+  if (text !== undefined && text !== null) node.textContent = String(text);
+  if (cls) node.className = cls;
+  return node;
+}
+const fmt = (x) => Math.abs(x) >= 1e4 || (Math.abs(x) < 1e-3 && x !== 0) ? x.toExponential(3) : x.toFixed(4);
+$("title").textContent = data.title;
+$("summary").textContent = data.task + ": " + data.queries.length + " queries x " + data.num_train +
+  " training examples; positive scores raise the query's margin";
+for (const name of [...new Set(data.queries.map((q) => String(q.label)))]) $("label").append(el("option", name));
+let selected = null;
+
+function row(entry, side) {
+  const tr = el("tr");
+  tr.dataset.index = entry.index;
+  const example = data.train[String(entry.index)];
+  tr.append(el("td", entry.rank, "num"), el("td", "train " + entry.index, "num"),
+            el("td", fmt(entry.score), "num " + (entry.score >= 0 ? "pos" : "neg")),
+            el("td", entry.share === undefined ? "" : (100 * entry.share).toFixed(2) + "%", "num"),
+            el("td", example.label),
+            el("td", example.texts.join("\\n"), "text"));
+  return tr;
+}
+function table(entries, caption, side) {
+  const t = el("table");
+  t.id = side;
+  t.append(el("caption", caption));
+  const head = el("tr");
+  for (const h of ["rank", "example", "score", "share", "label", "text"]) head.append(el("th", h));
+  t.append(head);
+  entries.forEach((e, i) => t.append(row({...e, rank: i + 1}, side)));
+  return t;
+}
+function show(q) {
+  selected = q.index;
+  for (const li of $("queries").children) li.setAttribute("aria-selected", String(li.dataset.index == q.index));
+  const view = $("view");
+  view.replaceChildren();
+  view.append(el("h2", "Query " + q.index));
+  view.append(el("p", q.texts.join("\\n"), "text"));
+  view.append(el("p", "label " + q.label + " \\u00b7 prediction " + q.prediction + " \\u00b7 margin " +
+                 q.margin.toFixed(3), q.correct === false ? "wrong" : "meta"));
+  view.append(table(q.positive, "Most positively influential: raise the margin of the gold label", "positive"));
+  view.append(table(q.negative, "Most negatively influential: lower it", "negative"));
+  if (data.self_influence.length) {
+    view.append(el("h2", "Training examples by self-influence (label-error candidates)"));
+    view.append(table(data.self_influence, "top " + data.self_influence.length + " of " + data.num_train, "self"));
+  }
+}
+function render() {
+  const text = $("filter").value.toLowerCase(), label = $("label").value, correct = $("correct").value;
+  let list = data.queries.filter((q) => (!text || q.texts.join(" ").toLowerCase().includes(text)) &&
+    (!label || String(q.label) === label) && (!correct || String(Number(q.correct)) === correct));
+  const key = $("sort").value;
+  if (key === "margin") list = [...list].sort((a, b) => a.margin - b.margin);
+  if (key === "largest") list = [...list].sort((a, b) => b.largest - a.largest);
+  const ol = $("queries");
+  ol.replaceChildren();
+  for (const q of list) {
+    const li = el("li");
+    li.tabIndex = 0;
+    li.dataset.index = q.index;
+    li.setAttribute("aria-selected", String(q.index === selected));
+    li.append(el("div", q.texts[0]), el("div", "#" + q.index + " \\u00b7 " + q.label + " \\u00b7 margin " +
+              q.margin.toFixed(2), q.correct === false ? "meta wrong" : "meta"));
+    li.addEventListener("click", () => show(q));
+    li.addEventListener("keydown", (event) => {
+      if (event.key === "Enter" || event.key === " ") { event.preventDefault(); show(q); }
+      if (event.key === "ArrowDown" && li.nextSibling) li.nextSibling.focus();
+      if (event.key === "ArrowUp" && li.previousSibling) li.previousSibling.focus();
+    });
+    ol.append(li);
+  }
+}
+for (const id of ["filter", "label", "correct", "sort"]) {
+  $(id).addEventListener("input", render);
+  $(id).addEventListener("change", render);
+}
+render();
+if (data.queries.length) show(data.queries[0]);
+</script>
+</body></html>
+"""
