@@ -145,7 +145,7 @@ def build(args) -> None:
 
 def score(args) -> None:
     """The LDS table of --strategies and the baselines: printed, lds_results.json, a bar plot."""
-    from glue_attribution import lds, plots, report, results, scores
+    from glue_attribution import explorer, lds, plots, report, results, scores
 
     train_text, query_text, provenance, (folder, masks, margins, summary) = lds.data_and_ground_truth(args)
     if args.inspect_query is not None and not 0 <= args.inspect_query < margins.shape[1]:
@@ -170,6 +170,10 @@ def score(args) -> None:
                                "noise_ceiling": ceiling,
                                "scores": {name: scores.source_of(meta) for name, (_, meta) in loaded.items()},
                                "results": table}, results_path)
+    for name in args.strategies:  # each query's LDS on the score set's explorer page
+        if explorer.add_lds(os.path.join(scores.scores_dir(args.output_dir, args.dataset_name, name), "explorer.html"),
+                            table[name]["per_query"], folder):
+            logger.info("Added each query's LDS to the explorer of %s", name)
     figure = args.figure or os.path.join(folder, "lds.png")
     plots.lds_bars(table, figure, title.split(";")[0], lds.BASELINE_SCORES)
     logger.info("Wrote %s and %s", results_path, figure)

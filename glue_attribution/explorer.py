@@ -11,6 +11,7 @@ markup.
 
 import json
 import os
+import re
 
 import numpy as np
 
@@ -65,6 +66,27 @@ def write_explorer(path: str, data: dict) -> None:
     """Writes the page under a temporary name and renames it."""
     with results.atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         f.write(page(data))
+
+
+def read_data(path: str) -> dict | None:
+    """The data of an existing page (None if there is none), to enrich it with another script's results."""
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        match = re.search(r'<script type="application/json" id="data">(.*?)</script>', f.read(), re.S)
+    return json.loads(match.group(1)) if match else None
+
+
+def add_lds(path: str, per_query: list, ground_truth: str) -> bool:
+    """Adds each query's LDS (evaluate_lds.py score) to the page at `path`, if there is one; True if there was."""
+    data = read_data(path)
+    if data is None:
+        return False
+    for query in data["queries"]:
+        query["lds"] = per_query[query["index"]] if query["index"] < len(per_query) else None
+    data["lds_ground_truth"] = ground_truth
+    write_explorer(path, data)
+    return True
 
 
 def explore_scores(args, checkpoint_dir: str, pairwise: np.ndarray, scores_name: str, query_text, train_text,
@@ -124,7 +146,8 @@ td.num { text-align: right; white-space: nowrap; font-variant-numeric: tabular-n
       <option value="1">correct</option><option value="0">incorrect</option></select>
     <select id="sort" aria-label="sort">
       <option value="index">dataset order</option><option value="margin">margin, lowest first</option>
-      <option value="largest">largest influence first</option></select>
+      <option value="largest">largest influence first</option>
+      <option value="lds">LDS, lowest first</option></select>
   </div>
   <ol id="queries"></ol>
 </section>
@@ -177,7 +200,9 @@ function show(q) {
   view.append(el("h2", "Query " + q.index));
   view.append(el("p", q.texts.join("\\n"), "text"));
   view.append(el("p", "label " + q.label + " \\u00b7 prediction " + q.prediction + " \\u00b7 margin " +
-                 q.margin.toFixed(3), q.correct === false ? "wrong" : "meta"));
+                 q.margin.toFixed(3) + (q.lds == null ? "" : " \\u00b7 LDS " + q.lds.toFixed(3) +
+                 " (how well these scores predict retraining, for this query)"),
+                 q.correct === false ? "wrong" : "meta"));
   view.append(table(q.positive, "Most positively influential: raise the margin of the gold label", "positive"));
   view.append(table(q.negative, "Most negatively influential: lower it", "negative"));
   if (data.self_influence.length) {
@@ -192,6 +217,7 @@ function render() {
   const key = $("sort").value;
   if (key === "margin") list = [...list].sort((a, b) => a.margin - b.margin);
   if (key === "largest") list = [...list].sort((a, b) => b.largest - a.largest);
+  if (key === "lds") list = [...list].sort((a, b) => (a.lds ?? Infinity) - (b.lds ?? Infinity));
   const ol = $("queries");
   ol.replaceChildren();
   for (const q of list) {
@@ -200,7 +226,8 @@ function render() {
     li.dataset.index = q.index;
     li.setAttribute("aria-selected", String(q.index === selected));
     li.append(el("div", q.texts[0]), el("div", "#" + q.index + " \\u00b7 " + q.label + " \\u00b7 margin " +
-              q.margin.toFixed(2), q.correct === false ? "meta wrong" : "meta"));
+              q.margin.toFixed(2) + (q.lds == null ? "" : " \\u00b7 LDS " + q.lds.toFixed(2)),
+              q.correct === false ? "meta wrong" : "meta"));
     li.addEventListener("click", () => show(q));
     li.addEventListener("keydown", (event) => {
       if (event.key === "Enter" || event.key === " ") { event.preventDefault(); show(q); }

@@ -256,7 +256,7 @@ def lds_table(scores: dict, masks: np.ndarray, margins: np.ndarray, num_bootstra
 
     table = {}
     for name in scores:
-        table[name] = summary(per_query[name], boot[name])
+        table[name] = {**summary(per_query[name], boot[name]), "per_query": per_query[name].tolist()}
         if reference in scores and name != reference:
             table[name]["versus"] = {"reference": reference, **summary(per_query[name] - per_query[reference],
                                                                        boot[name] - boot[reference])}

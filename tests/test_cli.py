@@ -14,7 +14,7 @@ import evaluate_lds
 import pipeline
 import run_counterfactual
 from conftest import ROOT, assert_user_error, run_script
-from glue_attribution import cli, counterfactual, lds, sweeps
+from glue_attribution import cli, counterfactual, explorer, lds, sweeps
 
 SCRIPTS = ("train.py", "analyze.py", "evaluate_lds.py", "run_counterfactual.py")
 
@@ -65,6 +65,9 @@ def test_chain_with_the_data_flags_given_once(monkeypatch, tiny_model_dir, glue_
     assert recorded["data_dir"] == str(glue_dir) and recorded["max_train_samples"] == 32
     assert recorded["recipe"]["learning_rate"] == 1e-3 and recorded["model_name_or_path"] == tiny_model_dir
     assert os.path.isfile(os.path.join(folder, "lds_results.json")) and os.path.isfile(os.path.join(folder, "lds.png"))
+    page = explorer.read_data(str(out / "rte" / "scores_identity" / "explorer.html"))
+    lds_per_query = [q["lds"] for q in page["queries"]]
+    assert len(lds_per_query) == 8 and all(isinstance(x, float) for x in lds_per_query)
 
     counterfactual_argv = [*own, "--strategies", "identity", "--max_query_examples", "2", "--remove_intervals", "2",
                            "--num_base_repeat", "1", "--num_repeat", "1"]

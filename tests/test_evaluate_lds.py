@@ -147,7 +147,8 @@ def test_score_table_json_plot_and_query(built, tmp_path, capsys):
     with open(os.path.join(built["folder"], "lds_results.json")) as f:
         results = json.load(f)
     assert list(results["results"]) == ["ekfac", "identity", "same-label", "random"]
-    assert set(results["results"]["ekfac"]) == {"mean", "se_queries", "ci95_masks"}  # the reference
+    assert set(results["results"]["ekfac"]) == {"mean", "se_queries", "ci95_masks", "per_query"}  # the reference
+    assert len(results["results"]["ekfac"]["per_query"]) == 8
     assert results["results"]["identity"]["versus"]["reference"] == "ekfac"
     assert results["num_masks"] == 4 and results["num_queries"] == 8 and figure.stat().st_size > 0
 

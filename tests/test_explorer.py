@@ -74,6 +74,9 @@ def test_page_in_a_real_browser(case, browser, tmp_path):
     data, pairwise = case
     path = tmp_path / "explorer.html"
     explorer.write_explorer(str(path), data)
+    assert explorer.add_lds(str(path), [0.5, -0.2, 0.1], "lds_x")  # evaluate_lds.py score's enrichment
+    assert [q["lds"] for q in explorer.read_data(str(path))["queries"]] == [0.5, -0.2, 0.1, None]
+    assert not explorer.add_lds(str(tmp_path / "none.html"), [0.5], "lds_x")
     browser.get(path.as_uri())
     items = browser.find_elements(By.CSS_SELECTOR, "#queries li")
     assert [int(li.get_attribute("data-index")) for li in items] == [0, 1, 2, 3]
@@ -95,6 +98,11 @@ def test_page_in_a_real_browser(case, browser, tmp_path):
     browser.find_element(By.ID, "filter").send_keys(Keys.CONTROL, "a", Keys.DELETE)
     Select(browser.find_element(By.ID, "correct")).select_by_value("0")
     assert [li.get_attribute("data-index") for li in browser.find_elements(By.CSS_SELECTOR, "#queries li")] == ["1"]
+    Select(browser.find_element(By.ID, "correct")).select_by_value("")
+    Select(browser.find_element(By.ID, "sort")).select_by_value("lds")
+    assert [li.get_attribute("data-index") for li in browser.find_elements(By.CSS_SELECTOR, "#queries li")] == [
+        "1", "2", "0", "3"]  # lowest LDS first, none last
+    assert "LDS -0.20" in browser.find_elements(By.CSS_SELECTOR, "#queries li")[0].text
 
     events = [json.loads(entry["message"])["message"] for entry in browser.get_log("performance")]
     requested = [e["params"]["request"]["url"] for e in events if e["method"] == "Network.requestWillBeSent"]
