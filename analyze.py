@@ -144,7 +144,8 @@ def main():
     folder = scores.scores_dir(args.output_dir, args.dataset_name, scores_name)
     logger.info("Scores %s (%d queries x %d training examples, dataset order): %s", scores_name, *pairwise.shape,
                 os.path.join(folder, "pairwise_scores.safetensors"))
-    page = explorer.explore_scores(args, members[0][1], pairwise, scores_name, query_text, train_text, folder)
+    page = explorer.explore_scores(args, members[0][1], pairwise, scores_name, query_text, train_text, folder,
+                                   ensemble=members[0][0] is not None)
     logger.info("Explorer (open it in a browser): %s", page)
     if args.compute_self_scores:
         logger.info("Training examples by self-influence (candidates for wrong labels first): %s",

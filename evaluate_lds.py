@@ -145,9 +145,10 @@ def build(args) -> None:
 
 def score(args) -> None:
     """The LDS table of --strategies and the baselines: printed, lds_results.json, a bar plot."""
-    from glue_attribution import explorer, lds, plots, report, results, scores
+    from glue_attribution import explorer, lds, plots, progress, report, results, scores
 
     train_text, query_text, provenance, (folder, masks, margins, summary) = lds.data_and_ground_truth(args)
+    progress.stage("scoring the LDS", folder)
     if args.inspect_query is not None and not 0 <= args.inspect_query < margins.shape[1]:
         raise cli.GlueError(f"--inspect_query {args.inspect_query} is out of range: there are {margins.shape[1]} "
                             "queries")
@@ -163,7 +164,8 @@ def score(args) -> None:
     title = lds.table_title(args, masks, margins, summary)
     report.print_lds_table(table, title, reference, ceiling)
     if ceiling is None:
-        logger.info("No noise ceiling: it needs two or more retrains per mask (build with --num_repeats 2 or more)")
+        logger.info("No noise ceiling: it needs two or more retrains per mask, all present (build with --num_repeats "
+                    "2 or more)")
     results_path = os.path.join(folder, "lds_results.json")
     results.atomic_write_json({"ground_truth": folder, "num_masks": masks.shape[0], "num_queries": margins.shape[1],
                                "num_train": int(masks.shape[1]), "num_bootstrap": args.num_bootstrap, **summary,

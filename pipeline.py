@@ -428,8 +428,8 @@ def train_model(model: nn.Module, dataset: Dataset, data_collator, config: Train
         config.warmup_ratio * num_steps), num_training_steps=num_steps)
     for epoch in range(config.num_train_epochs):
         loss_sum, seen = 0.0, 0
-        with tqdm(loader, desc=f"Epoch {epoch}", unit="batch", disable=disable_tqdm) as progress:
-            for batch in progress:
+        with tqdm(loader, desc=f"Epoch {epoch}", unit="batch", disable=disable_tqdm) as bar:
+            for batch in bar:
                 batch = {k: v.to(device) for k, v in batch.items()}
                 labels = batch.pop("labels")
                 with _autocast(device, config.bf16):
@@ -441,7 +441,7 @@ def train_model(model: nn.Module, dataset: Dataset, data_collator, config: Train
                 optimizer.zero_grad(set_to_none=True)
                 loss_sum += loss.item() * len(labels)
                 seen += len(labels)
-                progress.set_postfix(loss=f"{loss_sum / seen:.4f}")
+                bar.set_postfix(loss=f"{loss_sum / seen:.4f}")
         logger.info("epoch %d: train loss %.4f", epoch, loss_sum / seen)
     return model
 

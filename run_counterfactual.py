@@ -14,10 +14,10 @@ accuracy drops below 0.5; larger k then count as flipped without training (the s
     python run_counterfactual.py --dataset_name rte --strategies ekfac identity
 
 The data, model and recipe are the checkpoint's (--checkpoint_dir, as train.py wrote it); the scores are analyze.py's
-in --output_dir. Offline, at CPU scale, after the README's train.py and analyze.py commands:
+in --output_dir. Offline, at CPU scale, after the README's quick start (train.py, then analyze.py with ekfac and
+with identity):
 
-    python run_counterfactual.py --dataset_name sst2 --checkpoint_dir runs/checkpoints \
-        --output_dir runs/influence_results --max_query_examples 8 --num_base_repeat 2 --num_repeat 1 \
+    python run_counterfactual.py --dataset_name sst2 --max_query_examples 8 --num_base_repeat 2 --num_repeat 1 \
         --remove_intervals 25 50 100
 
 Results go to <output_dir>/<dataset_name>/counterfactual_<hash of the arguments>/ (or --counterfactual_dir). Every

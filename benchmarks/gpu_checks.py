@@ -33,7 +33,7 @@ then run one job per step, N = 1, 2, 3, each with a 270 s limit (--budget_s 210 
         .whl/*.whl && export PYTHONPATH=/tmp/site || exit; set -o pipefail; \
         python3 benchmarks/gpu_checks.py --step N --out $OUT 2>&1 | tee $OUT/stepN.log
 
-Each writes at most 5 files to $OUT (stepN.json, step1_<precision>.json, stepN.log).
+Each writes at most 5 files to $OUT, the folder the job hands back (stepN.json, step1_<precision>.json, stepN.log).
 """
 
 import argparse

@@ -1,8 +1,8 @@
 """The command line shared by the scripts: the flags, the checkpoint (or a results folder) as the source of the
 configuration, logging, and the scripts' edge (`run`), where the library's errors become one line and an exit status.
 
-Light on purpose (argparse, json and the task table only): every script parses its arguments before importing torch,
-so `--help` and argument errors answer at once.
+Light on purpose (the standard library, numpy and the task table): every script parses its arguments before
+importing torch, so `--help` and argument errors answer at once.
 """
 
 import argparse
@@ -280,13 +280,16 @@ def read_json(path: str, what: str) -> dict:
 
 def from_results_folder(args, folder: str | None, record: str = "experiment_args.json") -> None:
     """A results folder given by path configures its own flags, as a checkpoint does: every flag it records (its
-    recipe's too) that the command line does not give takes the recorded value."""
+    recipe's too) that the command line does not give takes the recorded value (and is no override of the
+    checkpoint's: `from_checkpoint` warns only about flags typed on the command line)."""
+    args.from_folder = set()
     if folder is None:
         return
     saved = read_json(os.path.join(folder, record), "delete that folder and rebuild it")
     for key, value in {**saved, **saved.get("recipe", {})}.items():
         if key != "recipe" and key not in vars(args):
             setattr(args, key, value)
+            args.from_folder.add(key)
 
 
 def fill_flags(args, saved: dict, defaults: dict) -> dict:
@@ -313,7 +316,8 @@ def from_checkpoint(args, checkpoint_dir: str | None, recipe: bool = False) -> a
         saved = read_json(args.configured_by, "retrain the checkpoint with train.py")
         saved = saved.get("args", {}) if isinstance(saved, dict) else {}
     # Recorded in glue_scores.json by analyze.py and logged by `log_configuration`.
-    args.overrides = fill_flags(args, saved, {**DATA_DEFAULTS, **(RECIPE_DEFAULTS if recipe else {})})
+    overrides = fill_flags(args, saved, {**DATA_DEFAULTS, **(RECIPE_DEFAULTS if recipe else {})})
+    args.overrides = {k: v for k, v in overrides.items() if k not in getattr(args, "from_folder", ())}
     offline_if_hub_unreachable(args)
     return args
 

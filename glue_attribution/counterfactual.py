@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 RANDOM = "random"
 FLIP_BELOW = 0.5  # a query is flipped once its mean accuracy over the retrains drops below this
 RESULTS_JSON = "counterfactual_results.json"
-NUM_BOOTSTRAP = 1000  # query resamples for the intervals
+QUERY_RESAMPLES = 1000  # bootstrap resamples of the queries, for the intervals
 
 
 def results_dir(args) -> str:
@@ -190,7 +190,7 @@ def run_experiment(args, rankings: dict, n_train: int, retrain) -> dict | None:
             "num_base_repeat": args.num_base_repeat, "num_repeat": args.num_repeat, "num_candidates": len(candidates),
             "queries": queries, "base_accuracy": base.tolist(),
             "flip_fraction": {method: f.mean(axis=1).tolist() for method, f in flips.items()},
-            **flip_intervals(flips, next(iter(rankings)), NUM_BOOTSTRAP, args.seed), "outcomes": rows}
+            **flip_intervals(flips, next(iter(rankings)), QUERY_RESAMPLES, args.seed), "outcomes": rows}
 
 
 def flip_intervals(flips: dict, reference: str, num_bootstrap: int, seed: int) -> dict:

@@ -76,9 +76,9 @@ def training_losses(args, train_text) -> np.ndarray:
     model, tokenizer, _ = pipeline.load_checkpoint(os.path.join(args.checkpoint_dir, args.dataset_name),
                                                    args.dataset_name)
     dataset = pipeline.tokenize(train_text, args.dataset_name, tokenizer, args.max_seq_length, args.pad_to_max_length)
-    results = pipeline.evaluate(model, dataset, pipeline.collator(tokenizer), args.dataset_name, batch_size=64,
-                                device=pipeline.torch_device(args.device))
-    return results["losses"]
+    evaluated = pipeline.evaluate(model, dataset, pipeline.collator(tokenizer), args.dataset_name, batch_size=64,
+                                  device=pipeline.torch_device(args.device))
+    return evaluated["losses"]
 
 
 def self_influence(args, name: str, train_text) -> np.ndarray:
@@ -92,7 +92,7 @@ def self_influence(args, name: str, train_text) -> np.ndarray:
 
 
 def summarize(paths: list) -> None:
-    """Mean ± sd of every metric over several runs (noise seeds), as the README's table."""
+    """Mean ± sd of every metric over several runs (noise seeds), as the table in docs/results.md."""
     runs = []
     for path in paths:
         try:

@@ -17,7 +17,7 @@ import numpy as np
 
 import pipeline
 
-from . import results
+from . import progress, results
 
 TOP_K = 10  # training examples shown per query and side
 SELF_TOP = 200  # training examples shown by self-influence
@@ -53,7 +53,7 @@ def explorer_data(title: str, task_name: str, pairwise: np.ndarray, query_text, 
             "queries": queries, "train": train, "self_influence": ranking}
 
 
-def page(data: dict) -> str:
+def render(data: dict) -> str:
     """The page: data inline (`<` escaped, so no text can close the script element), rendered by a little vanilla
     JavaScript that only ever sets textContent."""
     payload = json.dumps(data, ensure_ascii=False)
@@ -63,9 +63,10 @@ def page(data: dict) -> str:
 
 
 def write_explorer(path: str, data: dict) -> None:
-    """Writes the page under a temporary name and renames it."""
+    """Writes the page under a temporary name and renames it. It is a view of verified results, not a result: no
+    manifest lists it, and later runs (analyze.py, evaluate_lds.py score) write it anew."""
     with results.atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        f.write(page(data))
+        f.write(render(data))
 
 
 def read_data(path: str) -> dict | None:
@@ -90,11 +91,13 @@ def add_lds(path: str, per_query: list, ground_truth: str) -> bool:
 
 
 def explore_scores(args, checkpoint_dir: str, pairwise: np.ndarray, scores_name: str, query_text, train_text,
-                   folder: str) -> str:
-    """analyze.py's page for a published score set: the checkpoint's predictions on the queries (one forward pass),
-    the scores, and with --compute_self_scores the self-influence; written to <folder>/explorer.html."""
+                   folder: str, ensemble: bool = False) -> str:
+    """analyze.py's page for a published score set: the checkpoint's predictions on the queries (one forward pass;
+    an ensemble's: its first member's, as the title says), the scores, and with --compute_self_scores the
+    self-influence; written to <folder>/explorer.html."""
     from .scores import load_scores
 
+    progress.stage("writing the explorer", folder)
     model, tokenizer, _ = pipeline.load_checkpoint(checkpoint_dir, args.dataset_name)
     queries = pipeline.tokenize(query_text, args.dataset_name, tokenizer, args.max_seq_length, args.pad_to_max_length)
     evaluated = pipeline.evaluate(model, queries, pipeline.collator(tokenizer), args.dataset_name,
@@ -103,7 +106,9 @@ def explore_scores(args, checkpoint_dir: str, pairwise: np.ndarray, scores_name:
     evaluated["predictions"] = evaluated["margins"] if regression else evaluated["probabilities"].argmax(-1)
     self_scores = (load_scores(args.output_dir, args.dataset_name, scores_name, kind="self")[0]
                    if args.compute_self_scores else None)
-    title = f"{args.dataset_name}: {scores_name} scores of {checkpoint_dir}"
+    title = (f"{args.dataset_name}: {scores_name} scores of the ensemble {os.path.dirname(checkpoint_dir)} "
+             f"(predictions and margins of {os.path.basename(checkpoint_dir)})" if ensemble
+             else f"{args.dataset_name}: {scores_name} scores of {checkpoint_dir}")
     path = os.path.join(folder, "explorer.html")
     write_explorer(path, explorer_data(title, args.dataset_name, pairwise, query_text, train_text, evaluated,
                                        self_scores))

@@ -435,6 +435,7 @@ def token_report(args, checkpoint_dir: str, scores: np.ndarray, scores_name: str
     """--html: the per-token influence of the query's top examples, as a page with its numbers beside it."""
     from . import report
 
+    progress.stage("the token-level report", os.path.dirname(os.path.abspath(args.html)))
     picks = top_examples(scores[args.inspect_query], args.top_k)
     factors_name, _, _, score_args = influence_arguments(args)
     factors_public = os.path.join(args.output_dir, args.dataset_name, f"factors_{factors_name}")

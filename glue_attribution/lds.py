@@ -29,7 +29,6 @@ from .scores import analyze_command, load_scores, member, member_seeds, source_o
 logger = logging.getLogger(__name__)
 BASELINE_SCORES = ("same-label", "random")
 GROUND_TRUTH_META = "ground_truth.json"
-EXPERIMENT_ARGS = "experiment_args.json"
 MAX_REPEATS = 1000  # run seeds are seed + MAX_REPEATS * mask + repeat, distinct while repeats stay below this
 
 
@@ -284,13 +283,15 @@ def noise_ceiling(repeat_margins: np.ndarray, num_bootstrap: int, seed: int) -> 
 
 def load_repeat_margins(folder: str, args, num_query: int) -> np.ndarray | None:
     """Every retrain's margins, (masks, repeats, queries), from the ground truth's runs; None with one repeat (no
-    ceiling can be estimated then) or when runs are missing."""
+    ceiling can be estimated then), or when runs are missing or do not average to the sealed margins.npy."""
     if args.num_repeats < 2:
         return None
     runs = [[load_retrain(folder, m, r, num_query) for r in range(args.num_repeats)] for m in range(args.num_masks)]
     if any(run is None for row in runs for run in row):
         return None
-    return np.stack([[run["margins"] for run in row] for row in runs])
+    repeats = np.stack([[run["margins"] for run in row] for row in runs])
+    sealed = np.load(os.path.join(folder, "margins.npy"), allow_pickle=False)
+    return repeats if np.allclose(repeats.mean(axis=1), sealed) else None
 
 
 def load_data(args) -> tuple:

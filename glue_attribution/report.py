@@ -86,7 +86,7 @@ h1 {{ font-size: 19px; }} .q {{ background: #f3f3f3; padding: 10px 14px; border-
 
 def write_token_report(args, tokenizer, scores: np.ndarray, picks: list, tokens: np.ndarray, query_text, train_text,
                        scores_name: str) -> None:
-    """--html: the page (report.py) and, beside it, the same numbers as JSON (per token and per word)."""
+    """--html: the page (`page`) and, beside it, the same numbers as JSON (per token and per word)."""
     task = pipeline.get_task(args.dataset_name)
     label = (lambda y: y) if task.is_regression else (lambda y: task.labels[y])
     query = query_text[args.inspect_query]

@@ -103,8 +103,11 @@ def load_scores(output_dir: str, task_name: str, scores_name: str, expected: dic
     except (ResultMissing, ResultDamaged) as err:
         raise GlueError(f"{err}; make them with: {rerun}") from None
     if checkpoints is not None:
-        shas = checkpoints[1]
-        foreign = [sha for sha in computed_from(meta) if sha not in shas]
+        shas, used = checkpoints[1], computed_from(meta)
+        if not used or None in used:
+            raise GlueError(f"scores '{scores_name}' in {folder} record no checkpoint, so they cannot be checked "
+                            f"against {', '.join(shas.values())}; compute them for it with: {rerun}")
+        foreign = [sha for sha in used if sha not in shas]
         if foreign:
             raise GlueError(f"scores '{scores_name}' in {folder} were computed from another checkpoint "
                             f"({meta.get('checkpoint_dir', 'unknown folder')}, sha256 {foreign[0][:12]}) than "

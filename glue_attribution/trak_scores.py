@@ -26,6 +26,7 @@ from trak.projectors import AbstractProjector, ProjectionType
 
 import pipeline
 
+from . import progress, results
 from .errors import GlueError
 from .influence import publish_scores, sorted_splits, tracked_modules
 
@@ -164,6 +165,9 @@ def publish_trak(args, model, tokenizer, texts: tuple, root: str, public: str, m
     if torch.distributed.is_initialized():
         raise GlueError("--factor_strategy trak runs in one process; launch it without torchrun")
     (train_dataset, query_dataset), (train_order, query_order) = sorted_splits(args, tokenizer, *texts)
+    entries = len(train_dataset) * len(query_dataset)
+    results.check_free_space(root, 2 * entries * 4, "the scores")  # float32, and their copy in dataset order
+    progress.stage("computing TRAK scores", root)
     start = time.time()
     scores = compute(
         model, train_dataset, query_dataset, pipeline.collator(tokenizer),

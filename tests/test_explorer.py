@@ -41,7 +41,7 @@ def test_data_embeds_only_what_the_page_shows(case):
     share = data["queries"][2]["positive"][0]["share"]
     assert share == pytest.approx(pairwise[2].max() / np.abs(pairwise[2]).sum())
     assert set(map(int, data["train"])) <= set(range(40)) and data["queries"][1]["correct"] is False
-    page = explorer.page(data)
+    page = explorer.render(data)
     assert "<script>window" not in page and "</script><img" not in page  # inline JSON cannot close its element
     payload = re.search(r'<script type="application/json" id="data">(.*?)</script>', page, re.S).group(1)
     assert json.loads(payload) == json.loads(json.dumps(data))
