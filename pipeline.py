@@ -56,6 +56,10 @@ class TaskSpec:
     def num_labels(self) -> int:
         return 1 if self.is_regression else len(self.labels)
 
+    def label_name(self, label):
+        """A label as a reader sees it: its name (the score itself for regression)."""
+        return float(label) if self.is_regression else self.labels[int(label)]
+
 
 GLUE_TASKS = {
     "cola": TaskSpec("CoLA", ("sentence",), ("unacceptable", "acceptable"), "matthews_correlation", (3, 1)),

@@ -28,7 +28,7 @@ def explorer_data(title: str, task_name: str, pairwise: np.ndarray, query_text, 
     """What the page shows, as JSON: queries with their top examples (training indices and scores, in the order of
     the scores), the embedded training examples, and the self-influence ranking."""
     task = pipeline.get_task(task_name)
-    label = (lambda y: round(float(y), 3)) if task.is_regression else (lambda y: task.labels[int(y)])
+    label = task.label_name
     shown, queries = set(), []
     for q, row in enumerate(pairwise):
         order = np.argsort(-row, kind="stable")

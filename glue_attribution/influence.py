@@ -213,8 +213,8 @@ def write_self_ranking(path: str, self_scores: np.ndarray, train_text, task_name
     rows = []
     for rank, index in enumerate(np.argsort(-self_scores, kind="stable").tolist()):
         example = train_text[index]
-        label = example["label"] if task.is_regression else task.labels[example["label"]]
-        rows.append([rank + 1, index, f"{self_scores[index]:.6g}", label, *(example[k] for k in task.keys)])
+        rows.append([rank + 1, index, f"{self_scores[index]:.6g}", task.label_name(example["label"]),
+                     *(example[k] for k in task.keys)])
     results.write_csv(path, ["rank", "index", "self_influence", "label", *task.keys], rows)
 
 

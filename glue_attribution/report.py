@@ -88,7 +88,7 @@ def write_token_report(args, tokenizer, scores: np.ndarray, picks: list, tokens:
                        scores_name: str) -> None:
     """--html: the page (`page`) and, beside it, the same numbers as JSON (per token and per word)."""
     task = pipeline.get_task(args.dataset_name)
-    label = (lambda y: y) if task.is_regression else (lambda y: task.labels[y])
+    label = task.label_name
     query = query_text[args.inspect_query]
     examples = []
     for rank, (index, row) in enumerate(zip(picks, tokens)):
@@ -118,7 +118,7 @@ def show_influences(scores: np.ndarray, index: int, queries, train, task_name: s
     task = pipeline.get_task(task_name)
 
     def show(example, score=None):
-        label = example["label"] if task.is_regression else task.labels[example["label"]]
+        label = task.label_name(example["label"])
         lines = [f"  {key}: {example[key]}" for key in task.keys] + [f"  label: {label}"]
         return "\n".join(([f"  score: {score:.4g}"] if score is not None else []) + lines)
 
