@@ -87,13 +87,16 @@ def parse_args(argv=None):
     parser.add_argument("--html", default=None,
                         help="With --inspect_query: write a page of the top examples with each word coloured by its "
                              "per-token influence (and the numbers as JSON beside it).")
+    parser.add_argument("--explorer_tokens", type=cli.positive_int, default=None, metavar="N",
+                        help="Shade the words of the top --top_k examples per side of the first N queries on the "
+                             "explorer page by their per-token influence (one kronfluence pass per query).")
     args = parser.parse_args(argv)
     if args.factor_strategy not in STRATEGIES:
         parser.error(f"unknown --factor_strategy '{args.factor_strategy}'; choose one of {', '.join(STRATEGIES)}")
     if args.factor_strategy == "trak" and (args.use_half_precision or args.query_gradient_rank or args.html
-                                           or args.compute_self_scores or args.float64):
+                                           or args.compute_self_scores or args.float64 or args.explorer_tokens):
         parser.error("--factor_strategy trak takes none of --use_half_precision, --query_gradient_rank, --html, "
-                     "--compute_self_scores, --float64")
+                     "--compute_self_scores, --float64, --explorer_tokens")
     if args.factor_strategy == "trak" and importlib.util.find_spec("trak") is None:
         parser.error("--factor_strategy trak needs traker: pip install traker==0.3.2")
     if args.html is not None and args.inspect_query is None:
@@ -144,8 +147,12 @@ def main():
     folder = scores.scores_dir(args.output_dir, args.dataset_name, scores_name)
     logger.info("Scores %s (%d queries x %d training examples, dataset order): %s", scores_name, *pairwise.shape,
                 os.path.join(folder, "pairwise_scores.safetensors"))
+    member_scores = ([scores.load_scores(args.output_dir, args.dataset_name, name)[0] for name in names]
+                     if members[0][0] is not None else None)
+    tokens = (influence.explorer_tokens(args, members[0][1], pairwise, train_text, query_text)
+              if args.explorer_tokens else None)
     page = explorer.explore_scores(args, members[0][1], pairwise, scores_name, query_text, train_text, folder,
-                                   ensemble=members[0][0] is not None)
+                                   members=member_scores, tokens=tokens)
     logger.info("Explorer (open it in a browser): %s", page)
     if args.compute_self_scores:
         logger.info("Training examples by self-influence (candidates for wrong labels first): %s",

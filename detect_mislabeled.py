@@ -53,7 +53,7 @@ def parse_args(argv=None):
 
 def main():
     args = parse_args()
-    from glue_attribution import detection, plots, report
+    from glue_attribution import detection, explorer, plots, report, scores
 
     cli.setup_logging(args.verbose)
     if args.summarize:
@@ -72,6 +72,10 @@ def main():
     metrics = {name: detection.detection_metrics(s, flipped) for name, s in suspicion.items()}
     report.print_detection_table(metrics, detection.INSPECTED)
     results_path = detection.write_detection(folder, args, suspicion, flipped, train_text["label"], metrics)
+    for name in args.strategies:  # each score set's explorer shows every ranking's flags beside its candidates
+        if explorer.add_detection(os.path.join(scores.scores_dir(args.output_dir, args.dataset_name, name),
+                                               "explorer.html"), suspicion, flipped, detection.FLAGGED):
+            logger.info("Flags added to the explorer of %s", name)
     figure = args.figure or os.path.join(folder, "detection.png")
     plots.found_curves({name: detection.found_curve(s, flipped) for name, s in suspicion.items()}, figure,
                        f"{args.dataset_name}: {flipped.sum()} of {len(flipped)} labels flipped",

@@ -23,6 +23,7 @@ from .scores import load_scores
 logger = logging.getLogger(__name__)
 BASELINE_RANKINGS = ("loss", "cleanlab", "random")
 INSPECTED = (0.05, 0.10, 0.20)  # fractions of the training set a researcher reads, top of the ranking first
+FLAGGED = 0.10  # the explorer flags the top 10% of each ranking (the flip rate of the README's experiment)
 
 
 def detection_metrics(suspicion: np.ndarray, flipped: np.ndarray) -> dict:

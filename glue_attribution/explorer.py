@@ -23,25 +23,44 @@ TOP_K = 10  # training examples shown per query and side
 SELF_TOP = 200  # training examples shown by self-influence
 
 
+def top_sides(row: np.ndarray, top_k: int) -> dict:
+    """{"positive": the top_k training indices by score, "negative": the bottom top_k, lowest first}."""
+    order = np.argsort(-row, kind="stable")
+    return {"positive": order[:top_k], "negative": order[::-1][:top_k]}
+
+
 def explorer_data(title: str, task_name: str, pairwise: np.ndarray, query_text, train_text, predictions: dict,
-                  self_scores: np.ndarray | None = None, top_k: int = TOP_K) -> dict:
+                  self_scores: np.ndarray | None = None, top_k: int = TOP_K, tokens: dict | None = None,
+                  members: list | None = None) -> dict:
     """What the page shows, as JSON: queries with their top examples (training indices and scores, in the order of
-    the scores), the embedded training examples, and the self-influence ranking."""
+    the scores), the embedded training examples, and the self-influence ranking. `tokens` ({query: {training index:
+    words}}, report.words) shades those examples word by word; `members` (an ensemble's member score sets) gives
+    each top example the number of members that have it in their own top k, and each query its mean overlap."""
     task = pipeline.get_task(task_name)
     label = task.label_name
     shown, queries = set(), []
     for q, row in enumerate(pairwise):
-        order = np.argsort(-row, kind="stable")
         total = float(np.abs(row).sum()) or 1.0
+        sides = top_sides(row, top_k)
         top = {side: [{"index": int(j), "score": float(row[j]), "share": float(row[j]) / total}
-                      for j in picks] for side, picks in (("positive", order[:top_k]),
-                                                          ("negative", order[::-1][:top_k]))}
+                      for j in picks] for side, picks in sides.items()}
+        stability = None
+        if members:
+            member_tops = [top_sides(m[q], top_k) for m in members]
+            for side, entries in top.items():
+                for entry in entries:
+                    entry["members"] = sum(entry["index"] in set(t[side].tolist()) for t in member_tops)
+            stability = float(np.mean([e["members"] for e in top["positive"]]) / len(members))
+        for entry in (e for side in top.values() for e in side):
+            words = (tokens or {}).get(q, {}).get(entry["index"])
+            if words is not None:
+                entry["words"] = [[segment, text, score] for segment, text, score in words]
         shown.update(e["index"] for side in top.values() for e in side)
         example = query_text[q]
         queries.append({"index": q, "texts": [example[k] for k in task.keys], "label": label(example["label"]),
                         "prediction": label(predictions["predictions"][q]), "margin": float(predictions["margins"][q]),
                         "correct": bool(predictions["correct"][q]) if "correct" in predictions else None,
-                        "largest": float(np.abs(row).max()), **top})
+                        "largest": float(np.abs(row).max()), "stability": stability, **top})
     ranking = []
     if self_scores is not None:
         order = np.argsort(-self_scores, kind="stable")[:SELF_TOP]
@@ -50,7 +69,8 @@ def explorer_data(title: str, task_name: str, pairwise: np.ndarray, query_text, 
     train = {str(j): {"texts": [train_text[j][k] for k in task.keys], "label": label(train_text[j]["label"])}
              for j in sorted(shown)}
     return {"title": title, "task": task_name, "keys": list(task.keys), "num_train": len(train_text),
-            "queries": queries, "train": train, "self_influence": ranking}
+            "num_members": len(members) if members else None, "queries": queries, "train": train,
+            "self_influence": ranking}
 
 
 def render(data: dict) -> str:
@@ -90,11 +110,30 @@ def add_lds(path: str, per_query: list, ground_truth: str) -> bool:
     return True
 
 
+def add_detection(path: str, suspicion: dict, flipped: np.ndarray, flag_fraction: float) -> bool:
+    """Adds detect_mislabeled.py's rankings to the page at `path`, if there is one: for each self-influence candidate
+    its rank under every ranking (flagged: in the top `flag_fraction`) and whether its label was flipped."""
+    data = read_data(path)
+    if data is None:
+        return False
+    ranks = {name: np.empty(len(s), dtype=int) for name, s in suspicion.items()}
+    for name, s in suspicion.items():
+        ranks[name][np.argsort(-s, kind="stable")] = np.arange(1, len(s) + 1)
+    data["detection"] = {
+        "rankings": list(suspicion), "flag_rank": round(flag_fraction * len(flipped)),
+        "examples": {str(e["index"]): {"flipped": bool(flipped[e["index"]]),
+                                       "ranks": [int(r[e["index"]]) for r in ranks.values()]}
+                     for e in data["self_influence"]}}
+    write_explorer(path, data)
+    return True
+
+
 def explore_scores(args, checkpoint_dir: str, pairwise: np.ndarray, scores_name: str, query_text, train_text,
-                   folder: str, ensemble: bool = False) -> str:
+                   folder: str, members: list | None = None, tokens: dict | None = None) -> str:
     """analyze.py's page for a published score set: the checkpoint's predictions on the queries (one forward pass;
-    an ensemble's: its first member's, as the title says), the scores, and with --compute_self_scores the
-    self-influence; written to <folder>/explorer.html."""
+    an ensemble's: its first member's, as the title says), the scores, with --compute_self_scores the
+    self-influence, with an ensemble its `members`' agreement, with `tokens` the shading of those examples; written
+    to <folder>/explorer.html."""
     from .scores import load_scores
 
     progress.stage("writing the explorer", folder)
@@ -107,11 +146,11 @@ def explore_scores(args, checkpoint_dir: str, pairwise: np.ndarray, scores_name:
     self_scores = (load_scores(args.output_dir, args.dataset_name, scores_name, kind="self")[0]
                    if args.compute_self_scores else None)
     title = (f"{args.dataset_name}: {scores_name} scores of the ensemble {os.path.dirname(checkpoint_dir)} "
-             f"(predictions and margins of {os.path.basename(checkpoint_dir)})" if ensemble
+             f"(predictions and margins of {os.path.basename(checkpoint_dir)})" if members
              else f"{args.dataset_name}: {scores_name} scores of {checkpoint_dir}")
     path = os.path.join(folder, "explorer.html")
     write_explorer(path, explorer_data(title, args.dataset_name, pairwise, query_text, train_text, evaluated,
-                                       self_scores))
+                                       self_scores, tokens=tokens, members=members))
     return path
 
 
@@ -137,7 +176,8 @@ main { display: flex; flex-wrap: wrap; }
 table { border-collapse: collapse; width: 100%; margin: 6px 0 16px; }
 th, td { border-bottom: 1px solid #eee; padding: 4px 6px; text-align: left; vertical-align: top; }
 td.num { text-align: right; white-space: nowrap; font-variant-numeric: tabular-nums; }
-.pos { color: #1a7a30; } .neg { color: #b02a2a; } .text { white-space: pre-wrap; }
+.pos { color: #1a7a30; } .neg { color: #b02a2a; } .text { white-space: pre-wrap; overflow-wrap: anywhere; }
+.w { border-radius: 3px; padding: 0 1px; } .flag { font-weight: bold; color: #8a4b00; }
 @media (max-width: 800px) { #side, #view { height: auto; max-width: none; border-right: none; } }
 </style></head>
 <body>
@@ -152,7 +192,8 @@ td.num { text-align: right; white-space: nowrap; font-variant-numeric: tabular-n
     <select id="sort" aria-label="sort">
       <option value="index">dataset order</option><option value="margin">margin, lowest first</option>
       <option value="largest">largest influence first</option>
-      <option value="lds">LDS, lowest first</option></select>
+      <option value="lds">LDS, lowest first</option>
+      <option value="stability">ensemble agreement, lowest first</option></select>
   </div>
   <ol id="queries"></ol>
 </section>
@@ -175,6 +216,7 @@ $("summary").textContent = data.task + ": " + data.queries.length + " queries x 
   " training examples; positive scores raise the query's margin";
 for (const name of [...new Set(data.queries.map((q) => String(q.label)))]) $("label").append(el("option", name));
 let selected = null;
+const detection = data.detection || null;
 
 function row(entry, side) {
   const tr = el("tr");
@@ -183,16 +225,41 @@ function row(entry, side) {
   tr.append(el("td", entry.rank, "num"), el("td", "train " + entry.index, "num"),
             el("td", fmt(entry.score), "num " + (entry.score >= 0 ? "pos" : "neg")),
             el("td", entry.share === undefined ? "" : (100 * entry.share).toFixed(2) + "%", "num"),
-            el("td", example.label),
-            el("td", example.texts.join("\\n"), "text"));
+            el("td", example.label));
+  if (side !== "self" && data.num_members) tr.append(el("td", entry.members + "/" + data.num_members, "num"));
+  if (side === "self" && detection) {
+    const found = detection.examples[String(entry.index)];
+    tr.append(el("td", found && found.flipped ? "flipped" : "", found && found.flipped ? "neg" : ""));
+    for (const rank of found ? found.ranks : []) {
+      tr.append(el("td", rank <= detection.flag_rank ? "\u25cf " + rank : String(rank),
+                   rank <= detection.flag_rank ? "num flag" : "num"));
+    }
+  }
+  tr.append(entry.words ? shaded(entry.words) : el("td", example.texts.join("\\n"), "text"));
   return tr;
+}
+function shaded(words) {  // the token report's colours: green raises the margin, red lowers it
+  const cell = el("td", null, "text"), scale = Math.max(...words.map((w) => Math.abs(w[2]))) || 1;
+  let segment = 0;
+  for (const [part, text, score] of words) {
+    if (part !== null && part !== segment) { cell.append(document.createTextNode("\\n")); segment = part; }
+    else if (cell.childNodes.length) cell.append(document.createTextNode(" "));
+    const chip = el("span", text, "w");
+    const alpha = (0.08 + 0.72 * Math.min(Math.abs(score) / scale, 1)).toFixed(3);
+    chip.style.background = score >= 0 ? "rgba(40, 160, 70, " + alpha + ")" : "rgba(210, 50, 50, " + alpha + ")";
+    chip.title = (score >= 0 ? "+" : "") + score.toPrecision(4);
+    cell.append(chip);
+  }
+  return cell;
 }
 function table(entries, caption, side) {
   const t = el("table");
   t.id = side;
   t.append(el("caption", caption));
   const head = el("tr");
-  for (const h of ["rank", "example", "score", "share", "label", "text"]) head.append(el("th", h));
+  const extra = side === "self" ? (detection ? ["label flipped", ...detection.rankings.map((r) => "rank: " + r)] : [])
+    : (data.num_members ? ["in members' top " + data.queries[0].positive.length] : []);
+  for (const h of ["rank", "example", "score", "share", "label", ...extra, "text"]) head.append(el("th", h));
   t.append(head);
   entries.forEach((e, i) => t.append(row({...e, rank: i + 1}, side)));
   return t;
@@ -206,13 +273,17 @@ function show(q) {
   view.append(el("p", q.texts.join("\\n"), "text"));
   view.append(el("p", "label " + q.label + " \\u00b7 prediction " + q.prediction + " \\u00b7 margin " +
                  q.margin.toFixed(3) + (q.lds == null ? "" : " \\u00b7 LDS " + q.lds.toFixed(3) +
-                 " (how well these scores predict retraining, for this query)"),
+                 " (how well these scores predict retraining, for this query)") +
+                 (q.stability == null ? "" : " \\u00b7 top examples shared with a member: " +
+                  (100 * q.stability).toFixed(0) + "%"),
                  q.correct === false ? "wrong" : "meta"));
   view.append(table(q.positive, "Most positively influential: raise the margin of the gold label", "positive"));
   view.append(table(q.negative, "Most negatively influential: lower it", "negative"));
   if (data.self_influence.length) {
     view.append(el("h2", "Training examples by self-influence (label-error candidates)"));
-    view.append(table(data.self_influence, "top " + data.self_influence.length + " of " + data.num_train, "self"));
+    view.append(table(data.self_influence, "top " + data.self_influence.length + " of " + data.num_train +
+      (detection ? "; \\u25cf: in the top " + detection.flag_rank + " of that ranking (detect_mislabeled.py)" : ""),
+      "self"));
   }
 }
 function render() {
@@ -223,6 +294,7 @@ function render() {
   if (key === "margin") list = [...list].sort((a, b) => a.margin - b.margin);
   if (key === "largest") list = [...list].sort((a, b) => b.largest - a.largest);
   if (key === "lds") list = [...list].sort((a, b) => (a.lds ?? Infinity) - (b.lds ?? Infinity));
+  if (key === "stability") list = [...list].sort((a, b) => (a.stability ?? Infinity) - (b.stability ?? Infinity));
   const ol = $("queries");
   ol.replaceChildren();
   for (const q of list) {

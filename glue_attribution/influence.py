@@ -404,8 +404,9 @@ def check_members(args, members: list) -> None:
     model (--html, self-influence), and its members differ only in their seed."""
     from .cli import RECIPE_KEYS, check_recipe
 
-    if members[0][0] is not None and (args.html is not None or args.compute_self_scores):
-        raise GlueError(f"{'--html' if args.html else '--compute_self_scores'} explains one model; "
+    if members[0][0] is not None and (args.html is not None or args.compute_self_scores or args.explorer_tokens):
+        flag = "--html" if args.html else "--compute_self_scores" if args.compute_self_scores else "--explorer_tokens"
+        raise GlueError(f"{flag} explains one model; "
                         f"{os.path.dirname(members[0][1])} holds an ensemble")
     recipes = [{k: m.get("args", {}).get(k) for k in RECIPE_KEYS}
                for m in (pipeline.checkpoint_meta(folder, args.dataset_name) for _, folder in members)]
@@ -443,3 +444,29 @@ def token_report(args, checkpoint_dir: str, scores: np.ndarray, scores_name: str
     tokens = token_scores(args, model, tokenizer, factors_public, factors_name, score_args,
                           query_text.select([args.inspect_query]), train_text.select(picks))
     report.write_token_report(args, tokenizer, scores, picks, tokens, query_text, train_text, scores_name)
+
+
+def explorer_tokens(args, checkpoint_dir: str, scores: np.ndarray, train_text, query_text) -> dict:
+    """--explorer_tokens N: the words, with their influence, of the top --top_k examples per side of the first N
+    queries, for the explorer's shading ({query: {training index: report.words}}). One kronfluence pass of 2 x top_k
+    examples per query, with the factors already fitted."""
+    from tqdm.auto import tqdm
+
+    from . import report
+
+    progress.stage("the explorer's token scores", os.path.join(args.output_dir, args.dataset_name))
+    task = pipeline.get_task(args.dataset_name)
+    factors_name, _, _, score_args = influence_arguments(args)
+    factors_public = os.path.join(args.output_dir, args.dataset_name, f"factors_{factors_name}")
+    model, tokenizer, _ = pipeline.load_checkpoint(checkpoint_dir, args.dataset_name, args.attn_implementation)
+    shaded = {}
+    for q in tqdm(range(min(args.explorer_tokens, len(query_text))), desc="Token scores", unit="query"):
+        picks = top_examples(scores[q], args.top_k)
+        tokens = token_scores(args, model, tokenizer, factors_public, factors_name, score_args,
+                              query_text.select([q]), train_text.select(picks))
+        shaded[q] = {}
+        for j, row in zip(picks, tokens):
+            texts = [train_text[j][key] for key in task.keys]
+            encoding = tokenizer(*texts, truncation=True, max_length=args.max_seq_length, return_offsets_mapping=True)
+            shaded[q][j] = report.words(encoding, texts, row)
+    return shaded

@@ -6,8 +6,10 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import analyze
 import evaluate_lds
@@ -43,7 +45,7 @@ def test_chain_with_the_data_flags_given_once(monkeypatch, tiny_model_dir, glue_
     own = ["--dataset_name", "rte", "--checkpoint_dir", str(checkpoints), "--output_dir", str(out)]
     result = run_script("analyze.py", *own, "--max_query_examples", "8", "--query_batch_size", "8",
                         "--train_batch_size", "8", "--factor_strategy", "identity", "--inspect_query", "0",
-                        "--top_k", "1")
+                        "--top_k", "1", "--explorer_tokens", "2")
     assert result.returncode == 0, result.stderr
     lines = progress_free_lines(result.stdout + result.stderr)
     assert len(lines) <= 30, "\n".join(lines)  # the README's promise: quiet without --verbose
@@ -54,6 +56,13 @@ def test_chain_with_the_data_flags_given_once(monkeypatch, tiny_model_dir, glue_
     assert meta["overrides"] == {}
     page = (out / "rte" / "scores_identity" / "explorer.html").read_text()  # the explorer, beside the scores
     assert page.count('"positive": [') == 8 and "explorer.html" in result.stderr
+    shaded = [[e for e in q["positive"] + q["negative"] if "words" in e]
+              for q in explorer.read_data(str(out / "rte" / "scores_identity" / "explorer.html"))["queries"]]
+    assert [len(s) for s in shaded] == [2, 2, 0, 0, 0, 0, 0, 0]  # --explorer_tokens 2 --top_k 1: 2 queries x 2 sides
+    pairwise = load_file(out / "rte" / "scores_identity" / "pairwise_scores.safetensors")["all_modules"].numpy()
+    for q in (0, 1):  # the shading follows the scores: the positive side sums above the negative one
+        positive, negative = (sum(w[2] for w in e["words"]) for e in shaded[q])
+        assert positive > negative and np.sign(positive) == np.sign(pairwise[q, shaded[q][0]["index"]])
     rerun = run_script("analyze.py", *own, "--max_query_examples", "8", "--factor_strategy", "identity")
     assert "Reusing scores" in rerun.stderr
 
