@@ -458,9 +458,10 @@ def explorer_tokens(args, checkpoint_dir: str, scores: np.ndarray, train_text, q
     task = pipeline.get_task(args.dataset_name)
     factors_name, _, _, score_args = influence_arguments(args)
     factors_public = os.path.join(args.output_dir, args.dataset_name, f"factors_{factors_name}")
-    model, tokenizer, _ = pipeline.load_checkpoint(checkpoint_dir, args.dataset_name, args.attn_implementation)
     shaded = {}
     for q in tqdm(range(min(args.explorer_tokens, len(query_text))), desc="Token scores", unit="query"):
+        # kronfluence wraps the model's modules in place: each pass gets a fresh copy
+        model, tokenizer, _ = pipeline.load_checkpoint(checkpoint_dir, args.dataset_name, args.attn_implementation)
         picks = top_examples(scores[q], args.top_k)
         tokens = token_scores(args, model, tokenizer, factors_public, factors_name, score_args,
                               query_text.select([q]), train_text.select(picks))

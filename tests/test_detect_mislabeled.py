@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import assert_user_error, run_script
-from glue_attribution import detection
+from glue_attribution import detection, explorer
 
 
 def test_metrics_known_answer():
@@ -52,6 +52,12 @@ def test_experiment_end_to_end(tiny_model_dir, glue_dir, tmp_path):
     rows = (tmp_path / "detection" / "detection_rankings.csv").read_text().splitlines()
     assert len(rows) == 49 and rows[0] == "index,flipped,label,identity,loss,cleanlab,random"
     assert "ROC AUC" in result.stdout
+    page = explorer.read_data(str(out / "rte" / "scores_identity" / "explorer.html"))  # flags beside candidates
+    assert page["detection"]["rankings"] == ["identity", "loss", "cleanlab", "random"]
+    flips = {int(r.split(",")[0]) for r in rows[1:] if r.split(",")[1] == "1"}
+    assert {int(j) for j, e in page["detection"]["examples"].items() if e["flipped"]} == flips & {
+        e["index"] for e in page["self_influence"]}
+    assert page["detection"]["flag_rank"] == round(0.1 * 48)
     path = str(tmp_path / "detection" / "detection_results.json")
     summary = run_script("detect_mislabeled.py", "--summarize", path, path)
     assert summary.returncode == 0 and "2 runs: mean ± sd" in summary.stdout
