@@ -11,6 +11,7 @@ and score each ranking against the labels that `train.py --label_noise` flipped.
         --output_dir runs/noise0/influence_results
 
 Rankings, most suspicious first: the self-influence of each score set; `loss`, the final model's training loss;
+`aum`, the area under the margin (Pleiss et al. 2020) from the margins train.py recorded while training;
 `cleanlab`, confident learning on out-of-sample predicted probabilities from --num_folds-fold cross-validated
 fine-tuning with the checkpoint's recipe (cleanlab's documented use: the examples `find_label_issues` flags, by
 self-confidence, then the rest by self-confidence); `random`. Metrics against the flipped labels: ROC AUC, average

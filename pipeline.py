@@ -412,17 +412,22 @@ def task_loss(logits: torch.Tensor, labels: torch.Tensor, regression: bool, redu
 
 
 def train_model(model: nn.Module, dataset: Dataset, data_collator, config: TrainConfig, seed: int,
-                device: str = "cpu", disable_tqdm: bool = False) -> nn.Module:
-    """Fine-tunes `model` in place with AdamW (seed recipe: shuffled, drop_last) and returns it."""
+                device: str = "cpu", disable_tqdm: bool = False, margins_seen: np.ndarray | None = None) -> nn.Module:
+    """Fine-tunes `model` in place with AdamW (seed recipe: shuffled, drop_last) and returns it. `margins_seen`
+    (epochs x examples, NaN-filled) receives each example's margin as its batch was trained on (assigned logit minus
+    the largest other, before the step): the training dynamics of the area under the margin (Pleiss et al. 2020),
+    at no extra cost."""
     import torch
-    from torch.utils.data import DataLoader
+    from torch.utils.data import BatchSampler, DataLoader, RandomSampler
     from tqdm.auto import tqdm
     from transformers import get_scheduler
 
     regression = model.config.num_labels == 1
     generator = torch.Generator().manual_seed(seed)
-    loader = DataLoader(dataset, batch_size=config.train_batch_size, shuffle=True, drop_last=True,
-                        collate_fn=data_collator, generator=generator)
+    batches = BatchSampler(RandomSampler(dataset, generator=generator), config.train_batch_size, drop_last=True)
+    # The loader yields (indices, batch); the order is that of DataLoader(shuffle=True, generator=generator).
+    loader = DataLoader(range(len(dataset)), batch_sampler=batches, generator=generator,
+                        collate_fn=lambda indices: (indices, data_collator([dataset[i] for i in indices])))
     if len(loader) == 0:
         raise GlueError(f"{len(dataset)} training examples make no full batch of {config.train_batch_size}")
     model.to(device).train()
@@ -433,12 +438,17 @@ def train_model(model: nn.Module, dataset: Dataset, data_collator, config: Train
     for epoch in range(config.num_train_epochs):
         loss_sum, seen = 0.0, 0
         with tqdm(loader, desc=f"Epoch {epoch}", unit="batch", disable=disable_tqdm) as bar:
-            for batch in bar:
+            for indices, batch in bar:
                 batch = {k: v.to(device) for k, v in batch.items()}
                 labels = batch.pop("labels")
                 with _autocast(device, config.bf16):
                     logits = model(**batch).logits
                 loss = task_loss(logits.float(), labels, regression)
+                if margins_seen is not None and not regression:
+                    with torch.no_grad():
+                        others = logits.float().scatter(1, labels[:, None], -torch.inf).max(dim=1).values
+                        assigned = logits.float().gather(1, labels[:, None]).squeeze(1)
+                        margins_seen[epoch, indices] = (assigned - others).cpu().numpy()
                 loss.backward()
                 optimizer.step()
                 scheduler.step()
@@ -451,13 +461,25 @@ def train_model(model: nn.Module, dataset: Dataset, data_collator, config: Train
 
 
 def finetune(model_name_or_path: str, task_name: str, dataset: Dataset, data_collator, config: TrainConfig,
-             seed: int, device: str = "cpu", disable_tqdm: bool = False) -> nn.Module:
+             seed: int, device: str = "cpu", disable_tqdm: bool = False,
+             margins_seen: np.ndarray | None = None) -> nn.Module:
     """The one recipe: seed, fresh head on the pretrained encoder, `train_model`. Same seed + data -> same weights."""
     from transformers import set_seed
 
     set_seed(seed)
     model = construct_model(model_name_or_path, task_name)
-    return train_model(model, dataset, data_collator, config, seed=seed, device=device, disable_tqdm=disable_tqdm)
+    return train_model(model, dataset, data_collator, config, seed=seed, device=device, disable_tqdm=disable_tqdm,
+                       margins_seen=margins_seen)
+
+
+TRAINING_MARGINS = "training_margins.json"  # train.py's record of the training dynamics, in the checkpoint
+
+
+def margins_json(margins_seen: np.ndarray) -> dict:
+    """train_model's margins as JSON (null: the example fell in an epoch's dropped last batch)."""
+    return {"definition": "assigned-label logit minus the largest other logit, in the forward pass of the step that "
+                          "trained on the example (before the update); one row per epoch, one column per example",
+            "margins": [[None if np.isnan(m) else round(float(m), 5) for m in row] for row in margins_seen]}
 
 
 def margins(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

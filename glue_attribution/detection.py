@@ -2,8 +2,9 @@
 that `train.py --label_noise` flipped (ROC AUC, average precision, the fraction of flips found in the top 5/10/20%).
 
 The rankings: the self-influence of each score set (analyze.py --compute_self_scores); `loss`, the final model's
-training loss; `cleanlab`, confident learning on out-of-sample probabilities from k-fold cross-validated fine-tuning
-with the checkpoint's recipe (each fold one resumable run); `random`.
+training loss; `aum`, the area under the margin from train.py's record of the training run; `cleanlab`, confident
+learning on out-of-sample probabilities from k-fold cross-validated fine-tuning with the checkpoint's recipe (each
+fold one resumable run); `random`.
 """
 
 import json
@@ -21,7 +22,7 @@ from .errors import GlueError
 from .scores import load_scores
 
 logger = logging.getLogger(__name__)
-BASELINE_RANKINGS = ("loss", "cleanlab", "random")
+BASELINE_RANKINGS = ("loss", "aum", "cleanlab", "random")
 INSPECTED = (0.05, 0.10, 0.20)  # fractions of the training set a researcher reads, top of the ranking first
 FLAGGED = 0.10  # the explorer flags the top 10% of each ranking (the flip rate of the README's experiment)
 
@@ -70,6 +71,22 @@ def cleanlab_suspicion(labels: np.ndarray, probabilities: np.ndarray) -> np.ndar
     flagged = np.zeros(len(labels), dtype=bool)
     flagged[find_label_issues(labels, probabilities, return_indices_ranked_by="self_confidence")] = True
     return flagged.astype(float) + (1.0 - quality)  # quality is in [0, 1]: flagged examples rank first
+
+
+def aum_suspicion(margins_seen: np.ndarray) -> np.ndarray:
+    """The area under the margin (Pleiss et al. 2020), negated: a mislabeled example's assigned label keeps losing
+    to another during training, so its margin averaged over the epochs is low even once it is memorised."""
+    return -np.nanmean(margins_seen, axis=0)
+
+
+def training_margins(args) -> np.ndarray | None:
+    """The checkpoint's margins per epoch and example (train.py's training_margins.json), or None for a checkpoint
+    written before train.py recorded them."""
+    checkpoint = os.path.join(args.checkpoint_dir, args.dataset_name)
+    if pipeline.TRAINING_MARGINS not in results.read(checkpoint, pipeline.CHECKPOINT_META, "checkpoint")["files"]:
+        return None
+    with open(os.path.join(checkpoint, pipeline.TRAINING_MARGINS)) as f:
+        return np.array(json.load(f)["margins"], dtype=float)  # null -> nan
 
 
 def training_losses(args, train_text) -> np.ndarray:
@@ -149,6 +166,8 @@ def rankings(args, train_text, folder: str) -> dict:
     """{ranking: suspicion per training example} for --strategies' self-influence and the three baselines."""
     suspicion = {name: self_influence(args, name, train_text) for name in args.strategies}
     suspicion["loss"] = training_losses(args, train_text)
+    if (margins_seen := training_margins(args)) is not None:
+        suspicion["aum"] = aum_suspicion(margins_seen)
     labels = np.array(train_text["label"])
     suspicion["cleanlab"] = cleanlab_suspicion(labels, cross_validated_probabilities(args, train_text, folder))
     suspicion["random"] = np.random.default_rng(args.seed).permutation(len(labels)).astype(float)

@@ -29,6 +29,17 @@ def test_metrics_known_answer():
     assert np.argsort(-suspicion).tolist()[:2] == [1, 2]  # the two confident disagreements
 
 
+def test_area_under_the_margin_known_answer():
+    """A memorised flip: its margin ends as high as a clean example's (so the final loss cannot tell them apart),
+    but its margin averaged over training is low; NaN epochs (a dropped last batch) are skipped."""
+    margins_seen = np.array([[2.0, -3.0, 1.5, np.nan],
+                             [3.0, -1.0, 2.5, 2.0],
+                             [4.0, 4.0, 3.0, 3.0]])
+    suspicion = detection.aum_suspicion(margins_seen)
+    assert suspicion == pytest.approx([-3.0, 0.0, -7 / 3, -2.5])
+    assert np.argsort(-suspicion)[0] == 1 and np.argsort(margins_seen[-1], kind="stable")[0] != 1
+
+
 def test_experiment_end_to_end(tiny_model_dir, glue_dir, tmp_path):
     checkpoints, out = tmp_path / "checkpoints", tmp_path / "influence_results"
     trained = run_script("train.py", "--dataset_name", "rte", "--data_dir", str(glue_dir), "--model_name_or_path",
@@ -45,15 +56,15 @@ def test_experiment_end_to_end(tiny_model_dir, glue_dir, tmp_path):
     assert result.returncode == 0, result.stderr
     results = json.loads((tmp_path / "detection" / "detection_results.json").read_text())
     assert results["num_train"] == 48 and results["num_flipped"] == 12
-    assert list(results["results"]) == ["identity", "loss", "cleanlab", "random"]
+    assert list(results["results"]) == ["identity", "loss", "aum", "cleanlab", "random"]
     assert all(0 <= row["roc_auc"] <= 1 and 0 <= row["found@20%"] <= 1 for row in results["results"].values())
     assert (tmp_path / "detection" / "detection.png").stat().st_size > 0
     assert sorted(p.name for p in (tmp_path / "detection" / "runs").glob("*.npz")) == ["fold0.npz", "fold1.npz"]
     rows = (tmp_path / "detection" / "detection_rankings.csv").read_text().splitlines()
-    assert len(rows) == 49 and rows[0] == "index,flipped,label,identity,loss,cleanlab,random"
+    assert len(rows) == 49 and rows[0] == "index,flipped,label,identity,loss,aum,cleanlab,random"
     assert "ROC AUC" in result.stdout
     page = explorer.read_data(str(out / "rte" / "scores_identity" / "explorer.html"))  # flags beside candidates
-    assert page["detection"]["rankings"] == ["identity", "loss", "cleanlab", "random"]
+    assert page["detection"]["rankings"] == ["identity", "loss", "aum", "cleanlab", "random"]
     flips = {int(r.split(",")[0]) for r in rows[1:] if r.split(",")[1] == "1"}
     assert {int(j) for j, e in page["detection"]["examples"].items() if e["flipped"]} == flips & {
         e["index"] for e in page["self_influence"]}

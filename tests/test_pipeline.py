@@ -152,6 +152,23 @@ def test_training_is_deterministic_and_learns(tiny_model_dir, glue_dir):
     assert results["accuracy"] == pytest.approx(results["correct"].mean())
 
 
+def test_training_margins_are_recorded_without_changing_training(tiny_model_dir, glue_dir):
+    """train_model's margins (for the area under the margin): every example of every full batch, once per epoch,
+    with the weights exactly those of a run that records nothing; the dropped last batch stays NaN."""
+    dataset, collate = tiny_setup(tiny_model_dir, glue_dir, "sst2", n=45)  # 5 batches of 8 per epoch, 5 dropped
+    config = pipeline.TrainConfig(learning_rate=1e-3, train_batch_size=8, num_train_epochs=2)
+    seen = np.full((2, 45), np.nan)
+    recorded = pipeline.finetune(tiny_model_dir, "sst2", dataset, collate, config, seed=0, disable_tqdm=True,
+                                 margins_seen=seen)
+    plain = pipeline.finetune(tiny_model_dir, "sst2", dataset, collate, config, seed=0, disable_tqdm=True)
+    assert all(torch.equal(a, b) for a, b in zip(recorded.parameters(), plain.parameters()))
+    assert np.isnan(seen).sum(axis=1).tolist() == [5, 5]
+    assert not np.array_equal(np.isnan(seen[0]), np.isnan(seen[1]))  # each epoch drops other examples
+    assert np.isfinite(seen[~np.isnan(seen)]).all() and np.abs(seen[~np.isnan(seen)]).max() > 0
+    record = pipeline.margins_json(seen)
+    assert json.loads(json.dumps(record))["margins"][0].count(None) == 5
+
+
 def test_regression_stsb(tiny_model_dir, glue_dir):
     dataset, collate = tiny_setup(tiny_model_dir, glue_dir, "stsb")
     config = pipeline.TrainConfig(learning_rate=1e-3, train_batch_size=8, num_train_epochs=1)
