@@ -163,7 +163,8 @@ def flipped_labels(args, num_train: int) -> np.ndarray:
 
 
 def rankings(args, train_text, folder: str) -> dict:
-    """{ranking: suspicion per training example} for --strategies' self-influence and the three baselines."""
+    """{ranking: suspicion per training example} for --strategies' self-influence and the baselines (aum where the
+    checkpoint recorded its margins)."""
     suspicion = {name: self_influence(args, name, train_text) for name in args.strategies}
     suspicion["loss"] = training_losses(args, train_text)
     if (margins_seen := training_margins(args)) is not None:
