@@ -13,7 +13,7 @@ import evaluate_lds
 import pipeline
 import train
 from conftest import assert_user_error, run_script
-from glue_attribution import cli, ensembles, lds, trak_scores
+from glue_attribution import cli, ensembles, explorer, lds, trak_scores
 from glue_attribution.errors import GlueError
 from glue_attribution.scores import analyze_command, load_scores
 
@@ -94,6 +94,11 @@ def test_ensemble_and_trak_through_the_chain(monkeypatch, tiny_model_dir, glue_d
         np.testing.assert_allclose(combined, ensembles.combine([m[0] for m in members]), rtol=1e-6)
         assert combined.shape == (8, 32) and meta["provenance"] == members[0][1]["provenance"]
         assert [m["scores_name"] for m in meta["ensemble"]] == [f"{strategy}_seed0", f"{strategy}_seed1"]
+        page = explorer.read_data(str(out / "rte" / f"scores_{strategy}_ens2" / "explorer.html"))
+        assert page["num_members"] == 2 and all(0 <= q["stability"] <= 1 for q in page["queries"])
+        tops = [set(np.argsort(-m[0][0], kind="stable")[:10].tolist()) for m in members]  # each member's own
+        assert [e["members"] for e in page["queries"][0]["positive"]] == [
+            sum(e["index"] in t for t in tops) for e in page["queries"][0]["positive"]]
     trak_meta = json.loads((out / "rte" / "scores_trak_seed0" / "glue_scores.json").read_text())
     identity_meta = json.loads((out / "rte" / "scores_identity_seed0" / "glue_scores.json").read_text())
     assert trak_meta["provenance"] == identity_meta["provenance"]  # same checkpoint, examples and queries
