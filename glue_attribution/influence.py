@@ -432,14 +432,19 @@ def leave_torchrun() -> None:
         torch.distributed.destroy_process_group()
 
 
+def fitted_factors(args) -> tuple:
+    """(factors name, its published folder, score arguments) of the analysis: what per-token scoring reuses."""
+    factors_name, _, _, score_args = influence_arguments(args)
+    return factors_name, os.path.join(args.output_dir, args.dataset_name, f"factors_{factors_name}"), score_args
+
+
 def token_report(args, checkpoint_dir: str, scores: np.ndarray, scores_name: str, query_text, train_text) -> None:
     """--html: the per-token influence of the query's top examples, as a page with its numbers beside it."""
     from . import report
 
     progress.stage("the token-level report", os.path.dirname(os.path.abspath(args.html)))
     picks = top_examples(scores[args.inspect_query], args.top_k)
-    factors_name, _, _, score_args = influence_arguments(args)
-    factors_public = os.path.join(args.output_dir, args.dataset_name, f"factors_{factors_name}")
+    factors_name, factors_public, score_args = fitted_factors(args)
     model, tokenizer, _ = pipeline.load_checkpoint(checkpoint_dir, args.dataset_name, args.attn_implementation)
     tokens = token_scores(args, model, tokenizer, factors_public, factors_name, score_args,
                           query_text.select([args.inspect_query]), train_text.select(picks))
@@ -456,8 +461,7 @@ def explorer_tokens(args, checkpoint_dir: str, scores: np.ndarray, train_text, q
 
     progress.stage("the explorer's token scores", os.path.join(args.output_dir, args.dataset_name))
     task = pipeline.get_task(args.dataset_name)
-    factors_name, _, _, score_args = influence_arguments(args)
-    factors_public = os.path.join(args.output_dir, args.dataset_name, f"factors_{factors_name}")
+    factors_name, factors_public, score_args = fitted_factors(args)
     shaded = {}
     for q in tqdm(range(min(args.explorer_tokens, len(query_text))), desc="Token scores", unit="query"):
         # kronfluence wraps the model's modules in place: each pass gets a fresh copy
