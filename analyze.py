@@ -37,6 +37,9 @@ def parse_args(argv=None):
     parser.add_argument("--ensemble_seeds", type=int, nargs="+", default=None,
                         help="With an ensemble in --checkpoint_dir (train.py --seed A B ...): only these members "
                              "(default: all).")
+    parser.add_argument("--checkpoint_epoch", type=cli.positive_int, default=None,
+                        help="Analyse the weights after this epoch (train.py --save_epoch_checkpoints); the scores "
+                             "are named <name>_epoch<E>.")
     parser.add_argument("--output_dir", default="./influence_results", help="Root of factors and scores.")
     parser.add_argument("--factor_strategy", default="ekfac", help=f"One of {STRATEGIES}.")
     parser.add_argument("--use_half_precision", action="store_true",
@@ -123,14 +126,15 @@ def main():
 
     # Checkpoint(s) and data: the same examples, in the same order, as train.py; queries are the first validation
     # ones. An ensemble (train.py --seed A B ...) is analysed member by member, then combined.
-    members = cli.checkpoints(args.checkpoint_dir, args.dataset_name, args.ensemble_seeds)
+    members = cli.checkpoints(args.checkpoint_dir, args.dataset_name, args.ensemble_seeds, args.checkpoint_epoch)
     influence.check_members(args, members)
     train_text, query_text = pipeline.load_train_and_queries(args.dataset_name, args.data_dir,
                                                              args.max_train_samples, args.max_query_examples,
                                                              args.label_noise, args.label_noise_seed)
     influence.check_queries(args, len(train_text), len(query_text))
     results.check_writable(args.output_dir)
-    names = [influence.analyze_checkpoint(args, checkpoint_dir, "" if seed is None else f"_{scores.member(seed)}",
+    epoch = "" if args.checkpoint_epoch is None else f"_{pipeline.epoch_member(args.checkpoint_epoch)}"
+    names = [influence.analyze_checkpoint(args, checkpoint_dir, epoch if seed is None else f"_{scores.member(seed)}",
                                           train_text, query_text, main_process) for seed, checkpoint_dir in members]
     influence.leave_torchrun()
     if not main_process:

@@ -33,6 +33,7 @@ def parse_args(argv=None):
     parser = cli.parser("Score self-influence and its baselines at finding the labels train.py --label_noise flipped.")
     cli.add_data_args(parser, checkpoint=True)
     cli.add_training_args(parser, checkpoint=True)
+    cli.add_shard_args(parser)
     parser.add_argument("--output_dir", default="./influence_results",
                         help="Results root: analyze.py's self scores, and these results in <output_dir>/<dataset>/.")
     parser.add_argument("--detection_dir", default=None,
@@ -43,6 +44,11 @@ def parse_args(argv=None):
     parser.add_argument("--num_folds", type=cli.positive_int, default=5,
                         help="Cross-validation folds for cleanlab's out-of-sample probabilities.")
     parser.add_argument("--seed", type=int, default=0, help="Seeds the folds, their retrains and the random ranking.")
+    parser.add_argument("--fix_fractions", type=cli.fraction, nargs="*", default=[0.05, 0.10],
+                        help="Fix and retrain: drop each ranking's top fraction and fine-tune on the rest (none: "
+                             "skip the retrains).")
+    parser.add_argument("--fix_rankings", nargs="+", default=None,
+                        help="The rankings the fix-and-retrain sweep cleans with (default: all).")
     parser.add_argument("--figure", default=None, help="Where the figure goes (default: beside the results).")
     parser.add_argument("--summarize", nargs="+", default=None, metavar="RESULTS_JSON",
                         help="Only print mean ± sd over these detection_results.json (e.g. one per noise seed).")
@@ -54,7 +60,7 @@ def parse_args(argv=None):
 
 def main():
     args = parse_args()
-    from glue_attribution import detection, explorer, plots, report, scores
+    from glue_attribution import cleaning, detection, explorer, plots, report, scores
 
     cli.setup_logging(args.verbose)
     if args.summarize:
@@ -64,15 +70,28 @@ def main():
     train_text, _ = pipeline.load_training_set(args.dataset_name, args.data_dir, args.max_train_samples,
                                                args.label_noise, args.label_noise_seed)
     flipped = detection.flipped_labels(args, len(train_text))
+    held_out, judged = detection.validation_split(args, detection.harm_queries(args))
     folder = detection.detection_dir(args)
     detection.claim(folder, args)
 
     logger.info("***** Ranking %d training examples, %d of them with flipped labels *****", len(flipped),
                 flipped.sum())
-    suspicion = detection.rankings(args, train_text, folder)
+    suspicion, cost = detection.rankings(args, train_text, held_out, folder)
     metrics = {name: detection.detection_metrics(s, flipped) for name, s in suspicion.items()}
-    report.print_detection_table(metrics, detection.INSPECTED)
-    results_path = detection.write_detection(folder, args, suspicion, flipped, train_text["label"], metrics)
+    fixed = None
+    if args.fix_fractions:
+        logger.info("***** Fix and retrain: judged on the %d validation examples after the %d held-out queries "
+                    "*****", len(judged), len(held_out))
+        clean_text, _ = pipeline.load_training_set(args.dataset_name, args.data_dir, args.max_train_samples)
+        fixed = cleaning.fix_and_retrain(args, train_text, clean_text, judged,
+                                         detection.chosen(suspicion, args.fix_rankings), folder)
+        if fixed is None:
+            return
+        for name, row in fixed["rankings"].items():
+            metrics[name].update(row)
+    report.print_detection_table(metrics, detection.INSPECTED, fixed)
+    results_path = detection.write_detection(folder, args, suspicion, flipped, train_text["label"], metrics, cost,
+                                             fixed, len(held_out))
     for name in args.strategies:  # each score set's explorer shows every ranking's flags beside its candidates
         if explorer.add_detection(os.path.join(scores.scores_dir(args.output_dir, args.dataset_name, name),
                                                "explorer.html"), suspicion, flipped, detection.FLAGGED):
@@ -80,7 +99,7 @@ def main():
     figure = args.figure or os.path.join(folder, "detection.png")
     plots.found_curves({name: detection.found_curve(s, flipped) for name, s in suspicion.items()}, figure,
                        f"{args.dataset_name}: {flipped.sum()} of {len(flipped)} labels flipped",
-                       detection.BASELINE_RANKINGS)
+                       detection.BASELINE_RANKINGS, fixed)
     logger.info("Results: %s, figure: %s", results_path, figure)
 
 

@@ -310,16 +310,30 @@ def construct_model(model_name_or_path: str, task_name: str, attn_implementation
     return _from_pretrained(AutoModelForSequenceClassification, model_name_or_path, config=config, **kwargs)
 
 
-def save_checkpoint(model: nn.Module, tokenizer, checkpoint_dir: str, meta: dict, extra: dict | None = None) -> None:
+def epoch_member(epoch: int) -> str:
+    """The folder, inside a checkpoint, of its weights after `epoch` (train.py --save_epoch_checkpoints), and the
+    suffix of their score sets (<name>_epoch<E>)."""
+    return f"epoch{epoch}"
+
+
+def save_checkpoint(model: nn.Module, tokenizer, checkpoint_dir: str, meta: dict, extra: dict | None = None,
+                    epochs: dict | None = None) -> None:
     """config + safetensors + tokenizer + `glue_checkpoint.json` (with every file's sha256) + `extra` JSON files,
     published in one rename (glue_attribution/results.py): a killed save leaves no checkpoint that looks complete,
-    and the next save cleans up."""
+    and the next save cleans up. `epochs` {epoch: state dict} become checkpoints of their own in `epoch<E>/`,
+    inside this one (its manifest covers them: they are verified, replaced and deleted with it)."""
     parent = results.make_output_dir(os.path.dirname(os.path.abspath(checkpoint_dir)))
-    results.check_free_space(parent, sum(p.numel() * p.element_size() for p in model.parameters()), "the checkpoint")
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    results.check_free_space(parent, size * (1 + len(epochs or {})), "the checkpoint")
     progress.stage("saving the checkpoint", checkpoint_dir)
     with results.lock(checkpoint_dir):
         results.clean_staging(checkpoint_dir)  # leftovers of killed saves
         staging = results.staging_dir(checkpoint_dir, {"pid": os.getpid()})
+        for epoch, state_dict in (epochs or {}).items():
+            folder = os.path.join(staging, epoch_member(epoch))
+            model.save_pretrained(folder, state_dict=state_dict, safe_serialization=True)
+            tokenizer.save_pretrained(folder)
+            results.seal(folder, CHECKPOINT_META, {**meta, "epoch": epoch, "metrics": {}})
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
         results.atomic_write_json(meta.get("metrics", {}), os.path.join(staging, "all_results.json"))  # as HF's
@@ -412,11 +426,13 @@ def task_loss(logits: torch.Tensor, labels: torch.Tensor, regression: bool, redu
 
 
 def train_model(model: nn.Module, dataset: Dataset, data_collator, config: TrainConfig, seed: int,
-                device: str = "cpu", disable_tqdm: bool = False, margins_seen: np.ndarray | None = None) -> nn.Module:
+                device: str = "cpu", disable_tqdm: bool = False, margins_seen: np.ndarray | None = None,
+                on_epoch_end=None) -> nn.Module:
     """Fine-tunes `model` in place with AdamW (seed recipe: shuffled, drop_last) and returns it. `margins_seen`
     (epochs x examples, NaN-filled) receives each example's margin as its batch was trained on (assigned logit minus
     the largest other, before the step): the training dynamics of the area under the margin (Pleiss et al. 2020),
-    at no extra cost."""
+    at no extra cost. `on_epoch_end(epoch, model)` is called after each epoch but the last (1-based epoch): where
+    train.py keeps the checkpoints along training."""
     import torch
     from torch.utils.data import BatchSampler, DataLoader, RandomSampler
     from tqdm.auto import tqdm
@@ -457,19 +473,28 @@ def train_model(model: nn.Module, dataset: Dataset, data_collator, config: Train
                 seen += len(labels)
                 bar.set_postfix(loss=f"{loss_sum / seen:.4f}")
         logger.info("epoch %d: train loss %.4f", epoch, loss_sum / seen)
+        if on_epoch_end is not None and epoch + 1 < config.num_train_epochs:
+            on_epoch_end(epoch + 1, model)
     return model
 
 
 def finetune(model_name_or_path: str, task_name: str, dataset: Dataset, data_collator, config: TrainConfig,
              seed: int, device: str = "cpu", disable_tqdm: bool = False,
-             margins_seen: np.ndarray | None = None) -> nn.Module:
+             margins_seen: np.ndarray | None = None, on_epoch_end=None) -> nn.Module:
     """The one recipe: seed, fresh head on the pretrained encoder, `train_model`. Same seed + data -> same weights."""
     from transformers import set_seed
 
     set_seed(seed)
     model = construct_model(model_name_or_path, task_name)
     return train_model(model, dataset, data_collator, config, seed=seed, device=device, disable_tqdm=disable_tqdm,
-                       margins_seen=margins_seen)
+                       margins_seen=margins_seen, on_epoch_end=on_epoch_end)
+
+
+def keep_weights(epochs: dict):
+    """An `on_epoch_end` that copies the weights after each epoch into `epochs` {epoch: state dict on the CPU}."""
+    def keep(epoch: int, model: nn.Module) -> None:
+        epochs[epoch] = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    return keep
 
 
 TRAINING_MARGINS = "training_margins.json"  # train.py's record of the training dynamics, in the checkpoint

@@ -42,6 +42,9 @@ def parse_args(argv=None):
     parser.add_argument("--checkpoint_dir", default="./checkpoints",
                         help="The checkpoint goes to <checkpoint_dir>/<dataset_name>/ (an ensemble's to seed<S>/ "
                              "below it).")
+    parser.add_argument("--save_epoch_checkpoints", action="store_true",
+                        help="Also keep the weights after each epoch but the last, as checkpoints epoch<E>/ inside "
+                             "this one (analyze.py --checkpoint_epoch E; trajectory self-influence).")
     args = parser.parse_args(argv)
     if len(set(args.seed)) < len(args.seed):
         parser.error(f"--seed {' '.join(map(str, args.seed))} repeats a seed; an ensemble needs distinct seeds")
@@ -87,8 +90,10 @@ def main():
         progress.stage(f"training (seed {seed})", checkpoint_dir)
         start = time.time()
         margins_seen = None if task.is_regression else np.full((config.num_train_epochs, len(train_dataset)), np.nan)
+        epochs = {}  # the weights after each epoch but the last (self-influence along training)
         model = pipeline.finetune(args.model_name_or_path, args.dataset_name, train_dataset, collate, config,
-                                  seed=seed, device=args.device, margins_seen=margins_seen)
+                                  seed=seed, device=args.device, margins_seen=margins_seen,
+                                  on_epoch_end=pipeline.keep_weights(epochs) if args.save_epoch_checkpoints else None)
         # Train metrics on the same examples in dataset order (the seed's `eval_train` split).
         named = {"train": train_dataset, **{"eval" + s[len("validation"):]: d for s, d in eval_datasets.items()}}
         metrics = {"train_runtime": time.time() - start,
@@ -102,7 +107,7 @@ def main():
         if flips:
             extra["label_noise.json"] = {"fraction": args.label_noise, "seed": args.label_noise_seed,
                                          "flipped": [{"index": i, "label": y, "noisy_label": z} for i, y, z in flips]}
-        pipeline.save_checkpoint(model, tokenizer, checkpoint_dir, meta, extra=extra)
+        pipeline.save_checkpoint(model, tokenizer, checkpoint_dir, meta, extra=extra, epochs=epochs)
         logger.info("Saved checkpoint to %s", checkpoint_dir)
         del model  # one model in memory at a time
 

@@ -198,11 +198,22 @@ def ensemble_seeds(task_dir: str) -> list:
             if os.path.isfile(os.path.join(task_dir, member(seed), pipeline.CHECKPOINT_META))]
 
 
-def checkpoints(checkpoint_dir: str, dataset_name: str, only: list | None = None) -> list:
+def checkpoints(checkpoint_dir: str, dataset_name: str, only: list | None = None, epoch: int | None = None) -> list:
     """[(seed or None, checkpoint folder)]: the one checkpoint in <checkpoint_dir>/<task>/, or the ensemble's members
-    below it (analysed one by one, then together), or the members among them whose seeds are `only`."""
+    below it (analysed one by one, then together), or the members among them whose seeds are `only`; with `epoch`,
+    the one checkpoint's weights after that epoch (train.py --save_epoch_checkpoints)."""
     task_dir = os.path.join(checkpoint_dir, dataset_name)
     seeds = [] if os.path.isfile(os.path.join(task_dir, pipeline.CHECKPOINT_META)) else ensemble_seeds(task_dir)
+    if epoch is not None:
+        if seeds:
+            raise GlueError(f"--checkpoint_epoch: {task_dir} holds an ensemble; its epochs are analysed per "
+                            "checkpoint, so pass one member's folder as --checkpoint_dir")
+        folder = os.path.join(task_dir, pipeline.epoch_member(epoch))
+        if not os.path.isfile(os.path.join(folder, pipeline.CHECKPOINT_META)):
+            raise GlueError(f"--checkpoint_epoch {epoch}: {task_dir} has no {pipeline.epoch_member(epoch)}/; train "
+                            "with train.py --save_epoch_checkpoints (it keeps every epoch but the last, which is the "
+                            "checkpoint itself)")
+        return [(None, folder)]
     if only is not None:
         if not seeds or set(only) - set(seeds):
             raise GlueError(f"--ensemble_seeds {' '.join(map(str, only))}: {task_dir} holds "
@@ -254,6 +265,9 @@ def trained_checkpoints(checkpoint_dir: str, dataset_name: str) -> tuple | None:
         except ResultDamaged as err:
             raise GlueError(f"{err}; retrain it with train.py") from None
         found[meta["files"]["model.safetensors"]["sha256"]] = folder
+        for name in meta["files"]:  # its epochs (--save_epoch_checkpoints), verified with it
+            if os.path.dirname(name) and os.path.basename(name) == "model.safetensors":
+                found[meta["files"][name]["sha256"]] = os.path.join(folder, os.path.dirname(name))
     return (checkpoint_dir, found) if found else None
 
 

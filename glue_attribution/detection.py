@@ -1,15 +1,18 @@
 """Finding mislabeled training data: rankings of the training set, most suspicious first, scored against the labels
 that `train.py --label_noise` flipped (ROC AUC, average precision, the fraction of flips found in the top 5/10/20%).
 
-The rankings: the self-influence of each score set (analyze.py --compute_self_scores); `loss`, the final model's
-training loss; `aum`, the area under the margin from train.py's record of the training run; `cleanlab`, confident
-learning on out-of-sample probabilities from k-fold cross-validated fine-tuning with the checkpoint's recipe (each
-fold one resumable run); `random`.
+The rankings: the self-influence of each score set (analyze.py --compute_self_scores) at the final model, after each
+earlier epoch (`<name>_epoch<E>`, train.py --save_epoch_checkpoints) and summed along training (`<name>_trajectory`,
+TracIn's idea: a flipped example is loud before it is memorised); `<name>_harm`, its harm to the held-out queries
+of the score set (Hara et al. 2019); `loss`, the final model's training loss; `aum`, the area under the margin from
+train.py's record of the training run; `cleanlab`, confident learning on out-of-sample probabilities from k-fold
+cross-validated fine-tuning with the checkpoint's recipe (each fold one resumable run); `random`.
 """
 
 import json
 import logging
 import os
+import time
 
 import numpy as np
 from sklearn.metrics import average_precision_score, roc_auc_score
@@ -18,8 +21,9 @@ import pipeline
 
 from . import progress, results, sweeps
 from .cli import result_arguments, trained_checkpoints
+from .ensembles import combine, standardize
 from .errors import GlueError
-from .scores import load_scores
+from .scores import load_scores, scores_dir
 
 logger = logging.getLogger(__name__)
 BASELINE_RANKINGS = ("loss", "aum", "cleanlab", "random")
@@ -42,24 +46,28 @@ def found_curve(suspicion: np.ndarray, flipped: np.ndarray) -> np.ndarray:
     return np.cumsum(flipped[np.argsort(-suspicion, kind="stable")]) / flipped.sum()
 
 
-def cross_validated_probabilities(args, train_text, folder: str) -> np.ndarray:
+def cross_validated_probabilities(args, train_text, folder: str) -> tuple:
     """Out-of-sample class probabilities of every training example: fine-tune on the other folds (the checkpoint's
-    recipe), predict the held-out one. Each fold is saved as it ends and reused after a restart."""
+    recipe), predict the held-out one; and the folds' training seconds. Each fold is saved as it ends and reused
+    after a restart; concurrent shards start at different folds."""
     n, classes = len(train_text), pipeline.get_task(args.dataset_name).num_labels
     folds = np.array_split(np.random.default_rng(args.seed).permutation(n), args.num_folds)
-    probabilities, retrain = np.zeros((n, classes)), None
+    probabilities, seconds, retrain = np.zeros((n, classes)), 0.0, None
     progress.stage("the cross-validation retrains", folder)
-    for k, held_out in enumerate(folds):
+    start = args.shard_index * args.num_folds // args.num_shards
+    for k in np.roll(np.arange(args.num_folds), -start).tolist():
+        held_out = folds[k]
         path = os.path.join(folder, "runs", f"fold{k}.npz")
         run = results.load_run(path, {"probabilities": (len(held_out), classes)})
         if run is None:
-            retrain = retrain or sweeps.retrainer(args, train_text, train_text, outputs=("probabilities",))
+            retrain = retrain or sweeps.retrainer(args, train_text, train_text, outputs=("probabilities", "seconds"))
             logger.info("Cross-validation: fold %d of %d", k + 1, args.num_folds)
             run = retrain(np.setdiff1d(np.arange(n), held_out), args.seed + k, held_out.tolist())
             os.makedirs(os.path.dirname(path), exist_ok=True)
             results.save_arrays(path, **run)
         probabilities[held_out] = run["probabilities"]
-    return probabilities
+        seconds += float(run.get("seconds", np.nan))
+    return probabilities, seconds
 
 
 def cleanlab_suspicion(labels: np.ndarray, probabilities: np.ndarray) -> np.ndarray:
@@ -69,7 +77,7 @@ def cleanlab_suspicion(labels: np.ndarray, probabilities: np.ndarray) -> np.ndar
 
     quality = get_label_quality_scores(labels, probabilities, method="self_confidence")
     flagged = np.zeros(len(labels), dtype=bool)
-    flagged[find_label_issues(labels, probabilities, return_indices_ranked_by="self_confidence")] = True
+    flagged[find_label_issues(labels, probabilities, return_indices_ranked_by="self_confidence", n_jobs=1)] = True
     return flagged.astype(float) + (1.0 - quality)  # quality is in [0, 1]: flagged examples rank first
 
 
@@ -99,42 +107,104 @@ def training_losses(args, train_text) -> np.ndarray:
     return evaluated["losses"]
 
 
-def self_influence(args, name: str, train_text) -> np.ndarray:
-    """A score set's verified self-influence, computed on this (noisy) training set."""
-    scores, meta = load_scores(args.output_dir, args.dataset_name, name, kind="self",
+def verified_scores(args, name: str, train_text, kind: str, queries=None) -> tuple:
+    """A score set's verified `kind` scores ("self" or "pairwise" on `queries`), computed on this (noisy) training
+    set from this checkpoint (or its epochs); and the set's meta."""
+    scores, meta = load_scores(args.output_dir, args.dataset_name, name, kind=kind,
                                checkpoints=trained_checkpoints(args.checkpoint_dir, args.dataset_name))
     expected = {"dataset_name": args.dataset_name, "num_train": len(train_text),
                 "train_data": pipeline.fingerprint(train_text), "max_seq_length": args.max_seq_length}
+    if queries is not None:
+        expected.update(num_query=len(queries), query_data=pipeline.fingerprint(queries))
     results.check_provenance(meta["provenance"], expected, f"scores '{name}'")
-    return scores
+    return scores, meta
+
+
+def held_out_harm(pairwise: np.ndarray) -> np.ndarray:
+    """Each training example's harm to the held-out queries (Hara et al. 2019 cleanse by influence on validation
+    data): minus its influence summed over the queries, each query's row standardised first so that no query
+    dominates. A flipped example pulls the model away from the queries of its true class, whether or not the model
+    has memorised it."""
+    return -standardize(pairwise).sum(axis=0)
+
+
+def harm_queries(args) -> int:
+    """How many validation examples (the first ones) the score sets of --strategies scored: the held-out set of
+    the harm rankings. Every set must have the same: the examples after them judge the cleaned models."""
+    counts = {}
+    for name in args.strategies:
+        _, meta = load_scores(args.output_dir, args.dataset_name, name)
+        counts[name] = meta["provenance"]["num_query"]
+    if len(set(counts.values())) > 1:
+        raise GlueError("the score sets scored different numbers of queries ("
+                        + ", ".join(f"{name}: {n}" for name, n in counts.items())
+                        + "); rerun analyze.py with one --max_query_examples for all of them")
+    return next(iter(counts.values()))
+
+
+def cost_seconds(meta: dict) -> float:
+    """Seconds analyze.py spent on a score set (factors, scores and self scores together)."""
+    return float(sum(v for k, v in meta.items() if k.endswith("_seconds")))
+
+
+def epoch_names(args, name: str) -> list:
+    """The score sets `<name>_epoch<E>` of the epochs before the last, if analyze.py made all of them."""
+    names = [f"{name}_{pipeline.epoch_member(e)}" for e in range(1, args.num_train_epochs)]
+    present = [n for n in names if os.path.isdir(scores_dir(args.output_dir, args.dataset_name, n))]
+    if present and len(present) < len(names):
+        logger.warning("Skipping %s_trajectory: no scores %s yet (analyze.py --checkpoint_epoch E "
+                       "--compute_self_scores for each epoch E before the last)", name,
+                       ", ".join(sorted(set(names) - set(present))))
+    return names if len(present) == len(names) else []
 
 
 def summarize(paths: list) -> None:
-    """Mean ± sd of every metric over several runs (noise seeds), as the table in docs/results.md."""
+    """Mean ± sd of every metric over several runs (noise seeds), as the table in docs/results.md, with the
+    accuracies of the noisy and clean-label models."""
     runs = []
     for path in paths:
         try:
             with open(path) as f:
-                runs.append(json.load(f)["results"])
+                runs.append(json.load(f))
+            runs[-1]["results"]
         except (OSError, ValueError, KeyError):
             raise GlueError(f"{path} is not a detection_results.json; run detect_mislabeled.py first") from None
-    metrics = list(next(iter(runs[0].values())))
+    names = [name for name in runs[0]["results"] if all(name in run["results"] for run in runs)]
+    metrics = list(runs[0]["results"][names[0]])
     print(f"{len(runs)} runs: mean ± sd")
-    print(f"{'ranking':<12}" + "".join(f"{m:>20}" for m in metrics))
-    for name in runs[0]:
-        values = np.array([[run[name][m] for m in metrics] for run in runs])
-        print(f"{name:<12}" + "".join(f"{f'{mu:.3f} ± {sd:.3f}':>20}"
-                                      for mu, sd in zip(values.mean(0), values.std(0, ddof=1 if len(runs) > 1 else 0))))
+    print(f"{'ranking':<18}" + "".join(f"{m:>20}" for m in metrics))
 
+    def cell(values):
+        values = np.array(values, dtype=float)
+        return f"{f'{values.mean():.3f} ± {values.std(ddof=1 if len(values) > 1 else 0):.3f}':>20}"
 
+    for name in names:
+        print(f"{name:<18}" + "".join(cell([run["results"][name].get(m, np.nan) for run in runs]) for m in metrics))
+    for model in ("noisy", "clean"):
+        if all("fix_and_retrain" in run for run in runs):
+            print(f"{model + ' model':<18}{cell([run['fix_and_retrain'][model] for run in runs])} (accuracy on the "
+                  "judged validation examples)")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # The experiment, as detect_mislabeled.py runs it
 
 def detection_arguments(args) -> dict:
-    """The arguments that change the results (not where they go, nor --summarize)."""
-    return result_arguments(args, "detection_dir", "summarize")
+    """The arguments that change the results (not where they go, nor --summarize; the fix-and-retrain runs are
+    named by ranking and fraction, so choosing others reuses the folder)."""
+    return result_arguments(args, "detection_dir", "summarize", "fix_rankings", "fix_fractions")
+
+
+def validation_split(args, num_held_out: int) -> tuple:
+    """(held-out queries, judged examples): the first `num_held_out` validation examples, which the harm rankings
+    read, and the rest, which judge the cleaned models and which no ranking has seen."""
+    validation = pipeline.load_glue(args.dataset_name, pipeline.get_task(args.dataset_name).eval_splits[0],
+                                    args.data_dir)
+    if num_held_out >= len(validation):
+        raise GlueError(f"the score sets use all {len(validation)} validation examples as queries, so none is left "
+                        "to judge the cleaned models; rerun analyze.py with --max_query_examples below that "
+                        f"(e.g. {len(validation) // 3})")
+    return (validation.select(range(num_held_out)), validation.select(range(num_held_out, len(validation))))
 
 
 def detection_dir(args) -> str:
@@ -162,24 +232,61 @@ def flipped_labels(args, num_train: int) -> np.ndarray:
     return flipped
 
 
-def rankings(args, train_text, folder: str) -> dict:
-    """{ranking: suspicion per training example} for --strategies' self-influence and the baselines (aum where the
-    checkpoint recorded its margins)."""
-    suspicion = {name: self_influence(args, name, train_text) for name in args.strategies}
+def rankings(args, train_text, held_out, folder: str) -> tuple:
+    """({ranking: suspicion per training example}, {ranking: {seconds, retrains}}) for --strategies' self-influence
+    (final, per epoch and along training where analysed), their harm to the `held_out` queries, and the baselines
+    (aum where the checkpoint recorded its margins). Costs exclude the one training run every ranking reads."""
+    suspicion, cost = {}, {}
+    for name in args.strategies:
+        suspicion[name], meta = verified_scores(args, name, train_text, "self")
+        cost[name] = {"seconds": cost_seconds(meta), "retrains": 0}
+    for name in args.strategies:
+        epochs = epoch_names(args, name)
+        for epoch in epochs:
+            suspicion[epoch], meta = verified_scores(args, epoch, train_text, "self")
+            cost[epoch] = {"seconds": cost_seconds(meta), "retrains": 0}
+        if epochs:
+            suspicion[f"{name}_trajectory"] = combine([*(suspicion[e] for e in epochs), suspicion[name]])
+            cost[f"{name}_trajectory"] = {"seconds": sum(cost[e]["seconds"] for e in [*epochs, name]), "retrains": 0}
+    for name in args.strategies:
+        pairwise, meta = verified_scores(args, name, train_text, "pairwise", held_out)
+        suspicion[f"{name}_harm"] = held_out_harm(pairwise)
+        cost[f"{name}_harm"] = {"seconds": cost_seconds(meta), "retrains": 0}
+    start = time.time()
     suspicion["loss"] = training_losses(args, train_text)
+    cost["loss"] = {"seconds": time.time() - start, "retrains": 0}
     if (margins_seen := training_margins(args)) is not None:
         suspicion["aum"] = aum_suspicion(margins_seen)
+        cost["aum"] = {"seconds": 0.0, "retrains": 0}
     labels = np.array(train_text["label"])
-    suspicion["cleanlab"] = cleanlab_suspicion(labels, cross_validated_probabilities(args, train_text, folder))
+    probabilities, seconds = cross_validated_probabilities(args, train_text, folder)
+    suspicion["cleanlab"] = cleanlab_suspicion(labels, probabilities)
+    cost["cleanlab"] = {"seconds": seconds, "retrains": args.num_folds}
     suspicion["random"] = np.random.default_rng(args.seed).permutation(len(labels)).astype(float)
-    return suspicion
+    cost["random"] = {"seconds": 0.0, "retrains": 0}
+    return suspicion, cost
 
 
-def write_detection(folder: str, args, suspicion: dict, flipped: np.ndarray, labels, metrics: dict) -> str:
-    """detection_results.json (metrics and arguments) and detection_rankings.csv; returns the JSON's path."""
+def chosen(suspicion: dict, names: list | None) -> dict:
+    """The rankings `names` (all when None) of `suspicion`; an unknown name is refused with the known ones."""
+    if names is None:
+        return suspicion
+    if unknown := [name for name in names if name not in suspicion]:
+        raise GlueError(f"--fix_rankings {' '.join(unknown)}: no such ranking; choose among {' '.join(suspicion)}")
+    return {name: suspicion[name] for name in names}
+
+
+def write_detection(folder: str, args, suspicion: dict, flipped: np.ndarray, labels, metrics: dict, cost: dict,
+                    fixed: dict | None, num_held_out: int) -> str:
+    """detection_results.json (metrics, costs, the fix-and-retrain sweep, arguments) and detection_rankings.csv;
+    returns the JSON's path."""
     path = os.path.join(folder, "detection_results.json")
-    results.atomic_write_json({"num_train": len(flipped), "num_flipped": int(flipped.sum()), "results": metrics,
-                               "arguments": detection_arguments(args)}, path)
+    record = {"num_train": len(flipped), "num_flipped": int(flipped.sum()), "results": metrics, "cost": cost,
+              "held_out_queries": f"the first {num_held_out} validation examples (read by the harm rankings; the "
+                                  "cleaned models are judged on the rest)", "arguments": detection_arguments(args)}
+    if fixed is not None:
+        record["fix_and_retrain"] = fixed
+    results.atomic_write_json(record, path)
     results.write_csv(os.path.join(folder, "detection_rankings.csv"), ["index", "flipped", "label", *suspicion],
                       [[i, int(flipped[i]), labels[i], *(f"{s[i]:.6g}" for s in suspicion.values())]
                        for i in range(len(flipped))])

@@ -18,14 +18,16 @@ from .errors import GlueError
 from .scores import SCORES_META, ensemble_name, load_scores, scores_dir
 
 logger = logging.getLogger(__name__)
+def standardize(scores: np.ndarray) -> np.ndarray:
+    """Each query's row (the last axis: training examples) scaled to unit standard deviation; a constant row stays
+    zero. What makes score sets of different magnitude (seeds, epochs, queries) comparable before they are summed."""
+    scale = scores.std(axis=-1, keepdims=True, dtype=np.float64)
+    return np.divide(scores, scale, out=np.zeros(scores.shape), where=scale > 0)
+
+
 def combine(members: list) -> np.ndarray:
-    """Mean over members of each (queries x train) score matrix, every query's row scaled to unit standard
-    deviation first (a constant row stays zero)."""
-    total = np.zeros_like(members[0], dtype=np.float64)
-    for scores in members:
-        scale = scores.std(axis=-1, keepdims=True, dtype=np.float64)
-        total += np.divide(scores, scale, out=np.zeros_like(total), where=scale > 0)
-    return (total / len(members)).astype(np.float32)
+    """Mean over members of each (queries x train) score matrix, every query's row standardised first."""
+    return (sum(standardize(scores) for scores in members) / len(members)).astype(np.float32)
 
 
 def publish_ensemble(output_dir: str, task_name: str, scores_name: str, members: list,

@@ -18,6 +18,7 @@ import numpy as np
 import pipeline
 
 from . import progress, results
+from .detection import held_out_harm
 
 TOP_K = 10  # training examples shown per query and side
 SELF_TOP = 200  # training examples shown by self-influence
@@ -61,16 +62,18 @@ def explorer_data(title: str, task_name: str, pairwise: np.ndarray, query_text, 
                         "prediction": label(predictions["predictions"][q]), "margin": float(predictions["margins"][q]),
                         "correct": bool(predictions["correct"][q]) if "correct" in predictions else None,
                         "largest": float(np.abs(row).max()), "stability": stability, **top})
-    ranking = []
-    if self_scores is not None:
-        order = np.argsort(-self_scores, kind="stable")[:SELF_TOP]
-        ranking = [{"index": int(j), "score": float(self_scores[j])} for j in order]
+    def top(suspicion: np.ndarray) -> list:
+        order = np.argsort(-suspicion, kind="stable")[:SELF_TOP]
         shown.update(int(j) for j in order)
+        return [{"index": int(j), "score": float(suspicion[j])} for j in order]
+
+    ranking = [] if self_scores is None else top(self_scores)
+    harm = top(held_out_harm(pairwise)) if len(pairwise) > 1 else []  # one query: its negative side, shown above
     train = {str(j): {"texts": [train_text[j][k] for k in task.keys], "label": label(train_text[j]["label"])}
              for j in sorted(shown)}
     return {"title": title, "task": task_name, "keys": list(task.keys), "num_train": len(train_text),
             "num_members": len(members) if members else None, "queries": queries, "train": train,
-            "self_influence": ranking}
+            "self_influence": ranking, "harm": harm}
 
 
 def render(data: dict) -> str:
@@ -111,8 +114,9 @@ def add_lds(path: str, per_query: list, ground_truth: str) -> bool:
 
 
 def add_detection(path: str, suspicion: dict, flipped: np.ndarray, flag_fraction: float) -> bool:
-    """Adds detect_mislabeled.py's rankings to the page at `path`, if there is one: for each self-influence candidate
-    its rank under every ranking (flagged: in the top `flag_fraction`) and whether its label was flipped."""
+    """Adds detect_mislabeled.py's rankings to the page at `path`, if there is one: for each candidate (by
+    self-influence and by harm) its rank under every ranking (flagged: in the top `flag_fraction`) and whether its
+    label was flipped."""
     data = read_data(path)
     if data is None:
         return False
@@ -123,7 +127,7 @@ def add_detection(path: str, suspicion: dict, flipped: np.ndarray, flag_fraction
         "rankings": list(suspicion), "flag_rank": round(flag_fraction * len(flipped)),
         "examples": {str(e["index"]): {"flipped": bool(flipped[e["index"]]),
                                        "ranks": [int(r[e["index"]]) for r in ranks.values()]}
-                     for e in data["self_influence"]}}
+                     for e in data["self_influence"] + data.get("harm", [])}}
     write_explorer(path, data)
     return True
 
@@ -226,8 +230,9 @@ function row(entry, side) {
             el("td", fmt(entry.score), "num " + (entry.score >= 0 ? "pos" : "neg")),
             el("td", entry.share === undefined ? "" : (100 * entry.share).toFixed(2) + "%", "num"),
             el("td", example.label));
-  if (side !== "self" && data.num_members) tr.append(el("td", entry.members + "/" + data.num_members, "num"));
-  if (side === "self" && detection) {
+  const candidate = side === "self" || side === "harm";
+  if (!candidate && data.num_members) tr.append(el("td", entry.members + "/" + data.num_members, "num"));
+  if (candidate && detection) {
     const found = detection.examples[String(entry.index)];
     tr.append(el("td", found && found.flipped ? "flipped" : "", found && found.flipped ? "neg" : ""));
     for (const rank of found ? found.ranks : []) {
@@ -257,7 +262,8 @@ function table(entries, caption, side) {
   t.id = side;
   t.append(el("caption", caption));
   const head = el("tr");
-  const extra = side === "self" ? (detection ? ["label flipped", ...detection.rankings.map((r) => "rank: " + r)] : [])
+  const extra = side === "self" || side === "harm"
+    ? (detection ? ["label flipped", ...detection.rankings.map((r) => "rank: " + r)] : [])
     : (data.num_members ? ["in members' top " + data.queries[0].positive.length] : []);
   for (const h of ["rank", "example", "score", "share", "label", ...extra, "text"]) head.append(el("th", h));
   t.append(head);
@@ -284,6 +290,14 @@ function show(q) {
     view.append(table(data.self_influence, "top " + data.self_influence.length + " of " + data.num_train +
       (detection ? "; \\u25cf: in the top " + detection.flag_rank + " of that ranking (detect_mislabeled.py)" : ""),
       "self"));
+  }
+  if (data.harm.length) {
+    view.append(el("h2", "Training examples by harm to the " + data.queries.length + " queries (label-error " +
+                   "candidates)"));
+    view.append(table(data.harm, "top " + data.harm.length + " of " + data.num_train + " by minus their " +
+      "influence summed over the queries (each query's scores standardised): examples that pull the model away " +
+      "from held-out labels" + (detection ? "; \u25cf: in the top " + detection.flag_rank + " of that ranking" : ""),
+      "harm"));
   }
 }
 function render() {

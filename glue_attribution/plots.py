@@ -12,15 +12,15 @@ from . import results
 
 
 @contextmanager
-def figure(path: str, figsize: tuple):
-    """Yields the axes of a new figure; on leaving, lays it out and writes it to `path` (the extension picks the
-    format) atomically: a figure that exists is complete."""
+def figure(path: str, figsize: tuple, ncols: int = 1):
+    """Yields the axes of a new figure (`ncols` side by side: an array of them); on leaving, lays it out and
+    writes it to `path` (the extension picks the format) atomically: a figure that exists is complete."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=figsize)
+    fig, ax = plt.subplots(1, ncols, figsize=figsize)
     try:
         yield ax
         fig.tight_layout()
@@ -81,13 +81,36 @@ def flip_fractions(counterfactual: dict, path: str) -> None:
         ax.legend()
 
 
-def found_curves(curves: dict, path: str, title: str, baselines: tuple) -> None:
-    """Fraction of the flipped labels found against the fraction of the training set inspected, per ranking."""
-    with figure(path, (5.2, 3.8)) as ax:
-        for i, (name, curve) in enumerate(curves.items()):
+def found_curves(curves: dict, path: str, title: str, baselines: tuple, fixed: dict | None = None) -> None:
+    """Fraction of the flipped labels found against the fraction of the training set inspected, per ranking; with
+    the fix-and-retrain sweep, a second panel of the accuracy after dropping each ranking's top fractions, between
+    the noisy and clean-label models."""
+    with figure(path, (11, 4.6) if fixed else (5.2, 3.8), ncols=2 if fixed else 1) as axes:
+        ax, right = axes if fixed else (axes, None)
+        colors = {name: f"C{i % 10}" for i, name in enumerate(curves)}
+        styles = {name: "--" if name in baselines else ":" if i >= 10 else "-" for i, name in enumerate(curves)}
+        for name, curve in curves.items():
             inspected = np.arange(1, len(curve) + 1) / len(curve)
-            ax.plot(inspected, curve, label=name, linestyle="--" if name in baselines else "-", color=f"C{i}")
+            ax.plot(inspected, curve, label=name, linestyle=styles[name], color=colors[name])
         ax.set(xlabel="fraction of the training set inspected", ylabel="fraction of flipped labels found",
                xlim=(0, 1), ylim=(0, 1.01), title=title)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7, ncol=2)
+        if fixed:
+            names = list(fixed["rankings"])
+            keys = list(fixed["rankings"][names[0]])
+            width = 0.8 / len(keys)
+            for k, key in enumerate(keys):
+                right.bar(np.arange(len(names)) + (k - (len(keys) - 1) / 2) * width,
+                          [fixed["rankings"][n][key] for n in names], width, label=f"top {key[6:]} dropped",
+                          color=f"C{k}", alpha=0.8)
+            for model, style in (("noisy", "--"), ("clean", "-")):
+                right.axhline(fixed[model], color="k", linestyle=style, linewidth=1,
+                              label=f"{model}-label model {fixed[model]:.3f}")
+            values = [fixed["rankings"][n][key] for n in names for key in keys] + [fixed["noisy"], fixed["clean"]]
+            right.set_ylim(min(values) - 0.02, max(values) + 0.02)
+            right.set_xticks(np.arange(len(names)), names, rotation=60, ha="right", fontsize=7)
+            right.set(ylabel=f"accuracy on {fixed['num_judged']} judged validation examples",
+                      title="fix and retrain")
+            right.legend(fontsize=7)
+            right.grid(alpha=0.3, axis="y")

@@ -178,9 +178,16 @@ def print_curve(curves: dict, title: str) -> None:
             print(line)
 
 
-def print_detection_table(metrics: dict, inspected: tuple) -> None:
-    """ROC AUC, AP and found@f of each ranking of the training set (detection.py)."""
-    print(f"\n{'ranking':<12}{'ROC AUC':>9}{'AP':>8}" + "".join(f"{f'found@{round(100 * f)}%':>12}" for f in inspected))
+def print_detection_table(metrics: dict, inspected: tuple, fixed: dict | None = None) -> None:
+    """ROC AUC, AP and found@f of each ranking of the training set (detection.py), and with the fix-and-retrain
+    sweep (cleaning.py) the accuracy after dropping each ranking's top fractions."""
+    found = [f"found@{round(100 * f)}%" for f in inspected]
+    columns = [*found, *next(iter(fixed["rankings"].values()))] if fixed else found
+    width = max(12, *(len(name) + 2 for name in metrics))
+    print(f"\n{'ranking':<{width}}{'ROC AUC':>9}{'AP':>8}" + "".join(f"{c:>12}" for c in columns))
     for name, row in metrics.items():
-        print(f"{name:<12}{row['roc_auc']:>9.3f}{row['average_precision']:>8.3f}"
-              + "".join(f"{row[f'found@{round(100 * f)}%']:>12.3f}" for f in inspected))
+        print(f"{name:<{width}}{row['roc_auc']:>9.3f}{row['average_precision']:>8.3f}"
+              + "".join(f"{row[c]:>12.3f}" if c in row else f"{'-':>12}" for c in columns))
+    if fixed:
+        print(f"Accuracy on {fixed['num_judged']} judged validation examples: noisy model {fixed['noisy']:.3f}, "
+              f"clean-label model {fixed['clean']:.3f}")

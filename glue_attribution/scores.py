@@ -3,7 +3,8 @@
 each file's sha256). Every consumer (LDS, counterfactual, ensembles, detection) reads them through `load_scores`.
 
 Names: member S of an ensemble is the checkpoint folder `seed<S>` (`train.py --seed A B ...`) and the score sets
-`<name>_seed<S>`; their combination (ensembles.py) is `<name>_ens<N>`.
+`<name>_seed<S>`; their combination (ensembles.py) is `<name>_ens<N>`. The weights after epoch E of a checkpoint
+(`train.py --save_epoch_checkpoints`, in its folder `epoch<E>`) give the score sets `<name>_epoch<E>`.
 """
 
 import os
@@ -39,8 +40,14 @@ def ensemble_name(scores_name: str, num_members: int) -> str:
 
 
 def base_name(scores_name: str) -> str:
-    """The score set's name without a member's or an ensemble's suffix."""
-    return re.fullmatch(r"(.+?)(?:_seed-?\d+|_ens\d+)?", scores_name).group(1)
+    """The score set's name without a member's, an ensemble's or an epoch's suffix."""
+    return re.fullmatch(r"(.+?)(?:_seed-?\d+|_ens\d+|_epoch\d+)?", scores_name).group(1)
+
+
+def epoch_of(scores_name: str) -> int | None:
+    """E of a score set `<name>_epoch<E>` (analyze.py --checkpoint_epoch E), else None."""
+    match = re.fullmatch(r".+_epoch(\d+)", scores_name)
+    return int(match.group(1)) if match else None
 
 
 def scores_dir(output_dir: str, task_name: str, scores_name: str) -> str:
@@ -61,9 +68,11 @@ def analyze_command(output_dir: str, task_name: str, scores_name: str, checkpoin
         else:  # a custom --scores_name
             flags = [f"--scores_name {base}"]
             break
+    if (epoch := epoch_of(scores_name)) is not None:
+        flags.append(f"--checkpoint_epoch {epoch}")
     if checkpoint_dir is not None:
         flags.append(f"--checkpoint_dir {checkpoint_dir}")
-    elif base != scores_name:  # an ensemble's member or combination
+    elif base != scores_name and epoch is None:  # an ensemble's member or combination
         flags.append("--checkpoint_dir <the ensemble's root>")
     return (f"python analyze.py --dataset_name {task_name} --output_dir {output_dir} {' '.join(flags)} (plus the data "
             "flags it was computed with)")

@@ -2,6 +2,7 @@
 recipe, split over processes and quiet enough that one progress bar tells the state."""
 
 import logging
+import time
 
 import numpy as np
 from datasets import Dataset
@@ -32,8 +33,8 @@ def quiet_retrains() -> None:
 def retrainer(args, train_text: Dataset, query_text: Dataset, outputs: tuple = ("margins", "correct")):
     """retrain(keep, seed, queries=None): fine-tunes on the kept training examples with the train.py recipe and
     returns `outputs` of the queries (pipeline.evaluate's per-example arrays: by default the `margins` task.py
-    measures and the `correct` flags). Tokenizes once for all retrains of a sweep (LDS, counterfactual, the
-    cross-validation of detect_mislabeled.py)."""
+    measures and the `correct` flags; `seconds`: the retrain's wall time). Tokenizes once for all retrains of a
+    sweep (LDS, counterfactual, the cross-validation and fix-and-retrain of detect_mislabeled.py)."""
     tokenizer = pipeline.load_tokenizer(args.model_name_or_path)
     train_dataset, query_dataset = (
         pipeline.tokenize(d, args.dataset_name, tokenizer, args.max_seq_length, args.pad_to_max_length)
@@ -43,12 +44,14 @@ def retrainer(args, train_text: Dataset, query_text: Dataset, outputs: tuple = (
     quiet_retrains()
 
     def retrain(keep, seed: int, queries: list | None = None) -> dict:
+        start = time.time()
         kept = train_dataset.select(np.asarray(keep).tolist())
         model = pipeline.finetune(args.model_name_or_path, args.dataset_name, kept, data_collator, config, seed=seed,
                                   device=device, disable_tqdm=True)
         measured = query_dataset if queries is None else query_dataset.select(queries)
         results = pipeline.evaluate(model, measured, data_collator, args.dataset_name, batch_size=64, device=device,
                                     bf16=config.bf16)
+        results["seconds"] = np.array(time.time() - start)
         return {k: results[k] for k in outputs if k in results}  # regression: no correct flag
 
     return retrain
