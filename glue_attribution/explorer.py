@@ -227,7 +227,7 @@ function row(entry, side) {
   tr.dataset.index = entry.index;
   const example = data.train[String(entry.index)];
   tr.append(el("td", entry.rank, "num"), el("td", "train " + entry.index, "num"),
-            el("td", fmt(entry.score), "num " + (entry.score >= 0 ? "pos" : "neg")),
+            el("td", fmt(entry.score), "num " + ((side === "harm" ? -entry.score : entry.score) >= 0 ? "pos" : "neg")),
             el("td", entry.share === undefined ? "" : (100 * entry.share).toFixed(2) + "%", "num"),
             el("td", example.label));
   const candidate = side === "self" || side === "harm";

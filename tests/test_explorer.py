@@ -50,6 +50,9 @@ def test_data_embeds_only_what_the_page_shows(case):
     share = data["queries"][2]["positive"][0]["share"]
     assert share == pytest.approx(pairwise[2].max() / np.abs(pairwise[2]).sum())
     assert set(map(int, data["train"])) <= set(range(40)) and data["queries"][1]["correct"] is False
+    harm = -(pairwise / pairwise.std(axis=1, keepdims=True)).sum(axis=0)  # minus standardised influence, summed
+    assert [e["index"] for e in data["harm"]] == np.argsort(-harm, kind="stable").tolist()
+    assert [e["score"] for e in data["harm"]] == pytest.approx(np.sort(harm)[::-1], rel=1e-5)
     page = explorer.render(data)
     assert "<script>window" not in page and "</script><img" not in page  # inline JSON cannot close its element
     payload = re.search(r'<script type="application/json" id="data">(.*?)</script>', page, re.S).group(1)
@@ -114,6 +117,12 @@ def test_page_in_a_real_browser(case, browser, tmp_path):
                 for r in self_rows}
     assert by_index[3][5:8] == ["flipped", "\u25cf 4", "37"] and by_index[0][5:8] == ["", "\u25cf 1", "40"]
     assert by_index[39][5:8] == ["", "40", "\u25cf 1"]
+    harm_rows = browser.find_elements(By.CSS_SELECTOR, "#harm tr[data-index]")  # by harm, with text and flags
+    assert [int(r.get_attribute("data-index")) for r in harm_rows] == [e["index"] for e in data["harm"]]
+    first = [td.text for td in harm_rows[0].find_elements(By.CSS_SELECTOR, "td")]
+    j = data["harm"][0]["index"]
+    assert first[4] == data["train"][str(j)]["label"] and first[-1] == data["train"][str(j)]["texts"][0].strip()
+    assert first[5] == ("flipped" if j in (3, 7) else "") and first[6] == ("\u25cf " if j < 4 else "") + str(j + 1)
 
     browser.find_element(By.ID, "filter").send_keys("dull")
     assert [li.text.splitlines()[0] for li in browser.find_elements(By.CSS_SELECTOR, "#queries li")] == [
