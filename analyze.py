@@ -8,6 +8,8 @@ warning, and is recorded. Factors go to `<output_dir>/<dataset_name>/factors_<st
 `<output_dir>/<dataset_name>/scores_<strategy>[_half][_qlrR]/pairwise_scores.safetensors` (kronfluence's layout), with
 `glue_scores.json` beside them. Row i / column j of the scores are query i / training example j in dataset order.
 Rerunning the same command reuses finished factors and scores; a killed run resumes after its last finished stage.
+`--checkpoint_epoch E` analyses the weights after epoch E instead (train.py --save_epoch_checkpoints), as
+`<name>_epoch<E>`: self-influence along training for detect_mislabeled.py.
 
 An ensemble (`train.py --seed 0 1 2 3 --checkpoint_dir runs/ensemble`) is analysed member by member, each published
 as `<name>_seed<S>`, then combined into `<name>_ens<N>` (the mean of per-query standardised scores,

