@@ -166,9 +166,10 @@ def summarize(paths: list) -> None:
         try:
             with open(path) as f:
                 runs.append(json.load(f))
-            runs[-1]["results"]
-        except (OSError, ValueError, KeyError):
-            raise GlueError(f"{path} is not a detection_results.json; run detect_mislabeled.py first") from None
+        except (OSError, ValueError):
+            runs.append({})
+        if not isinstance(runs[-1].get("results"), dict):
+            raise GlueError(f"{path} is not a detection_results.json; run detect_mislabeled.py first")
     names = [name for name in runs[0]["results"] if all(name in run["results"] for run in runs)]
     metrics = list(runs[0]["results"][names[0]])
     print(f"{len(runs)} runs: mean ± sd")
@@ -176,12 +177,14 @@ def summarize(paths: list) -> None:
 
     def cell(values):
         values = np.array(values, dtype=float)
+        if np.isnan(values).all():  # a ranking the fix-and-retrain sweep did not clean with
+            return f"{'-':>20}"
         return f"{f'{values.mean():.3f} ± {values.std(ddof=1 if len(values) > 1 else 0):.3f}':>20}"
 
     for name in names:
         print(f"{name:<18}" + "".join(cell([run["results"][name].get(m, np.nan) for run in runs]) for m in metrics))
-    for model in ("noisy", "clean"):
-        if all("fix_and_retrain" in run for run in runs):
+    if all("fix_and_retrain" in run for run in runs):
+        for model in ("noisy", "clean"):
             print(f"{model + ' model':<18}{cell([run['fix_and_retrain'][model] for run in runs])} (accuracy on the "
                   "judged validation examples)")
 
@@ -204,7 +207,7 @@ def validation_split(args, num_held_out: int) -> tuple:
         raise GlueError(f"the score sets use all {len(validation)} validation examples as queries, so none is left "
                         "to judge the cleaned models; rerun analyze.py with --max_query_examples below that "
                         f"(e.g. {len(validation) // 3})")
-    return (validation.select(range(num_held_out)), validation.select(range(num_held_out, len(validation))))
+    return validation.select(range(num_held_out)), validation.select(range(num_held_out, len(validation)))
 
 
 def detection_dir(args) -> str:
