@@ -20,6 +20,7 @@ glue_attribution/ensembles.py). `--factor_strategy trak` computes TRAK with trak
 import importlib.util
 import logging
 import os
+import re
 
 import pipeline
 from glue_attribution import cli
@@ -104,6 +105,9 @@ def parse_args(argv=None):
                      "--compute_self_scores, --float64, --explorer_tokens")
     if args.factor_strategy == "trak" and importlib.util.find_spec("trak") is None:
         parser.error("--factor_strategy trak needs traker: pip install traker==0.3.2")
+    if args.scores_name and re.fullmatch(r".+_(seed-?\d+|ens\d+|epoch\d+)", args.scores_name):
+        parser.error(f"--scores_name {args.scores_name}: names ending in _seed<S>, _ens<N> or _epoch<E> are the "
+                     "ones analyze.py gives to ensembles and epochs; choose another")
     if args.html is not None and args.inspect_query is None:
         parser.error("--html draws the query of --inspect_query; pass both")
     if args.inspect_self is not None and not args.compute_self_scores:

@@ -61,6 +61,10 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.num_folds < 2:
         parser.error("--num_folds must be at least 2")
+    if len({round(100 * f) for f in args.fix_fractions}) < len(args.fix_fractions):
+        parser.error("--fix_fractions: two fractions round to the same percent; the runs are named by it")
+    if not 0 <= args.shard_index < args.num_shards:
+        parser.error(f"--shard_index must be in [0, {args.num_shards})")
     return cli.from_checkpoint(args, args.checkpoint_dir, recipe=True)
 
 

@@ -47,7 +47,7 @@ def fix_and_retrain(args, noisy_text, clean_text, judged, suspicion: dict, folde
         run = results.load_run(os.path.join(path, f"{name}.npz"), {"correct": (len(judged),)})
         if run is not None and not np.array_equal(run.get("removed"), runs[name]):
             logger.info("Redoing %s: its ranking changed since it was retrained", name)
-            run = None
+            run, train = None, True  # whichever shard sees it first: a stale run is never gathered
         if run is None and train:
             labels = "clean" if name == "clean" else "noisy"
             if labels not in retrainers:

@@ -206,8 +206,8 @@ def checkpoints(checkpoint_dir: str, dataset_name: str, only: list | None = None
     seeds = [] if os.path.isfile(os.path.join(task_dir, pipeline.CHECKPOINT_META)) else ensemble_seeds(task_dir)
     if epoch is not None:
         if seeds:
-            raise GlueError(f"--checkpoint_epoch: {task_dir} holds an ensemble; its epochs are analysed per "
-                            "checkpoint, so pass one member's folder as --checkpoint_dir")
+            raise GlueError(f"--checkpoint_epoch: {task_dir} holds an ensemble; the epochs of an ensemble's members "
+                            "are not analysed (train one checkpoint with --save_epoch_checkpoints)")
         folder = os.path.join(task_dir, pipeline.epoch_member(epoch))
         if not os.path.isfile(os.path.join(folder, pipeline.CHECKPOINT_META)):
             raise GlueError(f"--checkpoint_epoch {epoch}: {task_dir} has no {pipeline.epoch_member(epoch)}/; train "

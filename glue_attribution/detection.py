@@ -48,8 +48,8 @@ def found_curve(suspicion: np.ndarray, flipped: np.ndarray) -> np.ndarray:
 
 def cross_validated_probabilities(args, train_text, folder: str) -> tuple:
     """Out-of-sample class probabilities of every training example: fine-tune on the other folds (the checkpoint's
-    recipe), predict the held-out one; and the folds' training seconds. Each fold is saved as it ends and reused
-    after a restart; concurrent shards start at different folds."""
+    recipe), predict the held-out one; and the folds' training seconds (None if unknown). Each fold is saved as it
+    ends and reused after a restart; concurrent shards start at different folds."""
     n, classes = len(train_text), pipeline.get_task(args.dataset_name).num_labels
     folds = np.array_split(np.random.default_rng(args.seed).permutation(n), args.num_folds)
     probabilities, seconds, retrain = np.zeros((n, classes)), 0.0, None
@@ -66,8 +66,8 @@ def cross_validated_probabilities(args, train_text, folder: str) -> tuple:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             results.save_arrays(path, **run)
         probabilities[held_out] = run["probabilities"]
-        seconds += float(run.get("seconds", np.nan))
-    return probabilities, seconds
+        seconds = None if seconds is None or "seconds" not in run else seconds + float(run["seconds"])
+    return probabilities, seconds  # None: a fold saved before retrains were timed
 
 
 def cleanlab_suspicion(labels: np.ndarray, probabilities: np.ndarray) -> np.ndarray:
@@ -132,8 +132,9 @@ def harm_queries(args) -> int:
     """How many validation examples (the first ones) the score sets of --strategies scored: the held-out set of
     the harm rankings. Every set must have the same: the examples after them judge the cleaned models."""
     counts = {}
-    for name in args.strategies:
-        _, meta = load_scores(args.output_dir, args.dataset_name, name)
+    for name in args.strategies:  # verified with its scores when they are read
+        _, meta = load_scores(args.output_dir, args.dataset_name, name, kind="self",
+                              checkpoints=trained_checkpoints(args.checkpoint_dir, args.dataset_name))
         counts[name] = meta["provenance"]["num_query"]
     if len(set(counts.values())) > 1:
         raise GlueError("the score sets scored different numbers of queries ("
@@ -171,7 +172,7 @@ def summarize(paths: list) -> None:
         if not isinstance(runs[-1].get("results"), dict):
             raise GlueError(f"{path} is not a detection_results.json; run detect_mislabeled.py first")
     names = [name for name in runs[0]["results"] if all(name in run["results"] for run in runs)]
-    metrics = list(runs[0]["results"][names[0]])
+    metrics = list(dict.fromkeys(m for name in names for m in runs[0]["results"][name]))  # fixed@ where cleaned
     print(f"{len(runs)} runs: mean ± sd")
     print(f"{'ranking':<18}" + "".join(f"{m:>20}" for m in metrics))
 

@@ -44,9 +44,10 @@ def base_name(scores_name: str) -> str:
     return re.fullmatch(r"(.+?)(?:_seed-?\d+|_ens\d+|_epoch\d+)?", scores_name).group(1)
 
 
-def epoch_of(scores_name: str) -> int | None:
-    """E of a score set `<name>_epoch<E>` (analyze.py --checkpoint_epoch E), else None."""
-    match = re.fullmatch(r".+_epoch(\d+)", scores_name)
+def epoch_of(scores_name: str, bare: bool = False) -> int | None:
+    """E of a score set `<name>_epoch<E>` (analyze.py --checkpoint_epoch E), or with `bare` of the checkpoint folder
+    `epoch<E>`; else None."""
+    match = re.fullmatch(r"epoch(\d+)" if bare else r".+_epoch(\d+)", scores_name)
     return int(match.group(1)) if match else None
 
 
@@ -122,6 +123,11 @@ def load_scores(output_dir: str, task_name: str, scores_name: str, expected: dic
                             f"({meta.get('checkpoint_dir', 'unknown folder')}, sha256 {foreign[0][:12]}) than "
                             f"{', '.join(shas.values())} (sha256 {', '.join(s[:12] for s in shas)}); compute them for "
                             f"it with: {rerun}")
+        epoch = epoch_of(scores_name)  # <name>_epoch<E>: from the weights after epoch E, and only those
+        if mismatched := [shas[sha] for sha in used if epoch_of(os.path.basename(shas[sha]), bare=True) != epoch]:
+            raise GlueError(f"scores '{scores_name}' in {folder} were computed from {mismatched[0]}, which is not "
+                            + (f"the checkpoint after epoch {epoch}" if epoch else "the final checkpoint")
+                            + f"; compute them for it with: {rerun}")
     name = f"{kind}_scores.safetensors"
     if name not in meta["files"]:
         raise GlueError(f"scores '{scores_name}' in {folder} have no {kind} scores; rerun: {rerun}"

@@ -4,12 +4,14 @@ held-out queries, loss, AUM, cleanlab cross-validation, random; the fix-and-retr
 resumed)."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
 
 from conftest import assert_user_error, run_script
-from glue_attribution import cleaning, detection, ensembles, explorer, scores
+from glue_attribution import cleaning, cli, detection, ensembles, explorer, scores
+from glue_attribution.errors import GlueError
 
 
 def test_metrics_known_answer():
@@ -104,6 +106,14 @@ def test_experiment_end_to_end(tiny_model_dir, glue_dir, tmp_path):
     assert fixed["num_judged"] == 12 and list(fixed["rankings"]) == ["identity_harm", "identity_trajectory", "random"]
     assert all(0 <= fixed[m] <= 1 for m in ("noisy", "clean"))
     assert results["results"]["random"]["fixed@10%"] == fixed["rankings"]["random"]["fixed@10%"]
+    stale = fix / "random@10%.npz"  # a ranking that changed since its retrain: the run is redone, not reused
+    with np.load(stale) as run:
+        removed = run["removed"]
+        np.savez(stale, **{**{k: run[k] for k in run.files}, "removed": (removed + 1) % 48})
+    redone = run_script(*detect)
+    assert redone.returncode == 0 and "Redoing random@10%" in redone.stderr, redone.stderr
+    with np.load(stale) as run:
+        assert run["removed"].tolist() == removed.tolist()
     assert "fixed@10%" not in results["results"]["loss"]
     assert (tmp_path / "detection" / "detection.png").stat().st_size > 0
     assert sorted(p.name for p in (tmp_path / "detection" / "runs").glob("*.npz")) == ["fold0.npz", "fold1.npz"]
@@ -112,6 +122,10 @@ def test_experiment_end_to_end(tiny_model_dir, glue_dir, tmp_path):
     columns = np.array([[float(v) for v in r.split(",")[3:]] for r in rows[1:]])
     final, epoch1 = (scores.load_scores(str(out), "rte", name, kind="self")[0]
                      for name in ("identity", "identity_epoch1"))
+    shutil.copytree(out / "rte" / "scores_identity_epoch1", out / "rte" / "scores_identityx")  # epoch 1, misnamed
+    with pytest.raises(GlueError, match="not the final checkpoint"):
+        scores.load_scores(str(out), "rte", "identityx", checkpoints=cli.trained_checkpoints(str(checkpoints), "rte"))
+    assert_user_error(run_script(*analyze, "--scores_name", "mine_epoch1"), "--scores_name mine_epoch1")
     assert columns[:, 2] == pytest.approx(ensembles.combine([epoch1, final]), rel=1e-4, abs=1e-5)
     assert "ROC AUC" in result.stdout and "clean-label model" in result.stdout
     page = explorer.read_data(str(out / "rte" / "scores_identity" / "explorer.html"))  # flags beside candidates
@@ -123,6 +137,7 @@ def test_experiment_end_to_end(tiny_model_dir, glue_dir, tmp_path):
     path = str(tmp_path / "detection" / "detection_results.json")
     summary = run_script("detect_mislabeled.py", "--summarize", path, path)
     assert summary.returncode == 0 and "2 runs: mean ± sd" in summary.stdout
+    assert "fixed@10%" in summary.stdout.splitlines()[1]  # although the first ranking was not cleaned with
     identity = results["results"]["identity"]["roc_auc"]
     row = next(line for line in summary.stdout.splitlines() if line.startswith("identity "))
     assert f"{identity:.3f} ± 0.000" in row
