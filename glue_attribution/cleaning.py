@@ -23,13 +23,18 @@ def fixed_key(fraction: float) -> str:
     return f"fixed@{round(100 * fraction)}%"
 
 
+def run_name(ranking: str, fraction: float) -> str:
+    """A cleaned model's run: its ranking and the share of the training set it dropped, e.g. aum@10%."""
+    return f"{ranking}@{round(100 * fraction)}%"
+
+
 def removals(suspicion: dict, fractions: list) -> dict:
     """{run name: training indices to drop}: the baselines (none dropped) and each ranking's top of each fraction."""
     runs = {name: np.array([], dtype=int) for name in BASELINES}
     for name, s in suspicion.items():
         order = np.argsort(-s, kind="stable")
         for f in fractions:
-            runs[f"{name}@{round(100 * f)}%"] = np.sort(order[:round(f * len(s))])
+            runs[run_name(name, f)] = np.sort(order[:round(f * len(s))])
     return runs
 
 
@@ -66,7 +71,7 @@ def fix_and_retrain(args, noisy_text, clean_text, judged, suspicion: dict, folde
                     args.shard_index)
         return None
     noisy, clean = measured["noisy"], measured["clean"]
-    fixed = {name: {fixed_key(f): measured[f"{name}@{round(100 * f)}%"] for f in args.fix_fractions}
+    fixed = {name: {fixed_key(f): measured[run_name(name, f)] for f in args.fix_fractions}
              for name in suspicion}
     lost = clean - noisy
     return {"num_judged": len(judged), "seed": args.seed, "noisy": noisy, "clean": clean, "rankings": fixed,
