@@ -107,11 +107,10 @@ def training_losses(args, train_text) -> np.ndarray:
     return evaluated["losses"]
 
 
-def verified_scores(args, name: str, train_text, kind: str, queries=None) -> tuple:
+def verified_scores(args, name: str, train_text, kind: str, checkpoints: tuple, queries=None) -> tuple:
     """A score set's verified `kind` scores ("self" or "pairwise" on `queries`), computed on this (noisy) training
-    set from this checkpoint (or its epochs); and the set's meta."""
-    scores, meta = load_scores(args.output_dir, args.dataset_name, name, kind=kind,
-                               checkpoints=trained_checkpoints(args.checkpoint_dir, args.dataset_name))
+    set from `checkpoints` (cli.trained_checkpoints: this checkpoint and its epochs); and the set's meta."""
+    scores, meta = load_scores(args.output_dir, args.dataset_name, name, kind=kind, checkpoints=checkpoints)
     expected = {"dataset_name": args.dataset_name, "num_train": len(train_text),
                 "train_data": pipeline.fingerprint(train_text), "max_seq_length": args.max_seq_length}
     if queries is not None:
@@ -131,10 +130,9 @@ def held_out_harm(pairwise: np.ndarray) -> np.ndarray:
 def harm_queries(args) -> int:
     """How many validation examples (the first ones) the score sets of --strategies scored: the held-out set of
     the harm rankings. Every set must have the same: the examples after them judge the cleaned models."""
-    counts = {}
-    for name in args.strategies:  # verified with its scores when they are read
-        _, meta = load_scores(args.output_dir, args.dataset_name, name, kind="self",
-                              checkpoints=trained_checkpoints(args.checkpoint_dir, args.dataset_name))
+    counts, checkpoints = {}, trained_checkpoints(args.checkpoint_dir, args.dataset_name)
+    for name in args.strategies:
+        _, meta = load_scores(args.output_dir, args.dataset_name, name, kind="self", checkpoints=checkpoints)
         counts[name] = meta["provenance"]["num_query"]
     if len(set(counts.values())) > 1:
         raise GlueError("the score sets scored different numbers of queries ("
@@ -241,19 +239,20 @@ def rankings(args, train_text, held_out, folder: str) -> tuple:
     (final, per epoch and along training where analysed), their harm to the `held_out` queries, and the baselines
     (aum where the checkpoint recorded its margins). Costs exclude the one training run every ranking reads."""
     suspicion, cost = {}, {}
+    checkpoints = trained_checkpoints(args.checkpoint_dir, args.dataset_name)  # verified (hashed) once
     for name in args.strategies:
-        suspicion[name], meta = verified_scores(args, name, train_text, "self")
+        suspicion[name], meta = verified_scores(args, name, train_text, "self", checkpoints)
         cost[name] = {"seconds": cost_seconds(meta), "retrains": 0}
     for name in args.strategies:
         epochs = epoch_names(args, name)
         for epoch in epochs:
-            suspicion[epoch], meta = verified_scores(args, epoch, train_text, "self")
+            suspicion[epoch], meta = verified_scores(args, epoch, train_text, "self", checkpoints)
             cost[epoch] = {"seconds": cost_seconds(meta), "retrains": 0}
         if epochs:
             suspicion[f"{name}_trajectory"] = combine([*(suspicion[e] for e in epochs), suspicion[name]])
             cost[f"{name}_trajectory"] = {"seconds": sum(cost[e]["seconds"] for e in [*epochs, name]), "retrains": 0}
     for name in args.strategies:
-        pairwise, meta = verified_scores(args, name, train_text, "pairwise", held_out)
+        pairwise, meta = verified_scores(args, name, train_text, "pairwise", checkpoints, held_out)
         suspicion[f"{name}_harm"] = held_out_harm(pairwise)
         cost[f"{name}_harm"] = {"seconds": cost_seconds(meta), "retrains": 0}
     start = time.time()
