@@ -310,8 +310,8 @@ def test_bad_output_and_sizes(glue_dir, checkpoints, tmp_path):
 # Token-level influence (--html)
 
 def test_token_scores_sum_to_pairwise_and_ignore_padding(monkeypatch, glue_dir, checkpoints, tmp_path):
-    """Per-token scores of each top example sum to its pairwise score (float64), and padding to max length gives
-    the same per-token scores as dynamic padding."""
+    """Per-token scores of each top example sum to its pairwise score (float64; ekfac and identity), and padding to
+    max length gives the same per-token scores as dynamic padding."""
     exact = ["--float64", "--attn_implementation", "eager", "--use_empirical_fisher", "--inspect_query", "1",
              "--top_k", "2"]
     reports = {}
@@ -328,6 +328,12 @@ def test_token_scores_sum_to_pairwise_and_ignore_padding(monkeypatch, glue_dir, 
         np.testing.assert_allclose(sum(example["token_scores"]), pairwise[1, example["index"]], rtol=1e-5)
         np.testing.assert_allclose(padded["token_scores"], example["token_scores"], rtol=1e-6,
                                    atol=1e-8 * np.abs(example["token_scores"]).max())
+    # identity too (no factors: the raw gradients' dot products split over tokens)
+    run_analyze(monkeypatch, glue_dir, checkpoints, tmp_path / "identity", *exact, "--factor_strategy", "identity",
+                "--html", str(tmp_path / "identity.html"))
+    pairwise = scores_of(tmp_path / "identity", "identity")
+    for example in json.loads((tmp_path / "identity.json").read_text())["examples"]:
+        np.testing.assert_allclose(sum(example["token_scores"]), pairwise[1, example["index"]], rtol=1e-5)
 
 
 def test_html_shows_every_word_in_order(monkeypatch, glue_dir, checkpoints, tmp_path):

@@ -105,6 +105,41 @@ def test_flip_rule_and_early_stop(tmp_path):
     assert half == [{"query": 0, "k": 2, "accuracy": 0.5, "flipped": False}]
 
 
+def test_bisect_finds_the_same_flips_with_fewer_retrains(tmp_path):
+    """With a flip that persists for larger k, bisecting the k values gives the seed's outcome for every flip point,
+    with ceil(log2(n + 1)) retrains per seed instead of up to n; k values it did not train have accuracy None."""
+    intervals = [2, 4, 6, 8, 10, 12]
+    for flip_at in [1, 2, 3, 5, 8, 11, 12, 13, 100]:
+        outcomes = {}
+        for search in ("ascending", "bisect"):
+            stub = Stub(flip_at=lambda query, seed, k=flip_at: k)
+            folder = tmp_path / f"{search}{flip_at}"
+            folder.mkdir()
+            outcomes[search] = counterfactual.query_outcome(stub, str(folder), np.arange(N_TRAIN), 0, intervals,
+                                                            [0, 1], N_TRAIN, search)
+            trained = sorted({N_TRAIN - len(keep) for keep, _, _ in stub.calls})
+            assert len(stub.calls) == 2 * len(trained)  # each trained k: both seeds
+            assert [r["k"] for r in outcomes[search] if r["accuracy"] is not None] == trained
+        assert [r["flipped"] for r in outcomes["bisect"]] == [r["flipped"] for r in outcomes["ascending"]] \
+            == [k >= flip_at for k in intervals]
+        assert len([r for r in outcomes["bisect"] if r["accuracy"] is not None]) <= 3
+    # Three k: always 2 retrains (the middle, then one side).
+    for flip_at, trained in [(3, [2, 4]), (5, [4, 6]), (100, [4, 6])]:
+        stub = Stub(flip_at=lambda query, seed, k=flip_at: k)
+        (tmp_path / f"three{flip_at}").mkdir()
+        counterfactual.query_outcome(stub, str(tmp_path / f"three{flip_at}"), np.arange(N_TRAIN), 0, [2, 4, 6], [0],
+                                     N_TRAIN, "bisect")
+        assert sorted(N_TRAIN - len(keep) for keep, _, _ in stub.calls) == trained
+
+
+def test_search_names_the_results_folder_only_when_bisecting(glue_dir):
+    args = rc.parse_args(["--dataset_name", "rte", "--data_dir", str(glue_dir)])
+    assert "search" not in counterfactual.experiment_arguments(args)  # folders made before --search keep their name
+    bisect = rc.parse_args(["--dataset_name", "rte", "--data_dir", str(glue_dir), "--search", "bisect"])
+    assert counterfactual.experiment_arguments(bisect)["search"] == "bisect"
+    assert counterfactual.results_dir(bisect) != counterfactual.results_dir(args)
+
+
 def test_results_table_and_figure(monkeypatch, glue_dir, scores_dir, tmp_path):
     out = tmp_path / "out"
     stub = Stub(flip_at=varied)
