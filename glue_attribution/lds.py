@@ -27,7 +27,7 @@ from .failpoints import failpoint
 from .scores import analyze_command, load_scores, member, member_seeds, source_of
 
 logger = logging.getLogger(__name__)
-BASELINE_SCORES = ("same-label", "random")
+BASELINE_SCORES = ("same-label", "label", "random")
 GROUND_TRUTH_META = "ground_truth.json"
 MAX_REPEATS = 1000  # run seeds are seed + MAX_REPEATS * mask + repeat, distinct while repeats stay below this
 
@@ -198,11 +198,15 @@ def load_ground_truth(args, provenance: dict) -> tuple:
 
 def baseline_scores(args, train_labels, query_labels) -> dict:
     """Reference rows: `same-label` (+1 for training examples with the query's true label, -1 otherwise; what a
-    ground truth that only counts kept examples per class rewards) and `random` (seeded Gaussian scores, LDS ~0)."""
+    ground truth that only counts kept examples per class rewards), for regression `label` (each training example's
+    target, for every query; what a ground truth that only follows the kept examples' mean target rewards), and
+    `random` (seeded Gaussian scores, LDS ~0)."""
     train_labels, query_labels = np.asarray(train_labels), np.asarray(query_labels)
     rng = np.random.default_rng(args.seed)
     baselines = {"random": rng.standard_normal((len(query_labels), len(train_labels)), dtype=np.float32)}
-    if not pipeline.get_task(args.dataset_name).is_regression:
+    if pipeline.get_task(args.dataset_name).is_regression:
+        baselines["label"] = np.broadcast_to(train_labels.astype(np.float32), (len(query_labels), len(train_labels)))
+    else:
         baselines["same-label"] = np.where(query_labels[:, None] == train_labels[None, :], 1, -1).astype(np.float32)
     return {name: baselines[name] for name in BASELINE_SCORES if name in baselines}
 

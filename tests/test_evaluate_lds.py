@@ -1,12 +1,14 @@
 """evaluate_lds.py: masks, the LDS statistic on a known answer, a tiny resumable and shardable build, scoring, and
 the bad inputs."""
 
+import argparse
 import json
 import os
 import shutil
 
 import numpy as np
 import pytest
+from scipy.stats import rankdata
 
 import evaluate_lds
 from conftest import assert_user_error, run_script, write_scores
@@ -255,3 +257,19 @@ def test_score_reports_the_noise_ceiling_with_two_repeats(glue_dir, tiny_model_d
         saved = json.load(f)
     assert saved["noise_ceiling"]["num_repeats"] == 2 and 0 <= saved["noise_ceiling"]["mean"] <= 1
     assert set(saved["results"]["identity"]["fraction_of_ceiling"]) == {"mean", "ci95_masks"}
+
+
+def test_label_baseline_scores_a_ground_truth_that_follows_the_mean_target():
+    """Regression: margins that move with the kept examples' mean target give the `label` row an LDS of 1 (on
+    unstratified masks this shortcut needs no example-level attribution); classification has no such row."""
+    rng = np.random.default_rng(0)
+    targets = rng.uniform(0, 5, 40)
+    masks = lds.make_masks(40, 30, 0.5, 0)
+    margins = (masks @ targets)[:, None] * np.array([1.0, 2.0, 0.5])  # 3 queries, each following the mean target
+    baselines = lds.baseline_scores(argparse.Namespace(dataset_name="stsb", seed=0), targets, [1.0, 2.0, 3.0])
+    assert list(baselines) == ["label", "random"]
+    ranks = rankdata(margins.T, axis=1)
+    np.testing.assert_allclose(lds.lds_per_query(baselines["label"], masks, ranks), 1.0)
+    assert abs(lds.lds_per_query(baselines["random"], masks, ranks).mean()) < 0.5
+    classes = lds.baseline_scores(argparse.Namespace(dataset_name="rte", seed=0), [0, 1, 1], [1, 0])
+    assert list(classes) == ["same-label", "random"]
