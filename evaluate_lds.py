@@ -37,7 +37,6 @@ import argparse
 import logging
 import os
 
-import pipeline
 from glue_attribution import cli
 
 logger = logging.getLogger("evaluate_lds")
@@ -65,7 +64,8 @@ def parse_args(argv=None):
     common.add_argument("--num_repeats", type=cli.positive_int, default=argparse.SUPPRESS,
                         help="Retrains per subset with different seeds; margins are averaged " + given(5))
     common.add_argument("--stratify_masks", action="store_true", default=argparse.SUPPRESS,
-                        help="Keep exactly the fraction of each class, so a mask cannot shift the label balance "
+                        help="Keep exactly the fraction of each class (regression: of each run of 10 examples in "
+                             "target order), so a mask cannot shift the label balance (the mean target) "
                              + given("off"))
     common.add_argument("--seed", type=int, default=argparse.SUPPRESS,
                         help="Seeds the masks, the retrains and the bootstrap " + given(0))
@@ -124,8 +124,6 @@ def parse_args(argv=None):
         raise cli.GlueError(f"--subset_fraction must be in (0, 1), got {args.subset_fraction}")
     if args.num_masks < 3:
         raise cli.GlueError(f"--num_masks must be at least 3 for a rank correlation, got {args.num_masks}")
-    if args.stratify_masks and pipeline.get_task(args.dataset_name).is_regression:
-        raise cli.GlueError(f"--stratify_masks needs classes; {args.dataset_name} is a regression task")
     return cli.from_checkpoint(args, args.checkpoint_dir, recipe=True)
 
 

@@ -30,6 +30,7 @@ logger = logging.getLogger(__name__)
 BASELINE_SCORES = ("same-label", "label", "random")
 GROUND_TRUTH_META = "ground_truth.json"
 MAX_REPEATS = 1000  # run seeds are seed + MAX_REPEATS * mask + repeat, distinct while repeats stay below this
+TARGET_STRATUM = 10  # regression --stratify_masks: strata of this many training examples adjacent in target order
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -66,8 +67,8 @@ def claim_ground_truth(args) -> str:
 
 
 def make_masks(num_train: int, num_masks: int, fraction: float, seed: int, labels=None) -> np.ndarray:
-    """(num_masks, num_train) int8 rows keeping exactly round(fraction * n) examples; with `labels`, exactly
-    round(fraction * n_c) of each class c."""
+    """(num_masks, num_train) int8 rows keeping exactly round(fraction * n) examples; with `labels` (classes or
+    strata), exactly round(fraction * n_c) of each label c."""
     rng = np.random.default_rng(seed)
     labels = np.zeros(num_train, dtype=int) if labels is None else np.asarray(labels)
     masks = np.zeros((num_masks, num_train), dtype=np.int8)
@@ -76,6 +77,18 @@ def make_masks(num_train: int, num_masks: int, fraction: float, seed: int, label
             members = np.flatnonzero(labels == label)
             mask[rng.permutation(members)[:round(fraction * len(members))]] = 1
     return masks
+
+
+def mask_strata(labels, is_regression: bool) -> np.ndarray:
+    """What --stratify_masks balances: the classes, or for regression runs of TARGET_STRATUM training examples
+    adjacent in target order, so that no mask moves the kept examples' mean target (which a regression model's
+    predictions follow, whatever the examples say)."""
+    labels = np.asarray(labels)
+    if not is_regression:
+        return labels
+    strata = np.empty(len(labels), dtype=int)
+    strata[np.argsort(labels, kind="stable")] = np.arange(len(labels)) // TARGET_STRATUM
+    return strata
 
 
 def run_seed(seed: int, mask: int, repeat: int) -> int:
@@ -95,8 +108,9 @@ def load_or_make_masks(folder: str, args, train_labels) -> np.ndarray:
     """The folder's masks; the first process to get here draws and saves them (every shard draws the same, so a
     damaged file is simply drawn again)."""
     path = os.path.join(folder, "masks.npy")
+    strata = mask_strata(train_labels, pipeline.get_task(args.dataset_name).is_regression)
     masks = make_masks(len(train_labels), args.num_masks, args.subset_fraction, args.seed,
-                       train_labels if args.stratify_masks else None)
+                       strata if args.stratify_masks else None)
     try:
         if np.array_equal(np.load(path, allow_pickle=False), masks):
             return masks

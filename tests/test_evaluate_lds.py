@@ -273,3 +273,17 @@ def test_label_baseline_scores_a_ground_truth_that_follows_the_mean_target():
     assert abs(lds.lds_per_query(baselines["random"], masks, ranks).mean()) < 0.5
     classes = lds.baseline_scores(argparse.Namespace(dataset_name="rte", seed=0), [0, 1, 1], [1, 0])
     assert list(classes) == ["same-label", "random"]
+
+
+def test_stratified_masks_for_regression_hold_the_mean_target():
+    """Regression strata are runs of 10 training examples in target order: each mask keeps 5 of each, so the kept
+    examples' mean target barely moves between masks, and the `label` shortcut above loses most of its LDS."""
+    rng = np.random.default_rng(0)
+    targets = rng.uniform(0, 5, 200)
+    strata = lds.mask_strata(targets, is_regression=True)
+    assert np.bincount(strata).tolist() == [10] * 20
+    assert (np.diff(strata[np.argsort(targets)]) >= 0).all()  # strata follow the target order
+    np.testing.assert_array_equal(lds.mask_strata([0, 2, 1], is_regression=False), [0, 2, 1])  # classes unchanged
+    stratified, plain = lds.make_masks(200, 40, 0.5, 0, strata), lds.make_masks(200, 40, 0.5, 0)
+    assert all((stratified[:, strata == s].sum(axis=1) == 5).all() for s in range(20))
+    assert (stratified @ targets).std() < 0.2 * (plain @ targets).std()
