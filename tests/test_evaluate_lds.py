@@ -11,6 +11,7 @@ import pytest
 from scipy.stats import rankdata
 
 import evaluate_lds
+import pipeline
 from conftest import assert_user_error, run_script, write_scores
 from glue_attribution import lds, results
 from glue_attribution.errors import GlueError
@@ -287,3 +288,13 @@ def test_stratified_masks_for_regression_hold_the_mean_target():
     stratified, plain = lds.make_masks(200, 40, 0.5, 0, strata), lds.make_masks(200, 40, 0.5, 0)
     assert all((stratified[:, strata == s].sum(axis=1) == 5).all() for s in range(20))
     assert (stratified @ targets).std() < 0.2 * (plain @ targets).std()
+
+
+def test_build_stratifies_regression_masks_by_target(glue_dir, tiny_model_dir, tmp_path):
+    argv = [a if a != "rte" else "stsb" for a in lds_argv("build", glue_dir, tiny_model_dir, tmp_path)]
+    args = evaluate_lds.parse_args(argv + ["--stratify_masks", "--num_masks", "3"])
+    evaluate_lds.build(args)
+    masks = np.load(os.path.join(lds.ground_truth_dir(args), "masks.npy"))
+    targets = np.array(pipeline.load_glue("stsb", "train", str(glue_dir), 32)["label"])
+    np.testing.assert_array_equal(masks, lds.make_masks(32, 3, 0.5, 0, lds.mask_strata(targets, True)))
+    assert not np.array_equal(masks, lds.make_masks(32, 3, 0.5, 0))
