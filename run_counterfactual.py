@@ -66,6 +66,10 @@ def parse_args(argv=None):
                              "one flips (the seed), or bisect the k values (2 retrains instead of up to 3 for three "
                              "k, 3 instead of up to 6 for the seed's six). Both assume, as the seed's early stop "
                              "does, that removing more examples does not undo a flip.")
+    parser.add_argument("--reference", default=None,
+                        help="The ranking every other is compared with, paired (default: the first of --strategies; "
+                             "'random' for the baseline). Retrains nothing: rerun a finished command with another "
+                             "to recompute the differences.")
     parser.add_argument("--seed", type=int, default=1004,
                         help="Retrain i uses seed + i (base models and removals alike); also seeds the baseline.")
     parser.add_argument("--figure", default=None, help="Where the figure goes (default: beside the results).")
@@ -74,7 +78,6 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     args.remove_intervals = sorted(set(args.remove_intervals))
     return cli.from_checkpoint(args, args.checkpoint_dir, recipe=True)
-
 
 
 def main():
@@ -98,6 +101,7 @@ def main():
                                                              args.label_noise, args.label_noise_seed)
     rankings, used = counterfactual.load_rankings(args, train_text, query_text["label"])
     counterfactual.check_intervals(args.remove_intervals, rankings, len(train_text), args.train_batch_size)
+    counterfactual.reference_ranking(args.reference, rankings)  # a wrong --reference fails before any retrain
     results.claim_experiment(folder, counterfactual.experiment_arguments(args, rankings),
                              keep_both="another --counterfactual_dir")
 

@@ -37,7 +37,7 @@ def results_dir(args) -> str:
 
 def experiment_arguments(args, rankings: dict | None = None) -> dict:
     """The arguments that change the results (with `rankings`, also a digest of what each method removes)."""
-    chosen = result_arguments(args, "counterfactual_dir", "plot_only")
+    chosen = result_arguments(args, "counterfactual_dir", "plot_only", "reference")
     if chosen.get("search") == "ascending":  # the seed's order keeps the folder name it had before --search
         del chosen["search"]
     if rankings is not None:
@@ -79,6 +79,14 @@ def load_rankings(args, train_text, query_labels: list) -> tuple:
         rankings[name] = [influence_ranking(row) for row in scores[:n_query]]
     rankings[RANDOM] = [random_ranking(train_labels, y, args.seed, q) for q, y in enumerate(query_labels)]
     return rankings, used
+
+
+def reference_ranking(requested: str | None, rankings: dict) -> str:
+    """The ranking every other is compared with, paired: --reference, else the first of --strategies."""
+    if requested is not None and requested not in rankings:
+        raise GlueError(f"--reference {requested} is not among the rankings ({', '.join(rankings)}); add it to "
+                        "--strategies")
+    return requested or next(iter(rankings))
 
 
 def check_intervals(intervals: list, rankings: dict, n_train: int, batch_size: int) -> None:
@@ -195,7 +203,8 @@ def run_experiment(args, rankings: dict, n_train: int, retrain) -> dict | None:
             "num_candidates": len(candidates),
             "queries": queries, "base_accuracy": base.tolist(),
             "flip_fraction": {method: f.mean(axis=1).tolist() for method, f in flips.items()},
-            **flip_intervals(flips, next(iter(rankings)), QUERY_RESAMPLES, args.seed), "outcomes": rows}
+            **flip_intervals(flips, reference_ranking(args.reference, rankings), QUERY_RESAMPLES, args.seed),
+            "outcomes": rows}
 
 
 def flip_intervals(flips: dict, reference: str, num_bootstrap: int, seed: int) -> dict:

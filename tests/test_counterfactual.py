@@ -167,6 +167,18 @@ def test_results_table_and_figure(monkeypatch, glue_dir, scores_dir, tmp_path):
     assert (out / "fig.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_reference_is_recomputed_without_retraining(monkeypatch, glue_dir, scores_dir, tmp_path):
+    out = tmp_path / "out"
+    run_main(monkeypatch, Stub(flip_at=varied), glue_dir, scores_dir, out)
+    first = read_results(out)
+    assert {v["reference"] for v in first["versus"].values()} == {"ekfac"}  # the first of --strategies
+    again = Stub(flip_at=varied)
+    run_main(monkeypatch, again, glue_dir, scores_dir, out, "--reference", "random")
+    versus = read_results(out)["versus"]
+    assert again.calls == [] and set(versus) == {"ekfac", "identity"}  # same folder, nothing retrained
+    assert versus["ekfac"]["mean"] == pytest.approx(-np.array(first["versus"]["random"]["mean"]))
+
+
 def test_resume_redoes_nothing_finished(monkeypatch, glue_dir, scores_dir, tmp_path):
     interrupted = Stub(flip_at=varied, fail_after=9)
     with pytest.raises(KeyboardInterrupt):
@@ -215,6 +227,8 @@ def test_bad_input(monkeypatch, glue_dir, scores_dir, tmp_path):
     write_scores(scores_dir, "kfac", np.zeros((4, N_TRAIN)), glue_dir)
     with pytest.raises(GlueError, match="scores 'kfac' cover 4 queries, fewer than --max_query_examples 6"):
         run_main(monkeypatch, Stub(), glue_dir, scores_dir, out, "--strategies", "kfac")
+    with pytest.raises(GlueError, match="--reference kfac is not among the rankings .ekfac, identity, random."):
+        run_main(monkeypatch, Stub(), glue_dir, scores_dir, out, "--reference", "kfac")
     with pytest.raises(GlueError, match="'stsb' is regression"):
         run_main(monkeypatch, Stub(), glue_dir, scores_dir, out, "--dataset_name", "stsb")
     with pytest.raises(GlueError, match="no query passes the base filter"):
