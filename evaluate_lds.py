@@ -64,8 +64,8 @@ def parse_args(argv=None):
     common.add_argument("--num_repeats", type=cli.positive_int, default=argparse.SUPPRESS,
                         help="Retrains per subset with different seeds; margins are averaged " + given(5))
     common.add_argument("--stratify_masks", action="store_true", default=argparse.SUPPRESS,
-                        help="Keep exactly the fraction of each class (regression: of each run of 10 examples in "
-                             "target order), so a mask cannot shift the label balance (the mean target) "
+                        help="Keep exactly the fraction of each class, so a mask cannot shift the label balance "
+                             "(regression: of every 10 examples in target order, so the mean target barely moves) "
                              + given("off"))
     common.add_argument("--seed", type=int, default=argparse.SUPPRESS,
                         help="Seeds the masks, the retrains and the bootstrap " + given(0))
@@ -150,6 +150,9 @@ def score(args) -> None:
     if args.inspect_query is not None and not 0 <= args.inspect_query < margins.shape[1]:
         raise cli.GlueError(f"--inspect_query {args.inspect_query} is out of range: there are {margins.shape[1]} "
                             "queries")
+    if clash := [name for name in args.strategies if name in lds.BASELINE_SCORES]:
+        raise cli.GlueError(f"--strategies {clash[0]}: that name is one of the table's reference rows "
+                            f"({', '.join(lds.BASELINE_SCORES)}); rename the score set with analyze.py --scores_name")
     checkpoints = cli.trained_checkpoints(args.checkpoint_dir, args.dataset_name)
     loaded = {name: scores.load_scores(args.output_dir, args.dataset_name, name, provenance, checkpoints=checkpoints)
               for name in args.strategies}

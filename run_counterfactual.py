@@ -67,9 +67,9 @@ def parse_args(argv=None):
                              "k, 3 instead of up to 6 for the seed's six). Both assume, as the seed's early stop "
                              "does, that removing more examples does not undo a flip.")
     parser.add_argument("--reference", default=None,
-                        help="The ranking every other is compared with, paired (default: the first of --strategies; "
-                             "'random' for the baseline). Retrains nothing: rerun a finished command with another "
-                             "to recompute the differences.")
+                        help="The ranking every other is compared with, paired (default: the first score set of "
+                             "--strategies; 'random' for the baseline). Retrains nothing: rerun a finished command "
+                             "with another to recompute the differences.")
     parser.add_argument("--seed", type=int, default=1004,
                         help="Retrain i uses seed + i (base models and removals alike); also seeds the baseline.")
     parser.add_argument("--figure", default=None, help="Where the figure goes (default: beside the results).")

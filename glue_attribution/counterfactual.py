@@ -82,7 +82,8 @@ def load_rankings(args, train_text, query_labels: list) -> tuple:
 
 
 def reference_ranking(requested: str | None, rankings: dict) -> str:
-    """The ranking every other is compared with, paired: --reference, else the first of --strategies."""
+    """The ranking every other is compared with, paired: --reference, else the first score set of
+    --strategies (the random baseline comes last)."""
     if requested is not None and requested not in rankings:
         raise GlueError(f"--reference {requested} is not among the rankings ({', '.join(rankings)}); add it to "
                         "--strategies")
@@ -137,8 +138,9 @@ def query_outcome(retrain, folder: str, ranking: np.ndarray, query: int, interva
 
     A query counts as flipped from the smallest k whose accuracy is below 0.5 on, so it is enough to find that k.
     `ascending` (the seed) trains every k from the smallest until one flips; `bisect` halves the untested range each
-    time (ceil(log2(len(intervals) + 1)) retrains instead of up to len(intervals)). Both rest on the early stop's
-    assumption that removing more examples does not undo a flip; k values that were not trained have accuracy None.
+    time (ceil(log2(len(intervals) + 1)) experiments, each with every seed, instead of up to len(intervals)). Both
+    rest on the early stop's assumption that removing more examples does not undo a flip; k values that were not
+    trained have accuracy None.
     Returns None when reading only (`retrain=None`) and a run is missing.
     """
     accuracies, low, high = {}, 0, len(intervals)  # the smallest flipped index lies in [low, high]

@@ -66,23 +66,28 @@ def claim_ground_truth(args) -> str:
     return folder
 
 
-def make_masks(num_train: int, num_masks: int, fraction: float, seed: int, labels=None) -> np.ndarray:
-    """(num_masks, num_train) int8 rows keeping exactly round(fraction * n) examples; with `labels` (classes or
-    strata), exactly round(fraction * n_c) of each label c."""
+def make_masks(num_train: int, num_masks: int, fraction: float, seed: int, labels=None,
+               ordered: bool = False) -> np.ndarray:
+    """(num_masks, num_train) int8 rows keeping exactly round(fraction * n) examples; with `labels`, exactly
+    round(fraction * n_c) of each class c. `ordered` labels are bins in target order (`mask_strata`): bin c keeps
+    round(fraction * the examples in bins up to c) minus what the bins before it keep, so the total stays exact
+    and each bin keeps within one of its share at any fraction."""
     rng = np.random.default_rng(seed)
     labels = np.zeros(num_train, dtype=int) if labels is None else np.asarray(labels)
+    strata = np.unique(labels)
+    sizes = np.array([np.count_nonzero(labels == label) for label in strata])
+    quotas = np.diff(np.round(fraction * np.cumsum(sizes)), prepend=0) if ordered else np.round(fraction * sizes)
     masks = np.zeros((num_masks, num_train), dtype=np.int8)
     for mask in masks:
-        for label in np.unique(labels):
-            members = np.flatnonzero(labels == label)
-            mask[rng.permutation(members)[:round(fraction * len(members))]] = 1
+        for label, quota in zip(strata, quotas.astype(int)):
+            mask[rng.permutation(np.flatnonzero(labels == label))[:quota]] = 1
     return masks
 
 
 def mask_strata(labels, is_regression: bool) -> np.ndarray:
     """What --stratify_masks balances: the classes, or for regression runs of TARGET_STRATUM training examples
-    adjacent in target order, so that no mask moves the kept examples' mean target (which a regression model's
-    predictions follow, whatever the examples say)."""
+    adjacent in target order, so that the kept examples' mean target (which a regression model's predictions follow,
+    whatever the examples say) barely moves between masks."""
     labels = np.asarray(labels)
     if not is_regression:
         return labels
@@ -108,9 +113,9 @@ def load_or_make_masks(folder: str, args, train_labels) -> np.ndarray:
     """The folder's masks; the first process to get here draws and saves them (every shard draws the same, so a
     damaged file is simply drawn again)."""
     path = os.path.join(folder, "masks.npy")
-    strata = mask_strata(train_labels, pipeline.get_task(args.dataset_name).is_regression)
+    regression = pipeline.get_task(args.dataset_name).is_regression
     masks = make_masks(len(train_labels), args.num_masks, args.subset_fraction, args.seed,
-                       strata if args.stratify_masks else None)
+                       mask_strata(train_labels, regression) if args.stratify_masks else None, ordered=regression)
     try:
         if np.array_equal(np.load(path, allow_pickle=False), masks):
             return masks

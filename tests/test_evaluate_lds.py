@@ -175,6 +175,8 @@ def test_bad_inputs(built, tmp_path):
     assert_user_error(result, "scores 'long'", "computed on other data than this run (max_seq_length 64 vs 32")
     with pytest.raises(GlueError, match="out of range: there are 8 queries"):
         score("--inspect_query", "8")
+    with pytest.raises(GlueError, match="--strategies random: that name is one of the table's reference rows"):
+        score("--strategies", "ekfac", "random")
     with pytest.raises(GlueError, match="no finished LDS ground truth"):
         score("--learning_rate", "5e-4")
     with pytest.raises(GlueError, match=r"other arguments \(recipe differ\)"):
@@ -278,16 +280,23 @@ def test_label_baseline_scores_a_ground_truth_that_follows_the_mean_target():
 
 def test_stratified_masks_for_regression_hold_the_mean_target():
     """Regression strata are runs of 10 training examples in target order: each mask keeps 5 of each, so the kept
-    examples' mean target barely moves between masks, and the `label` shortcut above loses most of its LDS."""
+    examples' mean target barely moves between masks. At any fraction and size the total stays exact and each
+    stratum keeps within one of its share."""
     rng = np.random.default_rng(0)
     targets = rng.uniform(0, 5, 200)
     strata = lds.mask_strata(targets, is_regression=True)
     assert np.bincount(strata).tolist() == [10] * 20
     assert (np.diff(strata[np.argsort(targets)]) >= 0).all()  # strata follow the target order
     np.testing.assert_array_equal(lds.mask_strata([0, 2, 1], is_regression=False), [0, 2, 1])  # classes unchanged
-    stratified, plain = lds.make_masks(200, 40, 0.5, 0, strata), lds.make_masks(200, 40, 0.5, 0)
+    stratified, plain = lds.make_masks(200, 40, 0.5, 0, strata, ordered=True), lds.make_masks(200, 40, 0.5, 0)
     assert all((stratified[:, strata == s].sum(axis=1) == 5).all() for s in range(20))
     assert (stratified @ targets).std() < 0.2 * (plain @ targets).std()
+    for n, fraction in [(201, 0.05), (201, 0.25), (57, 0.75), (200, 0.45)]:
+        strata = lds.mask_strata(rng.uniform(0, 5, n), is_regression=True)
+        masks = lds.make_masks(n, 5, fraction, 1, strata, ordered=True)
+        assert (masks.sum(axis=1) == round(fraction * n)).all()
+        shares = np.stack([masks[:, strata == s].sum(axis=1) for s in range(strata.max() + 1)], axis=1)
+        assert (np.abs(shares - fraction * np.bincount(strata)) < 1).all()
 
 
 def test_build_stratifies_regression_masks_by_target(glue_dir, tiny_model_dir, tmp_path):
@@ -296,5 +305,5 @@ def test_build_stratifies_regression_masks_by_target(glue_dir, tiny_model_dir, t
     evaluate_lds.build(args)
     masks = np.load(os.path.join(lds.ground_truth_dir(args), "masks.npy"))
     targets = np.array(pipeline.load_glue("stsb", "train", str(glue_dir), 32)["label"])
-    np.testing.assert_array_equal(masks, lds.make_masks(32, 3, 0.5, 0, lds.mask_strata(targets, True)))
+    np.testing.assert_array_equal(masks, lds.make_masks(32, 3, 0.5, 0, lds.mask_strata(targets, True), ordered=True))
     assert not np.array_equal(masks, lds.make_masks(32, 3, 0.5, 0))
