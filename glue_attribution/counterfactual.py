@@ -140,8 +140,7 @@ def query_outcome(retrain, folder: str, ranking: np.ndarray, query: int, interva
     `ascending` (the seed) trains every k from the smallest until one flips; `bisect` halves the untested range each
     time (ceil(log2(len(intervals) + 1)) experiments, each with every seed, instead of up to len(intervals)). Both
     rest on the early stop's assumption that removing more examples does not undo a flip; k values that were not
-    trained have accuracy None.
-    Returns None when reading only (`retrain=None`) and a run is missing.
+    trained have accuracy None. Returns None when reading only (`retrain=None`) and a run is missing.
     """
     accuracies, low, high = {}, 0, len(intervals)  # the smallest flipped index lies in [low, high]
     while low < high:
