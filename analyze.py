@@ -27,11 +27,16 @@ from glue_attribution import cli
 
 logger = logging.getLogger("analyze")
 
-STRATEGIES = ["identity", "diagonal", "kfac", "ekfac", "trak"]  # trak: TRAK via traker, the peer method
+# trak: TRAK via traker, the peer method; *_index: a gradient index (glue_attribution/gradient_index.py)
+STRATEGIES = ["identity", "diagonal", "kfac", "ekfac", "trak", "ekfac_index", "kfac_index"]
 
 
 def damping(value: str):
     return None if value == "auto" else float(value)
+
+
+def index_rank(value: str):
+    return None if value == "full" else cli.positive_int(value)
 
 
 def parse_args(argv=None):
@@ -58,6 +63,29 @@ def parse_args(argv=None):
                         help="trak: dimension of the random projection of the per-example gradients (default: half "
                              "the training examples, at most 2048: TRAK inverts the Gram matrix of the projected "
                              "training gradients, singular from proj_dim = examples on).")
+    parser.add_argument("--index_rank", type=index_rank, default=16, metavar="K",
+                        help="*_index: eigenvectors (or random directions) kept per side of each module, k x k "
+                             "numbers per module and example; 'full' keeps all (exact EK-FAC / K-FAC).")
+    parser.add_argument("--index_projection", choices=["eigen", "random"], default="eigen",
+                        help="*_index: project on the top-k eigenvectors of K-FAC factors, or at random.")
+    parser.add_argument("--index_factor_examples", type=cli.positive_int, default=None, metavar="N",
+                        help="*_index, eigen: fit the K-FAC factors on the first N training examples (default: all).")
+    parser.add_argument("--index_normalize", action="store_true",
+                        help="*_index: divide each training example's scores by the square root of its "
+                             "self-influence (unit-normalised, as TrackStar and RelatIF); names the scores <name>_cos.")
+    parser.add_argument("--index_store_dtype", choices=["float32", "float16"], default="float32",
+                        help="*_index: precision of the stored gradients (float16 halves disk and memory).")
+    parser.add_argument("--index_chunk_size", type=cli.positive_int, default=2048, metavar="N",
+                        help="*_index: training examples per chunk, the unit of resuming and of sharding.")
+    parser.add_argument("--query_text", nargs="+", default=None, metavar="TEXT",
+                        help="*_index: a new query (one text, two for pair tasks): print and write its most "
+                             "influential training examples from the existing index.")
+    parser.add_argument("--query_file", default=None,
+                        help="*_index: new queries from a CSV/TSV/JSON-lines file with the task's text columns "
+                             "(label optional: the model's prediction otherwise).")
+    parser.add_argument("--query_label", default=None,
+                        help="With --query_text: its label (name or id; default: the model's prediction).")
+    cli.add_shard_args(parser)
     parser.add_argument("--query_batch_size", type=cli.positive_int, default=8, help="Queries per batch.")
     parser.add_argument("--train_batch_size", type=cli.positive_int, default=8,
                         help="Training examples per scoring batch.")
@@ -105,6 +133,14 @@ def parse_args(argv=None):
                      "--compute_self_scores, --float64, --explorer_tokens")
     if args.factor_strategy == "trak" and importlib.util.find_spec("trak") is None:
         parser.error("--factor_strategy trak needs traker: pip install traker==0.3.2")
+    if args.factor_strategy.endswith("_index") and (args.use_half_precision or args.query_gradient_rank or args.html
+                                                     or args.explorer_tokens):
+        parser.error(f"--factor_strategy {args.factor_strategy} takes none of --use_half_precision (see "
+                     "--index_store_dtype), --query_gradient_rank, --html, --explorer_tokens")
+    if args.query_text and args.query_file:
+        parser.error("pass --query_text or --query_file, not both")
+    if not 0 <= args.shard_index < args.num_shards:
+        parser.error(f"--shard_index {args.shard_index} is not in [0, --num_shards {args.num_shards})")
     if args.scores_name and re.fullmatch(r".+_(seed-?\d+|ens\d+|epoch\d+)", args.scores_name):
         parser.error(f"--scores_name {args.scores_name}: names ending in _seed<S>, _ens<N> or _epoch<E> are the "
                      "ones analyze.py gives to ensembles and epochs; choose another")
@@ -139,11 +175,18 @@ def main():
                                                              args.label_noise, args.label_noise_seed)
     influence.check_queries(args, len(train_text), len(query_text))
     results.check_writable(args.output_dir)
+    if args.query_text or args.query_file:  # new texts against an existing gradient index
+        path = influence.answer_new_queries(args, members[0][1], train_text)
+        logger.info("Top influential training examples of the new queries: %s", path)
+        return
     epoch = "" if args.checkpoint_epoch is None else f"_{pipeline.epoch_member(args.checkpoint_epoch)}"
     names = [influence.analyze_checkpoint(args, checkpoint_dir, epoch if seed is None else f"_{scores.member(seed)}",
                                           train_text, query_text, main_process) for seed, checkpoint_dir in members]
     influence.leave_torchrun()
     if not main_process:
+        return
+    if None in names:  # a shard of a gradient index: the last shard to finish merges it and scores
+        logger.info("This shard's part of the gradient index is done; rerun once every shard has finished")
         return
     scores_name = names[0]
     if members[0][0] is not None:

@@ -13,6 +13,7 @@ one checkpoint, each computed in a private folder and published once complete (r
 import copy
 import datetime
 import fnmatch
+import json
 import logging
 import os
 import shutil
@@ -41,17 +42,20 @@ from .scores import SCORES_META, SELF_RANKING, scores_dir
 logger = logging.getLogger(__name__)
 FACTORS_META = "glue_factors.json"
 FACTOR_STAGES = ("covariance", "eigendecomposition", "lambda")
+INDEX_STRATEGIES = ("ekfac_index", "kfac_index")  # gradient_index.py: <preconditioner>_index
 
 
 def influence_arguments(args) -> tuple:
     """(factors_name, factor_args, scores_name, score_args), named as the seed names them."""
     if args.factor_strategy == "trak":  # no factors: TRAK's curvature is its projected features' Gram matrix
         return None, None, args.scores_name or "trak", None
+    index = args.factor_strategy in INDEX_STRATEGIES  # its eigen projection's bases: the K-FAC factors
+    strategy = "kfac" if index else args.factor_strategy
     if args.use_half_precision:
-        factor_args = all_low_precision_factor_arguments(strategy=args.factor_strategy, dtype=torch.bfloat16)
+        factor_args = all_low_precision_factor_arguments(strategy=strategy, dtype=torch.bfloat16)
         score_args = all_low_precision_score_arguments(damping_factor=args.damping_factor, dtype=torch.bfloat16)
     else:
-        factor_args = FactorArguments(strategy=args.factor_strategy)
+        factor_args = FactorArguments(strategy=strategy)
         score_args = ScoreArguments(damping_factor=args.damping_factor)
     factor_args.use_empirical_fisher = args.use_empirical_fisher
     if args.float64:
@@ -60,7 +64,11 @@ def influence_arguments(args) -> tuple:
             setattr(factor_args, name, torch.float64)
         for name in ("per_sample_gradient_dtype", "precondition_dtype", "score_dtype", "query_gradient_svd_dtype"):
             setattr(score_args, name, torch.float64)
-    factors_name = args.factor_strategy + ("_half" if args.use_half_precision else "")
+    factors_name = strategy + ("_half" if args.use_half_precision else "")
+    if index:
+        subset = args.index_factor_examples
+        factors_name += f"_first{subset}" if subset else ""
+        return factors_name, factor_args, args.scores_name or index_name(args), None
     scores_name = factors_name
     if args.query_gradient_rank is not None:
         score_args.query_gradient_low_rank = args.query_gradient_rank
@@ -340,6 +348,11 @@ def analyze_checkpoint(args, checkpoint_dir: str, suffix: str, train_text, query
         from . import trak_scores  # traker: only for --factor_strategy trak
 
         factors_signature, scores_signature = None, trak_scores.signature(args, provenance)
+    elif args.factor_strategy in INDEX_STRATEGIES:
+        factors_signature, scores_signature = None, {**index_signature(args, provenance),
+                                                     "num_query": provenance["num_query"],
+                                                     "query_data": provenance["query_data"],
+                                                     "normalize": args.index_normalize}
     else:
         factors_signature, scores_signature = signatures(args, provenance, factor_args, score_args)
 
@@ -363,6 +376,10 @@ def analyze_checkpoint(args, checkpoint_dir: str, suffix: str, train_text, query
             trak_scores.publish_trak(args, model, tokenizer, (train_text, query_text), scores_root, scores_public,
                                      meta)
             return scores_name
+        if args.factor_strategy in INDEX_STRATEGIES:
+            published = publish_index_scores(args, checkpoint_dir, (model, tokenizer), (train_text, query_text),
+                                             (factors_name + suffix, factor_args), scores_root, scores_public, meta)
+            return scores_name if published else None
         size = factor_bytes(model, tracked_modules(model, args.tracked_modules), factor_args)  # before wrapping
         analyzer_at, datasets, orders = setup_analysis(args, model, tokenizer, train_text, query_text)
         factors_name += suffix
@@ -475,3 +492,206 @@ def explorer_tokens(args, checkpoint_dir: str, scores: np.ndarray, train_text, q
             encoding = tokenizer(*texts, truncation=True, max_length=args.max_seq_length, return_offsets_mapping=True)
             shaded[q][j] = report.words(encoding, texts, row)
     return shaded
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The gradient index (gradient_index.py) as analyze.py runs it: factors for its bases, the build, scores from it
+
+def index_config(args):
+    from .gradient_index import IndexConfig
+
+    return IndexConfig(rank=args.index_rank, projection=args.index_projection,
+                       preconditioner=args.factor_strategy.removesuffix("_index"), damping_factor=args.damping_factor,
+                       normalize=args.index_normalize, float64=args.float64, store_dtype=args.index_store_dtype,
+                       batch_size=args.train_batch_size, chunk_size=args.index_chunk_size, seed=args.seed)
+
+
+def index_name(args) -> str:
+    """<preconditioner>_index_k<K>[_random][_cos]: the score set's and the index's name (k: per side and module)."""
+    rank = "full" if args.index_rank is None else f"k{args.index_rank}"
+    return (f"{args.factor_strategy}_{rank}" + ("_random" if args.index_projection == "random" else "")
+            + ("_cos" if args.index_normalize else ""))
+
+
+def index_signature(args, provenance: dict) -> dict:
+    """Everything that changes the stored gradients: the checkpoint, the training data, the compression."""
+    return {**{k: provenance[k] for k in ("checkpoint_sha256", "dataset_name", "num_train", "train_data",
+                                          "max_seq_length")},
+            "pad_to_max_length": args.pad_to_max_length, "tracked_modules": args.tracked_modules,
+            "use_empirical_fisher": args.use_empirical_fisher, "index_factor_examples": args.index_factor_examples,
+            **index_config(args).signature()}
+
+
+def index_dir(args, scores_name: str) -> str:
+    """Where the index of a score set lives: <output_dir>/<task>/index_<name without _cos>."""
+    return os.path.join(args.output_dir, args.dataset_name, "index_" + scores_name.replace("_cos", "", 1))
+
+
+def index_bases(args, checkpoint_sha256: str, model, tokenizer, texts: tuple, factors: tuple, modules: dict,
+                config) -> tuple:
+    """The projection of each module: the top-k eigenvectors of K-FAC factors fitted (or reused) on the first
+    --index_factor_examples training examples, or a seeded random projection. Returns (bases, factors meta)."""
+    from . import gradient_index
+
+    if config.projection == "random":
+        return gradient_index.random_bases(modules, config.rank, config.seed, config.dtype), None
+    factors_name, factor_args = factors
+    train_text, query_text = texts
+    subset = train_text.select(range(min(args.index_factor_examples or len(train_text), len(train_text))))
+    provenance = {**pipeline.data_provenance(args.dataset_name, subset, query_text, args.max_seq_length),
+                  "checkpoint_sha256": checkpoint_sha256}
+    signature, _ = signatures(args, provenance, factor_args, ScoreArguments())
+    analyzer_at, (_, train_dataset), _ = setup_analysis(args, copy.deepcopy(model), tokenizer, subset, query_text)
+    public = os.path.join(args.output_dir, args.dataset_name, f"factors_{factors_name}")
+    with results.lock(public):
+        meta = fit_factors(analyzer_at, public, signature, factors_name, factor_args, train_dataset,
+                           args.factor_batch_size or args.train_batch_size, args.seed, args.overwrite)
+        bases = gradient_index.eigen_bases(modules, public, config.rank, config.dtype)
+    return bases, meta
+
+
+def publish_index_scores(args, checkpoint_dir: str, loaded: tuple, texts: tuple, factors: tuple, root: str,
+                         public: str, meta: dict) -> bool:
+    """Builds (or reuses) the checkpoint's gradient index, then publishes the queries' scores against it, with the
+    self-influence of every training example (free: it is in the index). False while other shards' chunks of the
+    index are missing."""
+    from . import gradient_index
+
+    model, tokenizer = loaded
+    train_text, query_text = texts
+    config = index_config(args)
+    sha = meta["provenance"]["checkpoint_sha256"]
+    model = model.double() if args.float64 else model
+    modules = gradient_index.linear_modules(model, tracked_modules(model, args.tracked_modules))
+    bases, factors_meta = index_bases(args, sha, model, tokenizer, texts, factors, modules, config)
+    train_dataset, query_dataset = (pipeline.tokenize(d, args.dataset_name, tokenizer, args.max_seq_length,
+                                                      args.pad_to_max_length) for d in texts)
+    collate, task = pipeline.collator(tokenizer), GlueTask()
+    folder = index_dir(args, meta["scores_name"])
+    index_meta = gradient_index.build_index(model.to(args.device), train_dataset, collate, task, modules, bases,
+                                            config, folder, {**meta["signature"], "normalize": None},
+                                            args.shard_index, args.num_shards, args.overwrite)
+    if index_meta is None:
+        return False
+    start = time.time()
+    index = gradient_index.GradientIndex.load(folder, sha)
+    query_rows = index.query_rows(model, query_dataset, collate, task.compute_measurement, args.query_batch_size)
+    scores = index.scores(query_rows, config.normalize)
+    meta.update({"index_dir": folder, "index_build_seconds": index_meta["build_seconds"],
+                 "index_merge_seconds": index_meta["merge_seconds"], "index_bytes": index_meta["bytes"],
+                 "scores_seconds": time.time() - start, "checkpoint_dir": checkpoint_dir,
+                 **({f"factors_{k}": v for k, v in factors_meta.items() if k.endswith("_seconds")}
+                    if factors_meta else {})})
+    work = os.path.join(root, "scores")
+    os.makedirs(work, exist_ok=True)
+    save_file({"all_modules": scores.float().contiguous()}, os.path.join(work, "pairwise_scores.safetensors"))
+    self_scores = index.self_influence.float()
+    save_file({"all_modules": self_scores.contiguous()}, os.path.join(work, "self_scores.safetensors"))
+    write_self_ranking(os.path.join(work, SELF_RANKING), self_scores.numpy(), train_text, args.dataset_name)
+    results.publish(work, public, SCORES_META, meta)
+    shutil.rmtree(root, ignore_errors=True)
+    results.clean_staging(public)
+    return True
+
+
+def read_new_queries(args) -> "datasets.Dataset":  # noqa: F821
+    """--query_text or --query_file as a split with the task's text columns and a label (-1: none given). A file is
+    CSV, TSV (by its extension) or JSON lines; its columns must include the task's text columns."""
+    import csv
+    import json as json_lib
+
+    from datasets import Dataset
+
+    task = pipeline.get_task(args.dataset_name)
+    if args.query_text is not None:
+        if len(args.query_text) != len(task.keys):
+            raise GlueError(f"--query_text takes {len(task.keys)} text(s) for {args.dataset_name} "
+                            f"({', '.join(task.keys)}), got {len(args.query_text)}")
+        rows = [{**dict(zip(task.keys, args.query_text)), "label": args.query_label}]
+        where = "--query_text"
+    else:
+        path = args.query_file
+        try:
+            with open(path, newline="", encoding="utf-8") as f:
+                if path.endswith((".json", ".jsonl")):
+                    rows = [json_lib.loads(line) for line in f if line.strip()]
+                else:
+                    rows = list(csv.DictReader(f, delimiter="\t" if path.endswith(".tsv") else ",",
+                                               quoting=csv.QUOTE_NONE if path.endswith(".tsv") else csv.QUOTE_MINIMAL))
+        except (OSError, UnicodeDecodeError, ValueError) as err:
+            raise GlueError(f"cannot read --query_file {path}: {err}") from None
+        if not rows:
+            raise GlueError(f"--query_file {path} has no rows")
+        missing = [key for key in task.keys if key not in rows[0]]
+        if missing:
+            raise GlueError(f"--query_file {path} has no column {', '.join(repr(k) for k in missing)} (the "
+                            f"{args.dataset_name} text columns are {', '.join(task.keys)}; found "
+                            f"{', '.join(map(str, rows[0]))})")
+        where = path
+    queries = {key: [str(row[key]) for row in rows] for key in task.keys}
+    labels = []
+    for i, row in enumerate(rows):
+        value = row.get("label")
+        labels.append(-1 if value in (None, "") else
+                      pipeline._parse_label(task, str(value), f"{where}, row {i + 1}, column 'label'"))
+    return Dataset.from_dict({**queries, "label": labels})
+
+
+def answer_new_queries(args, checkpoint_dir: str, train_text) -> str:
+    """Top influential training examples of texts the index has never seen: one pass over the queries' gradients
+    and a product with the store. Prints them, writes them as JSON, returns the JSON's path. An exact strategy has no
+    store: refused, with what a query would cost it."""
+    from . import gradient_index, report
+
+    _, _, scores_name, _ = influence_arguments(args)
+    if args.factor_strategy not in INDEX_STRATEGIES:
+        past = os.path.join(scores_dir(args.output_dir, args.dataset_name, scores_name), SCORES_META)
+        cost = "a pass over every training gradient"
+        if os.path.isfile(past):
+            with open(past) as f:
+                seconds = json.load(f).get("scores_seconds")
+            cost += f" (the last {scores_name} scores took {seconds:.0f} s)" if seconds else ""
+        raise GlueError(f"--factor_strategy {args.factor_strategy} keeps no training gradients: a new query costs "
+                        f"{cost} for its {len(train_text)} training examples; build an index once with "
+                        "--factor_strategy ekfac_index, then ask it")
+    start = time.time()
+    model, tokenizer, checkpoint = pipeline.load_checkpoint(checkpoint_dir, args.dataset_name,
+                                                            args.attn_implementation)
+    folder = index_dir(args, scores_name)
+    index = gradient_index.GradientIndex.load(folder, checkpoint["files"]["model.safetensors"]["sha256"])
+    if index.meta["signature"]["train_data"] != pipeline.fingerprint(train_text):
+        raise GlueError(f"the gradient index in {folder} was built on other training data than "
+                        f"{args.data_dir or 'the hub'}'s; rebuild it with --overwrite")
+    loaded = time.time()
+    queries = read_new_queries(args)
+    model = (model.double() if args.float64 else model).to(args.device).eval()
+    task, collate = pipeline.get_task(args.dataset_name), pipeline.collator(tokenizer)
+    dataset = pipeline.tokenize(queries, args.dataset_name, tokenizer, args.max_seq_length)
+    with torch.no_grad():  # the label to explain, where none is given: the model's prediction
+        logits = torch.cat([model(**{k: v.to(args.device) for k, v in collate(
+            [{k: v for k, v in dataset[i].items() if k != "labels"} for i in range(s, min(s + 64, len(dataset)))]
+        ).items()}).logits for s in range(0, len(dataset), 64)])
+    predicted = logits.argmax(-1).tolist() if not task.is_regression else logits[:, 0].tolist()
+    labels = [p if y == -1 else y for y, p in zip(queries["label"], predicted)]
+    dataset = dataset.remove_columns("labels").add_column("labels", labels)
+    queries = queries.remove_columns("label").add_column("label", labels)
+    rows = index.query_rows(model, dataset, collate, GlueTask().compute_measurement, args.query_batch_size,
+                            disable_tqdm=True)
+    scores = index.scores(rows, args.index_normalize).float().numpy()
+    seconds = time.time() - loaded
+    answers = []
+    for q in range(len(queries)):
+        picks = top_examples(scores[q], args.top_k)
+        answers.append({**{k: queries[q][k] for k in task.keys}, "label": task.label_name(labels[q]),
+                        "predicted": task.label_name(predicted[q]),
+                        "top": [{"index": j, "score": float(scores[q, j]),
+                                 "label": task.label_name(train_text[j]["label"]),
+                                 **{k: train_text[j][k] for k in task.keys}} for j in picks]})
+        report.show_influences(scores, q, queries, train_text, args.dataset_name, args.top_k, scores_name)
+    path = os.path.join(args.output_dir, args.dataset_name, f"new_queries_{scores_name}.json")
+    results.atomic_write_json({"scores_name": scores_name, "index_dir": folder, "queries": answers,
+                               "num_train": index.num_train, "load_seconds": loaded - start,
+                               "query_seconds": seconds}, path)
+    logger.info("%d new quer%s against %d training examples in %.2f s (index loaded in %.1f s)", len(queries),
+                "y" if len(queries) == 1 else "ies", index.num_train, seconds, loaded - start)
+    return path
