@@ -163,6 +163,9 @@ def add_training_args(parser, checkpoint: bool = False) -> None:
                         help=f"Fraction of steps spent warming up the learning rate (default: {default}0)")
     parser.add_argument("--bf16", action="store_true", default=argparse.SUPPRESS,
                         help=f"bfloat16 autocast, on GPU (default: {default}off)")
+    parser.add_argument("--group_by_length", action="store_true", default=argparse.SUPPRESS,
+                        help="Batch training examples of similar lengths together: less padding, about 3x faster "
+                             f"on SST-2's short sentences (default: {default}off)")
 
 
 def add_shard_args(parser) -> None:
@@ -275,7 +278,8 @@ def check_recipe(checkpoint_dir: str, saved: dict, reference: dict, keys: tuple 
                  fix: str = "pass --ensemble_seeds, or retrain them") -> None:
     """An ensemble never mixes recipes: refuses a member whose recorded arguments `saved` differ from `reference`
     (another member's, or this run's) in any of `keys`."""
-    changed = [key for key in keys if saved.get(key) != reference.get(key)]
+    default = {**DATA_DEFAULTS, **RECIPE_DEFAULTS}  # a flag added later: its default when a record lacks it
+    changed = [key for key in keys if saved.get(key, default.get(key)) != reference.get(key, default.get(key))]
     if changed:
         raise GlueError(f"{checkpoint_dir} was trained with another {', '.join(changed)}; an ensemble's members "
                         f"share one recipe: {fix}")

@@ -44,7 +44,9 @@ def ground_truth_arguments(args) -> dict:
             "max_query_examples": args.max_query_examples, "num_masks": args.num_masks,
             "subset_fraction": args.subset_fraction, "num_repeats": args.num_repeats,
             "stratify_masks": args.stratify_masks, "seed": args.seed,
-            "recipe": {key: getattr(args, key) for key in RECIPE_DEFAULTS},
+            # A recipe flag added later counts only when set, so that older ground truths keep their names.
+            "recipe": {key: getattr(args, key) for key in RECIPE_DEFAULTS
+                       if key != "group_by_length" or args.group_by_length},
             # Only when set, so that the ground truths built before label noise existed keep their names.
             **({"label_noise": args.label_noise, "label_noise_seed": args.label_noise_seed}
                if args.label_noise else {})}

@@ -303,3 +303,36 @@ def test_label_noise_is_reproducible_recorded_and_read_downstream(tiny_model_dir
     with pytest.raises(GlueError, match="regression"):
         pipeline.flip_labels(pipeline.load_glue("stsb", "train", str(glue_dir)), "stsb", 0.1, 0)
     assert_user_error(run_script("train.py", "--label_noise", "1.5"), "--label_noise: expected a number in [0, 1)")
+
+
+def test_group_by_length_batches_similar_lengths_and_trains(tiny_model_dir, glue_dir):
+    """--group_by_length: every epoch a new order, each example at most once, far less padding than random batches;
+    the recipe trains deterministically, and leaves ground-truth names of the default recipe unchanged."""
+    from datasets import Dataset
+
+    from glue_attribution import lds
+
+    lengths = np.random.default_rng(0).integers(1, 60, size=1000)
+    dataset = Dataset.from_dict({"input_ids": [[1] * n for n in lengths]})
+    sampler = pipeline.LengthGroupedBatches(dataset, 32, torch.Generator().manual_seed(0))
+    first, second = list(sampler), list(sampler)
+    assert len(first) == len(sampler) == 31 and first != second
+    for epoch in (first, second):
+        flat = [i for batch in epoch for i in batch]
+        assert len(set(flat)) == len(flat) == 31 * 32
+    padded = np.mean([lengths[b].max() for b in first])
+    assert padded < 0.6 * np.mean([lengths[b].max() for b in np.arange(992).reshape(31, 32)])
+    tokenizer = pipeline.load_tokenizer(tiny_model_dir)
+    data = pipeline.tokenize(pipeline.load_glue("sst2", "train", str(glue_dir), 32), "sst2", tokenizer, 32)
+    config = pipeline.TrainConfig(learning_rate=1e-3, train_batch_size=8, num_train_epochs=2, group_by_length=True)
+    weights = [pipeline.finetune(tiny_model_dir, "sst2", data, pipeline.collator(tokenizer), config, 0,
+                                 disable_tqdm=True).classifier.weight for _ in range(2)]
+    torch.testing.assert_close(weights[0], weights[1])
+    args = type("Args", (), {**{k: None for k in ("dataset_name", "data_dir", "model_name_or_path", "max_seq_length",
+                                                  "pad_to_max_length", "max_query_examples", "num_masks",
+                                                  "subset_fraction", "num_repeats", "stratify_masks", "seed",
+                                                  "label_noise")},
+                             **vars(pipeline.TrainConfig()), "max_train_samples": None, "dataset_name": "sst2"})
+    assert "group_by_length" not in lds.ground_truth_arguments(args)["recipe"]
+    args.group_by_length = True
+    assert lds.ground_truth_arguments(args)["recipe"]["group_by_length"] is True
