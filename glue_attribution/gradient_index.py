@@ -284,9 +284,18 @@ def merge_chunks(work: str, bases: dict, modules: dict, config: IndexConfig, num
     """Fits the preconditioner from the finished chunks and returns the index's tensors (written by the caller):
     `store` (examples x dims, preconditioned), `self_influence`, and per module its bases and Lambda + damping."""
     num_chunks = math.ceil(num_train / config.chunk_size)
-    chunks = [load_file(_chunk_path(work, c)) for c in range(num_chunks)]
-    rows = torch.cat([c.pop("rows") for c in chunks])
-    norms = torch.cat([c.pop("norms") for c in chunks]).sum(dim=0) / num_train  # mean ||G||^2 per module
+    rows, norms, chunks = None, 0, []
+    for c in range(num_chunks):  # filled chunk by chunk: the rows are held once
+        chunk = load_file(_chunk_path(work, c))
+        part = chunk.pop("rows")
+        if rows is None:
+            rows = part.new_empty(num_train, part.shape[1])
+        start = c * config.chunk_size
+        rows[start:start + len(part)] = part
+        norms = norms + chunk.pop("norms").sum(dim=0)
+        chunks.append(chunk)  # the covariances of a random projection
+        del part
+    norms = norms / num_train  # mean ||G||^2 per module
     tensors, offset, denominators = {}, 0, []
     for i, (name, module) in enumerate(modules.items()):
         b_in, b_out, values_in, values_out, kfac_mean = bases[name]
@@ -323,9 +332,14 @@ def merge_chunks(work: str, bases: dict, modules: dict, config: IndexConfig, num
         tensors[f"denominator.{i}"] = denominator.contiguous()
         offset += k_in * k_out
     denominator = torch.cat(denominators)
-    store = rows / denominator
-    tensors["self_influence"] = (rows * store).sum(dim=1)
-    tensors["store"] = store.to(getattr(torch, config.store_dtype)).contiguous()
+    tensors["self_influence"] = torch.cat([(part.square() / denominator).sum(dim=1) for part in rows.split(4096)])
+    rows.div_(denominator)
+    if config.store_dtype == "float16" and not config.float64:  # per-example scale: 1/(Lambda + 1e-8) overflows it
+        scale = rows.abs().amax(dim=1).clamp_min(torch.finfo(rows.dtype).tiny)
+        rows.div_(scale[:, None])
+        tensors["store_scale"] = scale
+        rows = rows.half()
+    tensors["store"] = rows
     return tensors
 
 
@@ -341,6 +355,7 @@ class GradientIndex:
     store: torch.Tensor
     self_influence: torch.Tensor
     bases: dict  # {module name: (B_in, B_out)}
+    store_scale: torch.Tensor | None = None  # float16 stores: each row's scale
 
     @property
     def num_train(self) -> int:
@@ -361,7 +376,7 @@ class GradientIndex:
         tensors = load_file(os.path.join(folder, INDEX_FILE))
         names = meta["modules"]
         bases = {n: (tensors[f"basis_in.{i}"], tensors[f"basis_out.{i}"]) for i, n in enumerate(names)}
-        return cls(folder, meta, tensors["store"], tensors["self_influence"], bases)
+        return cls(folder, meta, tensors["store"], tensors["self_influence"], bases, tensors.get("store_scale"))
 
     def query_rows(self, model: nn.Module, dataset, collate, measurement, batch_size: int,
                    disable_tqdm: bool = False) -> torch.Tensor:
@@ -381,6 +396,8 @@ class GradientIndex:
         out = torch.empty(len(query_rows), self.num_train, dtype=query_rows.dtype)
         for start in range(0, self.num_train, block):
             out[:, start:start + block] = query_rows @ self.store[start:start + block].to(query_rows.dtype).T
+        if self.store_scale is not None:
+            out *= self.store_scale.to(out.dtype)
         if normalize:
             out /= self.self_influence.to(out.dtype).clamp_min(torch.finfo(out.dtype).tiny).sqrt()
         return out

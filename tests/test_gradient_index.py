@@ -71,7 +71,10 @@ def test_truncated_index_and_cosine(monkeypatch, glue_dir, checkpoints, tmp_path
     for extra in ([], ["--index_normalize"]):
         run_analyze(monkeypatch, *flags(glue_dir, checkpoints[0], out, "--factor_strategy", "ekfac_index",
                                         "--index_rank", "4", *extra))
+    run_analyze(monkeypatch, *flags(glue_dir, checkpoints[0], out, "--factor_strategy", "ekfac_index",
+                                    "--index_rank", "4", "--index_store_dtype", "float16", "--scores_name", "half"))
     raw, cosine = scores(out, "ekfac_index_k4"), scores(out, "ekfac_index_k4_cos")
+    np.testing.assert_allclose(scores(out, "half"), raw, rtol=2e-3, atol=2e-3 * np.abs(raw).max())
     self_influence = scores(out, "ekfac_index_k4", "self")
     np.testing.assert_allclose(cosine, raw / np.sqrt(self_influence), rtol=1e-5)
     meta = json.load(open(out / "rte" / "index_ekfac_index_k4" / "glue_index.json"))
