@@ -2,7 +2,6 @@
 rank, resumable, shardable, and new queries answered from it."""
 
 import json
-import os
 import sys
 
 import numpy as np
@@ -14,6 +13,7 @@ import analyze
 import pipeline
 from conftest import assert_user_error, run_script
 from glue_attribution import results
+from glue_attribution.errors import GlueError
 from glue_attribution.scores import load_scores
 
 N_TRAIN, N_QUERY = 24, 6
@@ -86,24 +86,21 @@ def test_truncated_index_and_cosine(monkeypatch, glue_dir, checkpoints, tmp_path
         N_TRAIN, meta["dims"])
 
 
-def test_killed_build_resumes_and_shards_merge_to_the_same_bytes(glue_dir, checkpoints, tmp_path):
+def test_killed_build_resumes_and_shards_merge_to_the_same_bytes(monkeypatch, glue_dir, checkpoints, tmp_path):
     index = ["--factor_strategy", "ekfac_index", "--index_projection", "random", "--index_rank", "4",
              "--index_chunk_size", "8"]  # 3 chunks
-    one = run_script("analyze.py", *flags(glue_dir, checkpoints[0], tmp_path / "one", *index))
-    assert one.returncode == 0, one.stderr
+    run_analyze(monkeypatch, *flags(glue_dir, checkpoints[0], tmp_path / "one", *index))
     killed = run_script("analyze.py", *flags(glue_dir, checkpoints[0], tmp_path / "killed", *index),
                         GLUE_KILL_AT="index_chunk_saved:2")
     assert killed.returncode != 0
     staging = tmp_path / "killed" / "rte" / results.STAGING
     chunks = sorted(p.name for p in staging.rglob("chunk_*.safetensors"))
     assert chunks == ["chunk_00000.safetensors", "chunk_00001.safetensors"]
-    resumed = run_script("analyze.py", *flags(glue_dir, checkpoints[0], tmp_path / "killed", *index))
-    assert resumed.returncode == 0, resumed.stderr
-    for shard in (0, 1):
-        part = run_script("analyze.py", *flags(glue_dir, checkpoints[0], tmp_path / "shards", *index,
-                                               "--shard_index", str(shard), "--num_shards", "2"))
-        assert part.returncode == 0, part.stderr
-        assert ("rerun once every shard" in part.stderr) == (shard == 0)
+    run_analyze(monkeypatch, *flags(glue_dir, checkpoints[0], tmp_path / "killed", *index))
+    for shard in (0, 1):  # shard 0 leaves chunk 1 to shard 1, which merges
+        run_analyze(monkeypatch, *flags(glue_dir, checkpoints[0], tmp_path / "shards", *index, "--shard_index",
+                                        str(shard), "--num_shards", "2"))
+        assert (tmp_path / "shards" / "rte" / "scores_ekfac_index_k4_random").exists() == (shard == 1)
     files = {run: results.file_sha256(tmp_path / run / "rte" / "index_ekfac_index_k4_random" / "gradient_index"
                                       ".safetensors") for run in ("one", "killed", "shards")}
     assert len(set(files.values())) == 1, files
@@ -127,15 +124,14 @@ def test_new_queries(monkeypatch, glue_dir, checkpoints, tmp_path, capsys):
     np.testing.assert_allclose([t["score"] for t in top], row[[t["index"] for t in top]], rtol=1e-4)
     assert "Query 0" in capsys.readouterr().out
     table = tmp_path / "queries.csv"
-    table.write_text("premise,hypothesis\na b,c d\n")
-    wrong = run_script("analyze.py", *base, "--query_file", str(table))
-    assert_user_error(wrong, str(table), "'sentence1'", "premise")
     table.write_text("sentence1,sentence2\nthe movie,a film\nthe plot,the story\n")
     run_analyze(monkeypatch, *base, "--query_file", str(table))
     assert len(json.load(open(out / "rte" / "new_queries_ekfac_index_k4.json"))["queries"]) == 2
-    other = run_script("analyze.py", *flags(glue_dir, checkpoints[1], out, "--factor_strategy", "ekfac_index",
-                                            "--index_rank", "4", "--query_file", str(table)))
-    assert_user_error(other, "another checkpoint", "--overwrite")
-    exact = run_script("analyze.py", *flags(glue_dir, checkpoints[0], out, "--query_file", str(table)))
-    assert_user_error(exact, "keeps no training gradients", "24 training examples", "ekfac_index")
-    assert os.path.isdir(out / "rte" / "index_ekfac_index_k4")
+    with pytest.raises(GlueError, match="another checkpoint.*--overwrite"):
+        run_analyze(monkeypatch, *flags(glue_dir, checkpoints[1], out, "--factor_strategy", "ekfac_index",
+                                        "--index_rank", "4", "--query_file", str(table)))
+    with pytest.raises(GlueError, match="keeps no training gradients.*24 training examples.*ekfac_index"):
+        run_analyze(monkeypatch, *flags(glue_dir, checkpoints[0], out, "--query_file", str(table)))
+    table.write_text("premise,hypothesis\na b,c d\n")
+    wrong = run_script("analyze.py", *base, "--query_file", str(table))
+    assert_user_error(wrong, str(table), "'sentence1'", "premise")
