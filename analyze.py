@@ -176,7 +176,7 @@ def main():
     influence.check_queries(args, len(train_text), len(query_text))
     results.check_writable(args.output_dir)
     if args.query_text or args.query_file:  # new texts against an existing gradient index
-        path = influence.answer_new_queries(args, members[0][1], train_text)
+        path = influence.answer_new_queries(args, members[0], train_text)
         logger.info("Top influential training examples of the new queries: %s", path)
         return
     epoch = "" if args.checkpoint_epoch is None else f"_{pipeline.epoch_member(args.checkpoint_epoch)}"

@@ -35,6 +35,7 @@ import pipeline
 from task import GlueTask
 
 from . import fast_factors, progress, results
+from . import scores as scores_module
 from .errors import GlueError
 from .failpoints import failpoint
 from .scores import SCORES_META, SELF_RANKING, scores_dir
@@ -377,7 +378,7 @@ def analyze_checkpoint(args, checkpoint_dir: str, suffix: str, train_text, query
                                      meta)
             return scores_name
         if args.factor_strategy in INDEX_STRATEGIES:
-            published = publish_index_scores(args, checkpoint_dir, (model, tokenizer), (train_text, query_text),
+            published = publish_index_scores(args, checkpoint_dir, suffix, (model, tokenizer), (train_text, query_text),
                                              (factors_name + suffix, factor_args), scores_root, scores_public, meta)
             return scores_name if published else None
         size = factor_bytes(model, tracked_modules(model, args.tracked_modules), factor_args)  # before wrapping
@@ -507,10 +508,11 @@ def index_config(args):
 
 
 def index_name(args) -> str:
-    """<preconditioner>_index_k<K>[_random][_cos]: the score set's and the index's name (k: per side and module)."""
+    """<preconditioner>_index_k<K>[_random][_fp16][_cos]: the score set's and the index's name (k: per side and
+    module)."""
     rank = "full" if args.index_rank is None else f"k{args.index_rank}"
     return (f"{args.factor_strategy}_{rank}" + ("_random" if args.index_projection == "random" else "")
-            + ("_cos" if args.index_normalize else ""))
+            + ("_fp16" if args.index_store_dtype == "float16" else "") + ("_cos" if args.index_normalize else ""))
 
 
 def index_signature(args, provenance: dict) -> dict:
@@ -522,9 +524,11 @@ def index_signature(args, provenance: dict) -> dict:
             **index_config(args).signature()}
 
 
-def index_dir(args, scores_name: str) -> str:
-    """Where the index of a score set lives: <output_dir>/<task>/index_<name without _cos>."""
-    return os.path.join(args.output_dir, args.dataset_name, "index_" + scores_name.replace("_cos", "", 1))
+def index_dir(args, suffix: str = "") -> str:
+    """Where the index lives: <output_dir>/<task>/index_<index name without _cos><member suffix>; the _cos scores
+    and any --scores_name read the same index."""
+    name = index_name(args).removesuffix("_cos")
+    return os.path.join(args.output_dir, args.dataset_name, f"index_{name}{suffix}")
 
 
 def index_bases(args, checkpoint_sha256: str, model, tokenizer, texts: tuple, factors: tuple, modules: dict,
@@ -550,8 +554,8 @@ def index_bases(args, checkpoint_sha256: str, model, tokenizer, texts: tuple, fa
     return bases, meta
 
 
-def publish_index_scores(args, checkpoint_dir: str, loaded: tuple, texts: tuple, factors: tuple, root: str,
-                         public: str, meta: dict) -> bool:
+def publish_index_scores(args, checkpoint_dir: str, suffix: str, loaded: tuple, texts: tuple, factors: tuple,
+                         root: str, public: str, meta: dict) -> bool:
     """Builds (or reuses) the checkpoint's gradient index, then publishes the queries' scores against it, with the
     self-influence of every training example (free: it is in the index). False while other shards' chunks of the
     index are missing."""
@@ -567,9 +571,9 @@ def publish_index_scores(args, checkpoint_dir: str, loaded: tuple, texts: tuple,
     train_dataset, query_dataset = (pipeline.tokenize(d, args.dataset_name, tokenizer, args.max_seq_length,
                                                       args.pad_to_max_length) for d in texts)
     collate, task = pipeline.collator(tokenizer), GlueTask()
-    folder = index_dir(args, meta["scores_name"])
+    folder = index_dir(args, suffix)
     index_meta = gradient_index.build_index(model.to(args.device), train_dataset, collate, task, modules, bases,
-                                            config, folder, {**meta["signature"], "normalize": None},
+                                            config, folder, index_signature(args, meta["provenance"]),
                                             args.shard_index, args.num_shards, args.overwrite)
     if index_meta is None:
         return False
@@ -637,7 +641,7 @@ def read_new_queries(args) -> "datasets.Dataset":  # noqa: F821
     return Dataset.from_dict({**queries, "label": labels})
 
 
-def answer_new_queries(args, checkpoint_dir: str, train_text) -> str:
+def answer_new_queries(args, member: tuple, train_text) -> str:
     """Top influential training examples of texts the index has never seen: one pass over the queries' gradients
     and a product with the store. Prints them, writes them as JSON, returns the JSON's path. An exact strategy has no
     store: refused, with what a query would cost it."""
@@ -655,9 +659,10 @@ def answer_new_queries(args, checkpoint_dir: str, train_text) -> str:
                         f"{cost} for its {len(train_text)} training examples; build an index once with "
                         "--factor_strategy ekfac_index, then ask it")
     start = time.time()
+    seed, checkpoint_dir = member  # an ensemble's first member answers
     model, tokenizer, checkpoint = pipeline.load_checkpoint(checkpoint_dir, args.dataset_name,
                                                             args.attn_implementation)
-    folder = index_dir(args, scores_name)
+    folder = index_dir(args, "" if seed is None else f"_{scores_module.member(seed)}")
     index = gradient_index.GradientIndex.load(folder, checkpoint["files"]["model.safetensors"]["sha256"])
     if index.meta["signature"]["train_data"] != pipeline.fingerprint(train_text):
         raise GlueError(f"the gradient index in {folder} was built on other training data than "

@@ -2,6 +2,7 @@
 rank, resumable, shardable, and new queries answered from it."""
 
 import json
+import os
 import sys
 
 import numpy as np
@@ -72,9 +73,9 @@ def test_truncated_index_and_cosine(monkeypatch, glue_dir, checkpoints, tmp_path
         run_analyze(monkeypatch, *flags(glue_dir, checkpoints[0], out, "--factor_strategy", "ekfac_index",
                                         "--index_rank", "4", *extra))
     run_analyze(monkeypatch, *flags(glue_dir, checkpoints[0], out, "--factor_strategy", "ekfac_index",
-                                    "--index_rank", "4", "--index_store_dtype", "float16", "--scores_name", "half"))
+                                    "--index_rank", "4", "--index_store_dtype", "float16"))
     raw, cosine = scores(out, "ekfac_index_k4"), scores(out, "ekfac_index_k4_cos")
-    np.testing.assert_allclose(scores(out, "half"), raw, rtol=2e-3, atol=2e-3 * np.abs(raw).max())
+    np.testing.assert_allclose(scores(out, "ekfac_index_k4_fp16"), raw, rtol=2e-3, atol=2e-3 * np.abs(raw).max())
     self_influence = scores(out, "ekfac_index_k4", "self")
     np.testing.assert_allclose(cosine, raw / np.sqrt(self_influence), rtol=1e-5)
     meta = json.load(open(out / "rte" / "index_ekfac_index_k4" / "glue_index.json"))
@@ -123,6 +124,10 @@ def test_new_queries(monkeypatch, glue_dir, checkpoints, tmp_path, capsys):
     assert [t["index"] for t in top][:2] == np.argsort(-row, kind="stable")[:2].tolist()
     np.testing.assert_allclose([t["score"] for t in top], row[[t["index"] for t in top]], rtol=1e-4)
     assert "Query 0" in capsys.readouterr().out
+    mtime = os.path.getmtime(out / "rte" / "index_ekfac_index_k4" / "gradient_index.safetensors")
+    run_analyze(monkeypatch, *base, "--max_query_examples", "3", "--scores_name", "q3")  # the index is reused
+    np.testing.assert_allclose(scores(out, "q3"), scores(out, "ekfac_index_k4")[:3], rtol=1e-5)
+    assert os.path.getmtime(out / "rte" / "index_ekfac_index_k4" / "gradient_index.safetensors") == mtime
     table = tmp_path / "queries.csv"
     table.write_text("sentence1,sentence2\nthe movie,a film\nthe plot,the story\n")
     run_analyze(monkeypatch, *base, "--query_file", str(table))
