@@ -151,12 +151,14 @@ class Collector:
     """Hooks that turn one backward pass into each example's compressed gradients, from the token factors.
 
     After `loss.backward()` on a summed loss, `rows()` is (batch, sum of k_out * k_in) and `norms()` the squared
-    Frobenius norm of each example's untruncated gradient per module (batch, modules). With `covariances`, the
-    projected token covariances (padding masked, as kronfluence's) are accumulated across batches.
+    Frobenius norm of each example's untruncated gradient per module (batch, modules; zeros without `norms`). With
+    `covariances`, the projected token covariances (padding masked, as kronfluence's) are accumulated across
+    batches.
     """
 
-    def __init__(self, model: nn.Module, modules: dict, bases: dict, dtype, covariances: bool = False):
-        self.modules, self.bases, self.dtype = modules, bases, dtype
+    def __init__(self, model: nn.Module, modules: dict, bases: dict, dtype, covariances: bool = False,
+                 norms: bool = True):
+        self.modules, self.bases, self.dtype, self.with_norms = modules, bases, dtype, norms
         self.attention_mask = None
         self._rows, self._norms, self._inputs = {}, {}, {}
         self.covariances = {n: [0, 0, 0, 0, 0, 0] for n in modules} if covariances else None  # A, S, n, tr A, tr S
@@ -191,7 +193,10 @@ class Collector:
         b_in, b_out = self.bases[name][:2]
         a_p, g_p = a @ b_in, g @ b_out
         self._rows[name] = torch.bmm(g_p.transpose(1, 2), a_p).flatten(1)
-        self._norms[name] = (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum(dim=(1, 2))
+        if self.with_norms:  # T^2 (d_in + d_out) per example: only 'auto' damping needs them
+            self._norms[name] = (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum(dim=(1, 2))
+        else:
+            self._norms[name] = a.new_zeros(a.size(0))
         if self.covariances is not None:
             c = self.covariances[name]
             a_p, g_p = a_p.flatten(0, 1), g_p.flatten(0, 1)
@@ -261,7 +266,8 @@ def build_chunks(model: nn.Module, train_dataset, collate, loss_fn, bases: dict,
         if _chunk_done(work, chunk):
             continue
         start, stop = chunk * config.chunk_size, min((chunk + 1) * config.chunk_size, len(train_dataset))
-        collector = Collector(model, modules, bases, config.dtype, covariances=config.projection == "random")
+        collector = Collector(model, modules, bases, config.dtype, covariances=config.projection == "random",
+                              norms=config.damping_factor is None)
         try:
             rows, norms = collect(model, collector, train_dataset.select(range(start, stop)), collate, loss_fn,
                                   config.batch_size, f"Index chunk {chunk + 1}/{num_chunks}")
@@ -383,7 +389,8 @@ class GradientIndex:
         """Compressed measurement gradients of `dataset`'s examples (in its order), in the index's space."""
         dtype = self.bases[next(iter(self.bases))][0].dtype
         modules = linear_modules(model, list(self.bases))
-        collector = Collector(model, modules, {n: (*b, None, None, None) for n, b in self.bases.items()}, dtype)
+        collector = Collector(model, modules, {n: (*b, None, None, None) for n, b in self.bases.items()}, dtype,
+                              norms=False)
         try:
             rows, _ = collect(model, collector, dataset, collate, measurement, batch_size, "Query gradients",
                               disable_tqdm)

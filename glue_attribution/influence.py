@@ -508,10 +508,12 @@ def index_config(args):
 
 
 def index_name(args) -> str:
-    """<preconditioner>_index_k<K>[_random][_fp16][_cos]: the score set's and the index's name (k: per side and
-    module)."""
+    """<preconditioner>_index_k<K>[_random][_damp<D>][_fp16][_cos]: the score set's and the index's name (k: per side
+    and module; D: a --damping_factor other than the default)."""
     rank = "full" if args.index_rank is None else f"k{args.index_rank}"
-    return (f"{args.factor_strategy}_{rank}" + ("_random" if args.index_projection == "random" else "")
+    damping = ("" if args.damping_factor == 1e-8 else "_damp_auto" if args.damping_factor is None
+               else f"_damp{args.damping_factor:g}")
+    return (f"{args.factor_strategy}_{rank}" + ("_random" if args.index_projection == "random" else "") + damping
             + ("_fp16" if args.index_store_dtype == "float16" else "") + ("_cos" if args.index_normalize else ""))
 
 

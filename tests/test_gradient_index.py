@@ -55,15 +55,21 @@ def scores(output_dir, name, kind="pairwise"):
 @pytest.mark.parametrize("preconditioner", ["ekfac", "kfac"])
 def test_full_rank_index_is_exact(monkeypatch, glue_dir, checkpoints, tmp_path, preconditioner):
     """k = the full width (the eigenbasis: a rotation; the random projection: the identity) gives kronfluence's
-    scores and self-influence, same Fisher and damping, in float64."""
+    scores and self-influence, same Fisher and damping (1e-8, and 'auto' from the full gradients' norms), in
+    float64."""
     out = tmp_path / "out"
-    for strategy, extra in ((preconditioner, []), (f"{preconditioner}_index", ["--index_rank", "full"]),
-                            (f"{preconditioner}_index", ["--index_rank", "full", "--index_projection", "random"])):
+    runs = [(preconditioner, []), (preconditioner, ["--damping_factor", "auto", "--scores_name", "exact_auto"])]
+    for damping in ([], ["--damping_factor", "auto"]):
+        runs += [(f"{preconditioner}_index", ["--index_rank", "full", *damping]),
+                 (f"{preconditioner}_index", ["--index_rank", "full", "--index_projection", "random", *damping])]
+    for strategy, extra in runs:
         run_analyze(monkeypatch, *flags(glue_dir, checkpoints[0], out, "--factor_strategy", strategy, *EXACT, *extra))
-    exact = scores(out, preconditioner)
-    for name in (f"{preconditioner}_index_full", f"{preconditioner}_index_full_random"):
-        np.testing.assert_allclose(scores(out, name), exact, rtol=1e-6, atol=1e-6 * np.abs(exact).max())
-        np.testing.assert_allclose(scores(out, name, "self"), scores(out, preconditioner, "self"), rtol=1e-6)
+    for exact, damping in ((preconditioner, ""), ("exact_auto", "_damp_auto")):
+        for projection in ("", "_random"):
+            name = f"{preconditioner}_index_full{projection}{damping}"
+            reference = scores(out, exact)
+            np.testing.assert_allclose(scores(out, name), reference, rtol=1e-6, atol=1e-6 * np.abs(reference).max())
+            np.testing.assert_allclose(scores(out, name, "self"), scores(out, exact, "self"), rtol=1e-6)
 
 
 def test_truncated_index_and_cosine(monkeypatch, glue_dir, checkpoints, tmp_path):
