@@ -161,7 +161,8 @@ class Collector:
         self.modules, self.bases, self.dtype, self.with_norms = modules, bases, dtype, norms
         self.attention_mask = None
         self._rows, self._norms, self._inputs = {}, {}, {}
-        self.covariances = {n: [0, 0, 0, 0, 0, 0] for n in modules} if covariances else None  # A, S, n, tr A, tr S
+        # Per module: projected A and S sums, tokens counted, and the untruncated traces of A and S (K-FAC's 'auto').
+        self.covariances = {n: [0, 0, 0, 0, 0] for n in modules} if covariances else None
         self._handles = [m.register_forward_hook(self._forward(n)) for n, m in modules.items()]
         # Only gradients w.r.t. layer outputs are needed: keep the weights' own gradients from being computed.
         for p in model.parameters():
