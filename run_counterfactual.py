@@ -99,6 +99,7 @@ def main():
     train_text, query_text = pipeline.load_train_and_queries(args.dataset_name, args.data_dir,
                                                              args.max_train_samples, args.max_query_examples,
                                                              args.label_noise, args.label_noise_seed)
+    cli.check_checkpoint_data(args, train_text)
     rankings, used = counterfactual.load_rankings(args, train_text, query_text["label"])
     counterfactual.check_intervals(args.remove_intervals, rankings, len(train_text), args.train_batch_size)
     counterfactual.reference_ranking(args.reference, rankings)  # a wrong --reference fails before any retrain

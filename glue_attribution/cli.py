@@ -275,10 +275,33 @@ def check_recipe(checkpoint_dir: str, saved: dict, reference: dict, keys: tuple 
                  fix: str = "pass --ensemble_seeds, or retrain them") -> None:
     """An ensemble never mixes recipes: refuses a member whose recorded arguments `saved` differ from `reference`
     (another member's, or this run's) in any of `keys`."""
-    changed = [key for key in keys if saved.get(key) != reference.get(key)]
+    changed = [key for key in keys if _comparable(key, saved.get(key)) != _comparable(key, reference.get(key))]
     if changed:
         raise GlueError(f"{checkpoint_dir} was trained with another {', '.join(changed)}; an ensemble's members "
                         f"share one recipe: {fix}")
+
+
+def _comparable(key: str, value):
+    """train.py records --data_dir as an absolute path (older checkpoints: as typed, relative to where it ran)."""
+    return os.path.abspath(value) if key == "data_dir" and value is not None else value
+
+
+def check_checkpoint_data(args, train_text, folders: list | None = None) -> None:
+    """Every checkpoint in `folders` was trained on `train_text` (this run's training examples, label noise
+    included): scores, retrains and rankings of other data would be served as this model's. When this command
+    overrides the checkpoint's slice or label noise, its examples differ on purpose (the override is warned)."""
+    if {"max_train_samples", "label_noise", "label_noise_seed"} & set(getattr(args, "overrides", {})):
+        return
+    if folders is None:  # the checkpoint(s) in --checkpoint_dir, when there are any
+        folders = [folder for _, folder in checkpoints(args.checkpoint_dir, args.dataset_name)]
+    for folder in folders:
+        try:
+            meta = results.read(folder, pipeline.CHECKPOINT_META, "checkpoint")
+        except ResultMissing:
+            continue
+        except ResultDamaged as err:
+            raise GlueError(f"{err}; retrain it with train.py") from None
+        pipeline.check_training_data(meta, folder, args.dataset_name, args.data_dir, train_text)
 
 
 def read_json(path: str, what: str) -> dict:

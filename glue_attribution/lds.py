@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 import pipeline
 
 from . import progress, results, sweeps
-from .cli import RECIPE_DEFAULTS, trained_checkpoints
+from .cli import RECIPE_DEFAULTS, check_checkpoint_data, trained_checkpoints
 from .ensembles import combine
 from .errors import GlueError, ResultDamaged, ResultMissing
 from .failpoints import failpoint
@@ -322,6 +322,7 @@ def load_data(args) -> tuple:
     train_text, query_text = pipeline.load_train_and_queries(args.dataset_name, args.data_dir, args.max_train_samples,
                                                              args.max_query_examples, args.label_noise,
                                                              args.label_noise_seed)
+    check_checkpoint_data(args, train_text)
     return train_text, query_text, pipeline.data_provenance(args.dataset_name, train_text, query_text,
                                                             args.max_seq_length)
 
