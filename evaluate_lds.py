@@ -133,6 +133,10 @@ def build(args) -> None:
 
     folder = lds.claim_ground_truth(args)
     train_text, query_text, provenance = lds.load_data(args)
+    if lds.reuse_sealed(folder, args, provenance):
+        logger.info("The ground truth in %s is sealed and verifies (every run's file and record): nothing to do",
+                    folder)
+        return
     masks = lds.load_or_make_masks(folder, args, train_text["label"])
     if not args.merge_only:
         lds.retrain_runs(folder, args, masks, train_text, query_text)
@@ -164,9 +168,9 @@ def score(args) -> None:
     ceiling = None if repeats is None else lds.noise_ceiling(repeats, args.num_bootstrap, args.seed)
     title = lds.table_title(args, masks, margins, summary)
     report.print_lds_table(table, title, reference, ceiling)
-    if ceiling is None:
-        logger.info("No noise ceiling: it needs two or more retrains per mask, all present (build with --num_repeats "
-                    "2 or more)")
+    if ceiling is None and args.num_repeats < 2:
+        logger.info("No noise ceiling: this ground truth has %d retrain per mask, and the ceiling needs two or more "
+                    "(build another with --num_repeats 2 or more)", args.num_repeats)
     results_path = os.path.join(folder, "lds_results.json")
     results.atomic_write_json({"ground_truth": folder, "num_masks": masks.shape[0], "num_queries": margins.shape[1],
                                "num_train": int(masks.shape[1]), "num_bootstrap": args.num_bootstrap, **summary,

@@ -166,7 +166,6 @@ def load_glue(task_name: str, split: str, data_dir: str | None = None, max_sampl
 
     The first `max_samples` examples are kept (as HF's run_glue does), so a slice is the same examples every time.
     """
-    task = get_task(task_name)
     if max_samples is not None and max_samples <= 0:
         raise GlueError(f"the number of samples must be positive, got {max_samples}")
     from datasets import Dataset

@@ -10,6 +10,7 @@ kept examples; the LDS is the mean over queries, with its standard error over qu
 masks, and paired differences against a reference set (same queries, same resamples).
 """
 
+import json
 import logging
 import os
 
@@ -126,16 +127,90 @@ def load_or_make_masks(folder: str, args, train_labels) -> np.ndarray:
     return masks
 
 
-def load_retrain(folder: str, mask: int, repeat: int, num_query: int) -> dict | None:
-    """A finished retrain's margins and correct flags (None if missing; a damaged one is deleted, to be redone)."""
-    return results.load_run(run_path(folder, mask, repeat), {"margins": (num_query,)})
+def signature(args) -> str:
+    """The ground truth's signature (the digest naming its folder), recorded in each of its run files."""
+    return results.digest(ground_truth_arguments(args))
+
+
+def repair_command(folder: str) -> str:
+    """The one command that repairs a ground truth: only `build` writes in it."""
+    return f"python evaluate_lds.py build --lds_dir {folder}"
+
+
+def run_problem(run: dict, args, mask: int, repeat: int) -> str | None:
+    """Why a run file is not this ground truth's (mask, repeat) retrain, or None. A run file records its mask, repeat,
+    seed and the ground truth's signature; one written before they were recorded (a legacy file: margins, correct and
+    seed) is checked on what it has: its seed, which names the build's --seed, the mask and the repeat."""
+    if "seed" not in run or int(run["seed"]) != run_seed(args.seed, mask, repeat):
+        return "a retrain with another seed (another build's run, or another mask or repeat)"
+    if "ground_truth" in run and (str(run["ground_truth"]) != signature(args) or int(run["mask"]) != mask
+                                  or int(run["repeat"]) != repeat):
+        return "a run of another ground truth (its recorded signature, mask or repeat differ)"
+    return None
+
+
+def load_retrain(folder: str, mask: int, repeat: int, num_query: int, args, owner: bool = True,
+                 sealed: dict | None = None) -> dict | None:
+    """A finished retrain's margins and correct flags, verified (None if missing). The build (`owner`) deletes a
+    damaged or foreign file, or one whose sha256 differs from the `sealed` manifest, so that it is redone; a consumer
+    raises one line naming the file and the command that repairs it, and deletes nothing."""
+    path = run_path(folder, mask, repeat)
+    try:
+        run = results.load_run(path, {"margins": (num_query,)}, owner=owner)
+    except ResultDamaged as err:
+        raise GlueError(f"{err}, in the sealed ground truth {folder}; repair it with: "
+                        f"{repair_command(folder)}") from None
+    if run is None:
+        return None
+    relative = os.path.relpath(path, folder)
+    problem = run_problem(run, args, mask, repeat)
+    if problem is None and sealed and relative in sealed and results.file_sha256(path) != sealed[relative]["sha256"]:
+        problem = "changed since the ground truth was sealed (its sha256 differs)"
+    if problem is None:
+        return run
+    if not owner:
+        raise GlueError(f"{path} is {problem}, in the sealed ground truth {folder}; repair it with: "
+                        f"{repair_command(folder)}")
+    logger.warning("%s is %s; deleting it so that it is redone", path, problem)
+    os.remove(path)
+    return None
+
+
+def sealed_manifest(folder: str) -> dict:
+    """The files ground_truth.json lists, read without verifying ({} when there is none): what `build` checks each
+    run file against before trusting it."""
+    try:
+        with open(os.path.join(folder, GROUND_TRUTH_META)) as f:
+            files = json.load(f).get("files", {})
+        return files if isinstance(files, dict) else {}
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
+def reuse_sealed(folder: str, args, provenance: dict) -> bool:
+    """True when the folder holds a sealed ground truth that verifies: every file in its manifest (the run files
+    too, since they are listed) and every run's recorded mask, repeat, seed and signature; for a ground truth sealed
+    before the runs were listed, also that the runs average to its margins.npy. Then `build` has nothing to do."""
+    try:
+        results.read(folder, GROUND_TRUTH_META, "LDS ground truth", provenance)  # other data: refused
+    except ResultMissing:
+        return False
+    except ResultDamaged as err:
+        logger.warning("%s: repairing it", err)
+        return False
+    try:
+        return load_repeat_margins(folder, args, provenance["num_query"], all_repeats=True) is not None
+    except GlueError as err:
+        logger.warning("%s: repairing it", str(err).split("; repair it with")[0])
+        return False
 
 
 def retrain_runs(folder: str, args, masks: np.ndarray, train_text, query_text) -> None:
-    """Retrains this shard's missing or damaged (mask, repeat) runs, saving each as it ends."""
+    """Retrains this shard's missing, damaged or foreign (mask, repeat) runs, saving each as it ends."""
     runs = [(m, r) for m in range(args.num_masks) for r in range(args.num_repeats)]
     mine = sweeps.shard(runs, args.shard_index, args.num_shards)
-    pending = [(m, r) for m, r in mine if load_retrain(folder, m, r, len(query_text)) is None]
+    sealed = sealed_manifest(folder)
+    pending = [(m, r) for m, r in mine if load_retrain(folder, m, r, len(query_text), args, sealed=sealed) is None]
     logger.info("***** Building LDS ground truth in %s *****", folder)
     logger.info("  Runs = %d (%d masks x %d repeats), this shard = %d, already done = %d, keep %d of %d examples",
                 len(runs), args.num_masks, args.num_repeats, len(mine), len(mine) - len(pending),
@@ -149,7 +224,8 @@ def retrain_runs(folder: str, args, masks: np.ndarray, train_text, query_text) -
         for m, r in bar:
             seed = run_seed(args.seed, m, r)
             result = retrain(np.flatnonzero(masks[m]), seed)
-            results.save_arrays(run_path(folder, m, r), **result, seed=np.array(seed))
+            results.save_arrays(run_path(folder, m, r), **result, seed=np.array(seed), mask=np.array(m),
+                                repeat=np.array(r), ground_truth=np.array(signature(args)))
             failpoint("lds_run_saved")
             if "correct" in result:  # classification
                 bar.set_postfix(query_acc=f"{result['correct'].mean():.3f}")
@@ -159,7 +235,7 @@ def merge_runs(folder: str, args, provenance: dict) -> bool:
     """Averages the runs over repeats into margins.npy once all are present and sound, and seals the folder with
     ground_truth.json (summary, provenance, sha256 of masks and margins); False if runs are missing."""
     with results.lock(folder):  # the last two shards may finish together
-        runs = [[load_retrain(folder, m, r, provenance["num_query"]) for r in range(args.num_repeats)]
+        runs = [[load_retrain(folder, m, r, provenance["num_query"], args) for r in range(args.num_repeats)]
                 for m in range(args.num_masks)]
         missing = sum(run is None for row in runs for run in row)
         if missing:
@@ -175,8 +251,11 @@ def merge_runs(folder: str, args, provenance: dict) -> bool:
                    "repeat_spearman": (float(spearman_rows(margins[:, 0].T, margins[:, 1].T).mean())
                                        if args.num_repeats > 1 else None)}
         save_npy(os.path.join(folder, "margins.npy"), margins.mean(axis=1))
+        # The run files are sealed with it: a consumer verifies them, and a rerun of `build` reuses it as it is.
         results.seal(folder, GROUND_TRUTH_META, {**summary, "provenance": provenance},
-                       files=["masks.npy", "margins.npy"])
+                     files=["masks.npy", "margins.npy", *(os.path.relpath(run_path(folder, m, r), folder)
+                                                          for m in range(args.num_masks)
+                                                          for r in range(args.num_repeats))])
     logger.info("Merged %d runs into %s: %s", summary["num_runs"], os.path.join(folder, "margins.npy"), summary)
     return True
 
@@ -208,8 +287,7 @@ def load_ground_truth(args, provenance: dict) -> tuple:
         raise GlueError(f"no finished LDS ground truth in {folder}; build it with: python evaluate_lds.py build "
                         "(with the same flags as this command)") from None
     except ResultDamaged as err:
-        raise GlueError(f"{err}; rerun `python evaluate_lds.py build` with the same flags to repair it (finished "
-                        "retrains are kept)") from None
+        raise GlueError(f"{err}; repair it with: {repair_command(folder)} (finished retrains are kept)") from None
     results.claim_experiment(folder, ground_truth_arguments(args), keep_both="another --lds_dir")  # same arguments
     masks = np.load(os.path.join(folder, "masks.npy"), allow_pickle=False)
     return folder, masks, np.load(os.path.join(folder, "margins.npy"), allow_pickle=False), summary
@@ -304,17 +382,32 @@ def noise_ceiling(repeat_margins: np.ndarray, num_bootstrap: int, seed: int) -> 
             "num_repeats": int(repeat_margins.shape[1])}
 
 
-def load_repeat_margins(folder: str, args, num_query: int) -> np.ndarray | None:
-    """Every retrain's margins, (masks, repeats, queries), from the ground truth's runs; None with one repeat (no
-    ceiling can be estimated then), or when runs are missing or do not average to the sealed margins.npy."""
-    if args.num_repeats < 2:
+def load_repeat_margins(folder: str, args, num_query: int, all_repeats: bool = False) -> np.ndarray | None:
+    """Every retrain's margins, (masks, repeats, queries), from a sealed ground truth's runs, each verified; None
+    with one repeat (no ceiling can be estimated then) unless `all_repeats`, or when a run file is missing (only from
+    a ground truth sealed before its runs were listed: for a later one `load_ground_truth` has refused it already);
+    the log then names the file and the command that restores it.
+
+    Raises:
+        GlueError: a run is damaged or foreign, or the runs do not average to the sealed margins.npy; the line names
+            it and the `build` command that repairs it (a consumer never deletes or rewrites anything).
+    """
+    if args.num_repeats < 2 and not all_repeats:
         return None
-    runs = [[load_retrain(folder, m, r, num_query) for r in range(args.num_repeats)] for m in range(args.num_masks)]
-    if any(run is None for row in runs for run in row):
+    runs = [[load_retrain(folder, m, r, num_query, args, owner=False) for r in range(args.num_repeats)]
+            for m in range(args.num_masks)]
+    missing = [run_path(folder, m, r) for m, row in enumerate(runs) for r, run in enumerate(row) if run is None]
+    if missing:
+        logger.warning("No noise ceiling: %s is missing from the ground truth in %s%s; restore it with: %s",
+                       missing[0], folder, f" (and {len(missing) - 1} more runs)" if len(missing) > 1 else "",
+                       repair_command(folder))
         return None
     repeats = np.stack([[run["margins"] for run in row] for row in runs])
     sealed = np.load(os.path.join(folder, "margins.npy"), allow_pickle=False)
-    return repeats if np.allclose(repeats.mean(axis=1), sealed) else None
+    if not np.allclose(repeats.mean(axis=1), sealed):
+        raise GlueError(f"the runs in {folder} do not average to its sealed margins.npy; repair it with: "
+                        f"{repair_command(folder)}")
+    return repeats
 
 
 def load_data(args) -> tuple:

@@ -361,9 +361,10 @@ def save_arrays(path: str, **arrays) -> None:
         np.savez(tmp, **arrays)
 
 
-def load_run(path: str, shapes: dict) -> dict | None:
+def load_run(path: str, shapes: dict, owner: bool = True) -> dict | None:
     """A finished run's arrays, or None when it is missing. One that is unreadable or has other shapes (a damaged
-    file) is deleted with a warning, so the owner redoes it."""
+    file) is deleted with a warning, so the owner redoes it; a consumer (`owner` False) gets `ResultDamaged` and
+    deletes nothing."""
     if not os.path.isfile(path):
         return None
     try:
@@ -373,6 +374,8 @@ def load_run(path: str, shapes: dict) -> dict | None:
             return arrays
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
         pass
+    if not owner:
+        raise ResultDamaged(f"{path} is damaged (unreadable or of other shapes)")
     logger.warning("%s is damaged; deleting it so that it is redone", path)
     os.remove(path)
     return None

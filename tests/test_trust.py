@@ -13,6 +13,7 @@ import evaluate_lds
 import pipeline
 from conftest import assert_user_error, run_script, write_glue_task, write_scores
 from glue_attribution import lds, results
+from glue_attribution.errors import GlueError
 
 TRAIN = ["--dataset_name", "rte", "--max_train_samples", "16", "--max_eval_samples", "8", "--max_seq_length", "32",
          "--num_train_epochs", "1", "--train_batch_size", "8", "--learning_rate", "1e-3", "--device", "cpu"]
@@ -48,7 +49,8 @@ def test_checkpoint_pins_its_training_data(trained, tmp_path):
               "--max_query_examples", "4", "--factor_strategy", "identity", "--device", "cpu"]
     refused = run_script("analyze.py", *common, "--data_dir", "bd", cwd=other)
     assert_user_error(refused, f"the checkpoint at {trained / 'ck' / 'rte'} was trained on "
-                               f"{trained / 'bd' / 'RTE' / 'train.tsv'}", f"loads other examples from {other / 'bd' / 'RTE' / 'train.tsv'}",
+                               f"{trained / 'bd' / 'RTE' / 'train.tsv'}",
+                      f"loads other examples from {other / 'bd' / 'RTE' / 'train.tsv'}",
                       f"pass --data_dir {trained / 'bd'}")
     assert not (other / "out").exists()
     # The same file changed after training: refused too, by every consumer.
@@ -64,3 +66,99 @@ def test_checkpoint_pins_its_training_data(trained, tmp_path):
             assert_user_error(refused, "but that file has changed since", "retrain the checkpoint")
     finally:
         write_glue_task(trained / "bd", "rte")
+
+
+def lds_argv(command: str, glue_dir, model_dir: str, folder, *extra: str) -> list:
+    """A tiny ground truth: 3 masks x 2 repeats of 16 of 32 RTE fixture examples, 8 queries, 1 epoch."""
+    return [command, "--dataset_name", "rte", "--data_dir", str(glue_dir), "--model_name_or_path", model_dir,
+            "--max_train_samples", "32", "--max_query_examples", "8", "--max_seq_length", "32", "--num_masks", "3",
+            "--num_repeats", "2", "--num_train_epochs", "1", "--train_batch_size", "8", "--learning_rate", "1e-3",
+            "--lds_dir", str(folder), "--device", "cpu", "--checkpoint_dir", str(folder) + "-none", *extra]
+
+
+def mtimes(folder) -> dict:
+    return {name: os.stat(os.path.join(folder, name)).st_mtime_ns
+            for name in ["ground_truth.json", "margins.npy", *(f"runs/{n}" for n in os.listdir(folder / "runs"))]}
+
+
+@pytest.fixture(scope="module")
+def sealed(tmp_path_factory, glue_dir, tiny_model_dir):
+    folder = tmp_path_factory.mktemp("sealed") / "gt"
+    evaluate_lds.build(evaluate_lds.parse_args(lds_argv("build", glue_dir, tiny_model_dir, folder)))
+    write_scores(folder.parent, "identity", np.random.default_rng(0).standard_normal((8, 32)), glue_dir)
+    return folder
+
+
+def copy_of(sealed, tmp_path):
+    folder = tmp_path / "gt"
+    shutil.copytree(sealed, folder)
+    return folder
+
+
+def test_run_files_record_their_build_and_are_sealed(sealed, glue_dir, tiny_model_dir, tmp_path):
+    folder = copy_of(sealed, tmp_path)
+    args = evaluate_lds.parse_args(lds_argv("build", glue_dir, tiny_model_dir, folder))
+    with np.load(folder / "runs" / "mask0002_repeat001.npz") as run:
+        assert (int(run["mask"]), int(run["repeat"]), int(run["seed"])) == (2, 1, lds.run_seed(0, 2, 1))
+        assert str(run["ground_truth"]) == lds.signature(args)
+    with open(folder / "ground_truth.json") as f:
+        listed = json.load(f)["files"]
+    assert listed["runs/mask0002_repeat001.npz"]["sha256"] == results.file_sha256(
+        folder / "runs" / "mask0002_repeat001.npz")
+    before = mtimes(folder)
+    evaluate_lds.build(args)  # sealed and verified: reused, not merged and sealed again
+    assert mtimes(folder) == before
+
+    # A run file of another build (--seed 1) copied in: refused by `score`, which deletes nothing; redone by `build`.
+    path = folder / "runs" / "mask0001_repeat000.npz"
+    with np.load(path) as run:
+        foreign = {**{k: run[k] for k in run.files}, "seed": np.array(lds.run_seed(1, 1, 0)),
+                   "margins": run["margins"] + 1, "ground_truth": np.array("0123456789abcdef")}
+    np.savez(path, **foreign)
+    score = ["score", *lds_argv("", glue_dir, tiny_model_dir, folder)[1:], "--output_dir", str(sealed.parent),
+             "--strategies", "identity", "--num_bootstrap", "10"]
+    assert_user_error(run_script("evaluate_lds.py", *score),
+                      "runs/mask0001_repeat000.npz does not match its recorded sha256",
+                      f"repair it with: python evaluate_lds.py build --lds_dir {folder}")
+    assert path.is_file()
+    evaluate_lds.build(args)
+    after = mtimes(folder)
+    assert {k for k in after if after[k] != before[k]} == {"runs/mask0001_repeat000.npz", "ground_truth.json",
+                                                           "margins.npy"}
+    np.testing.assert_array_equal(np.load(folder / "margins.npy"), np.load(sealed / "margins.npy"))
+
+
+def test_a_consumer_never_alters_a_legacy_sealed_ground_truth(sealed, glue_dir, tiny_model_dir, tmp_path, caplog):
+    """A ground truth built and sealed before run files recorded their build (margins, correct, seed) and before
+    the manifest listed them: accepted when what can be verified verifies; a damaged run is one line, not a
+    deletion; `build` reuses it as it is, or repairs it."""
+    folder = copy_of(sealed, tmp_path)
+    for name in os.listdir(folder / "runs"):
+        with np.load(folder / "runs" / name) as run:
+            np.savez(folder / "runs" / name, **{k: run[k] for k in ("margins", "correct", "seed")})
+    results.seal(str(folder), lds.GROUND_TRUTH_META, {k: v for k, v in json.load(open(folder / "ground_truth.json"))
+                                                      .items() if k != "files"}, files=["masks.npy", "margins.npy"])
+    score = evaluate_lds.parse_args(["score", *lds_argv("", glue_dir, tiny_model_dir, folder)[1:], "--output_dir",
+                                     str(sealed.parent), "--strategies", "identity", "--num_bootstrap", "10"])
+    evaluate_lds.score(score)
+    with open(folder / "lds_results.json") as f:
+        assert f.read().count('"noise_ceiling": {') == 1
+    build = evaluate_lds.parse_args(lds_argv("build", glue_dir, tiny_model_dir, folder))
+    before = mtimes(folder)
+    evaluate_lds.build(build)
+    assert mtimes(folder) == before
+
+    path = folder / "runs" / "mask0000_repeat001.npz"
+    with open(path, "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(GlueError, match=f"{path} is damaged.*repair it with: python evaluate_lds.py build "
+                                        f"--lds_dir {folder}$"):
+        evaluate_lds.score(score)
+    assert path.is_file() and os.path.getsize(path) == 100
+    os.remove(path)  # a missing run: the LDS is scored, and the log says what the ceiling lacks
+    evaluate_lds.score(score)
+    assert f"No noise ceiling: {path} is missing" in caplog.text and "--num_repeats 2 or more" not in caplog.text
+    evaluate_lds.build(build)  # repairs: the run redone, the margins the same
+    with np.load(path) as run:
+        assert int(run["mask"]) == 0 and int(run["repeat"]) == 1
+    np.testing.assert_allclose(np.load(folder / "margins.npy"), np.load(sealed / "margins.npy"), atol=1e-6)
