@@ -289,7 +289,13 @@ def tokenize(dataset: Dataset, task_name: str, tokenizer, max_seq_length: int = 
         encoded["labels"] = batch["label"]
         return encoded
 
-    return dataset.map(encode, batched=True, remove_columns=dataset.column_names, desc="Tokenizing")
+    # A fingerprint given, not computed: `datasets` would hash `encode` (the tokenizer with it) for seconds inside a
+    # bare `except:`, which swallows a Ctrl-C or SIGTERM arriving then. Not from the cache, which that fingerprint
+    # no longer keys by tokenizer; tokenizing again is cheap next to what follows.
+    fingerprint_of = results.digest([dataset._fingerprint, task_name, getattr(tokenizer, "name_or_path", ""),
+                                     len(tokenizer), max_seq_length, pad_to_max_length])
+    return dataset.map(encode, batched=True, remove_columns=dataset.column_names, desc="Tokenizing",
+                       new_fingerprint=fingerprint_of, load_from_cache_file=False)
 
 
 def collator(tokenizer):

@@ -50,6 +50,10 @@ def _terminate(signum, frame):
 
 
 def _exit(line: str, status: int) -> None:
+    """The final line is the last: the logs that libraries write on their way out (torch's FakeTensor cache stats,
+    at exit) are silenced first."""
+    logging.disable(logging.CRITICAL)
+    warnings.simplefilter("ignore")
     print(line, file=sys.stderr)
     sys.exit(status)
 
@@ -393,6 +397,7 @@ def setup_logging(verbose: bool = False) -> None:
     if verbose:
         return
     logging.getLogger("kronfluence").setLevel(logging.WARNING)
+    logging.getLogger("torch").setLevel(logging.WARNING)  # e.g. the FakeTensor cache stats it logs at exit
     for name in ("transformers", "datasets", "huggingface_hub", "torch.distributed"):
         logging.getLogger(name).setLevel(logging.ERROR)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

@@ -5,6 +5,7 @@ before any training, and score sets name the Task they measured."""
 import json
 import os
 import shutil
+import signal
 
 import numpy as np
 import pytest
@@ -162,3 +163,36 @@ def test_a_consumer_never_alters_a_legacy_sealed_ground_truth(sealed, glue_dir, 
     with np.load(path) as run:
         assert int(run["mask"]) == 0 and int(run["repeat"]) == 1
     np.testing.assert_allclose(np.load(folder / "margins.npy"), np.load(sealed / "margins.npy"), atol=1e-6)
+
+
+def test_no_signal_is_lost_while_tokenizing(monkeypatch, tiny_model_dir, glue_dir):
+    """`datasets` hashes what it is given inside a bare `except:`: a Ctrl-C arriving then would be swallowed. A
+    signal sent from inside every hash of a callable (the tokenizing function) must surface."""
+    from datasets.fingerprint import Hasher
+
+    sent, original = [], Hasher.update
+
+    def update(self, value):
+        if callable(value):
+            sent.append(value)
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(self, value)
+
+    monkeypatch.setattr(Hasher, "update", update)
+    tokenizer = pipeline.load_tokenizer(tiny_model_dir)
+    try:
+        tokenized = pipeline.tokenize(pipeline.load_glue("rte", "train", str(glue_dir), 8), "rte", tokenizer, 32)
+        interrupted = False
+    except KeyboardInterrupt:
+        interrupted = True
+    assert bool(sent) == interrupted
+    if not interrupted:
+        assert len(tokenized) == 8 and "input_ids" in tokenized.column_names
+
+
+def test_the_final_line_is_the_last(tiny_model_dir, glue_dir, tmp_path):
+    result = run_script("train.py", *TRAIN, "--data_dir", str(glue_dir), "--model_name_or_path", tiny_model_dir,
+                        "--checkpoint_dir", str(tmp_path), GLUE_KILL_AT="checkpoint_saved", GLUE_KILL_SIGNAL="TERM")
+    assert result.returncode == 143
+    assert_user_error(result, "terminated (SIGTERM) during saving the checkpoint; rerun the same command")
+    assert not (tmp_path / "rte").exists()
