@@ -82,13 +82,14 @@ def parse_args(argv=None):
 
 def main():
     args = parse_args()
-    from glue_attribution import counterfactual, plots, results, sweeps
+    from glue_attribution import counterfactual, plots, progress, results, sweeps
 
     cli.setup_logging(args.verbose)
     cli.log_configuration(args)
     folder = counterfactual.results_dir(args)
     figure = args.figure or os.path.join(folder, "counterfactual.png")
     if args.plot_only:
+        progress.stage("drawing the counterfactual figure", os.path.dirname(os.path.abspath(figure)))
         plots.flip_fractions(counterfactual.read_results(folder), figure)
         return
     if pipeline.get_task(args.dataset_name).is_regression:
@@ -118,6 +119,7 @@ def main():
                                                   f"{outcomes['flip_fraction_ci95'][m][i][1]:.2f}]"
                                                   for m, f in outcomes["flip_fraction"].items()))
     counterfactual.write_outcomes({**outcomes, "scores": used}, folder)
+    progress.stage("drawing the counterfactual figure", os.path.dirname(os.path.abspath(figure)))
     plots.flip_fractions(outcomes, figure)
     logger.info("Results in %s, figure: %s", folder, figure)
 

@@ -427,6 +427,41 @@ def data_and_ground_truth(args) -> tuple:
     return train_text, query_text, provenance, load_ground_truth(args, provenance)
 
 
+def recipe_differences(args) -> dict:
+    """{field: {"checkpoint": value, "ground_truth": value}} for each data or recipe flag (the data itself is compared
+    by fingerprint) with which the ground truth was built otherwise than the checkpoint being scored was trained; {}
+    without a checkpoint."""
+    if args.configured_by is None or not os.path.isfile(args.configured_by):
+        return {}
+    from .cli import DATA_DEFAULTS, read_json
+
+    trained = {**DATA_DEFAULTS, **RECIPE_DEFAULTS, **read_json(args.configured_by, "retrain it with train.py")
+               .get("args", {})}
+    trained["max_train_samples"] = pipeline.train_size(args.dataset_name, trained["max_train_samples"])
+    built = ground_truth_arguments(args)
+    built = {"label_noise": 0.0, "label_noise_seed": 0, **built, **built["recipe"]}
+    return {key: {"checkpoint": trained[key], "ground_truth": built[key]}
+            for key in (*DATA_DEFAULTS, *RECIPE_DEFAULTS) if key != "data_dir" and trained[key] != built[key]}
+
+
+def warn_recipe_differences(differences: dict, folder: str, checkpoint: str) -> None:
+    """One line: the scores explain the checkpoint's model, the ground truth retrains another recipe."""
+    if differences:
+        logger.warning("the ground truth in %s was built with another %s than the checkpoint at %s was trained with "
+                       "(%s); its LDS measures how well these scores predict retrains of the ground truth's recipe "
+                       "(recorded in lds_results.json as recipe_differences)", folder, ", ".join(differences),
+                       os.path.dirname(checkpoint), "; ".join(f"{k} {v['checkpoint']} vs {v['ground_truth']}"
+                                                              for k, v in differences.items()))
+
+
+def checkpoint_results_dir(folder: str, checkpoints: tuple | None) -> str | None:
+    """Where the LDS of one checkpoint's scores goes in a ground truth shared by several checkpoints:
+    <folder>/by_checkpoint/<digest of its models' sha256>/, side by side (None without a checkpoint)."""
+    if checkpoints is None:
+        return None
+    return os.path.join(folder, "by_checkpoint", results.digest(sorted(checkpoints[1])))
+
+
 def reference_set(requested: str | None, names) -> str | None:
     """The set every other is compared with, paired: --reference, else ekfac if scored, else identity."""
     if requested is not None and requested not in names:

@@ -196,3 +196,61 @@ def test_the_final_line_is_the_last(tiny_model_dir, glue_dir, tmp_path):
     assert result.returncode == 143
     assert_user_error(result, "terminated (SIGTERM) during saving the checkpoint; rerun the same command")
     assert not (tmp_path / "rte").exists()
+
+
+def checkpoint_with_scores(root, tiny_model_dir, glue_dir, seed: int, **recipe) -> None:
+    """A checkpoint saved as train.py saves it (untrained: what is checked is its record) and an identity score set
+    computed from it, in <root>/ck and <root>/out."""
+    import torch
+    from safetensors.torch import save_file
+
+    from glue_attribution.scores import SCORES_META, scores_dir
+
+    torch.manual_seed(seed)
+    model, tokenizer = pipeline.construct_model(tiny_model_dir, "rte"), pipeline.load_tokenizer(tiny_model_dir)
+    arguments = {"data_dir": str(glue_dir), "model_name_or_path": tiny_model_dir, "max_seq_length": 32,
+                 "max_train_samples": 32, "num_train_epochs": 1, "train_batch_size": 8, "learning_rate": 1e-3,
+                 **recipe}
+    pipeline.save_checkpoint(model, tokenizer, str(root / "ck" / "rte"),
+                             {"task": "rte", "num_labels": 2, "args": arguments})
+    with open(root / "ck" / "rte" / pipeline.CHECKPOINT_META) as f:
+        sha = json.load(f)["files"]["model.safetensors"]["sha256"]
+    train, queries = pipeline.load_train_and_queries("rte", str(glue_dir), 32, 8)
+    public = scores_dir(str(root / "out"), "rte", "identity")
+    staging = results.staging_dir(public, {"name": "identity"})
+    os.makedirs(staging)
+    save_file({"all_modules": torch.randn(8, 32)}, os.path.join(staging, "pairwise_scores.safetensors"))
+    results.publish(staging, public, SCORES_META, {"shape": [8, 32], "provenance": {
+        **pipeline.data_provenance("rte", train, queries, 32), "checkpoint_sha256": sha}})
+
+
+def test_recipe_differences_are_named_and_each_checkpoint_keeps_its_results(sealed, glue_dir, tiny_model_dir,
+                                                                             tmp_path, caplog):
+    folder = copy_of(sealed, tmp_path)
+    results_of = {}
+    for seed, recipe in ((0, {"learning_rate": 1e-4, "num_train_epochs": 2}), (1, {})):
+        root = tmp_path / f"checkpoint{seed}"
+        checkpoint_with_scores(root, tiny_model_dir, glue_dir, seed, **recipe)
+        caplog.clear()
+        evaluate_lds.score(evaluate_lds.parse_args(
+            ["score", "--lds_dir", str(folder), "--checkpoint_dir", str(root / "ck"), "--output_dir",
+             str(root / "out"), "--strategies", "identity", "--num_bootstrap", "10", "--device", "cpu"]))
+        with open(folder / "lds_results.json") as f:
+            results_of[seed] = json.load(f)
+        warned = [r.getMessage() for r in caplog.records if "another" in r.getMessage()]
+        if recipe:
+            assert len(warned) == 1 and "another learning_rate, num_train_epochs than the checkpoint" in warned[0]
+            assert "learning_rate 0.0001 vs 0.001" in warned[0]
+        else:
+            assert not warned
+    assert results_of[0]["recipe_differences"] == {"learning_rate": {"checkpoint": 1e-4, "ground_truth": 1e-3},
+                                                   "num_train_epochs": {"checkpoint": 2, "ground_truth": 1}}
+    assert results_of[1]["recipe_differences"] == {}
+    # Side by side: each checkpoint's results (and figure) in its own folder, the first kept as it was.
+    kept = sorted((folder / "by_checkpoint").iterdir())
+    assert len(kept) == 2 and all((k / "lds.png").is_file() for k in kept)
+    saved = [json.loads((k / "lds_results.json").read_text()) for k in kept]
+    assert sorted(s["checkpoint"]["model_sha256"][0] for s in saved) == sorted(
+        r["checkpoint"]["model_sha256"][0] for r in results_of.values())
+    assert {json.dumps(s["results"], sort_keys=True) for s in saved} == {
+        json.dumps(r["results"], sort_keys=True) for r in results_of.values()}
