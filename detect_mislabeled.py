@@ -83,6 +83,7 @@ def main():
     flipped = detection.flipped_labels(args, len(train_text))
     held_out, judged = detection.validation_split(args, detection.harm_queries(args))
     folder = detection.detection_dir(args)
+    detection.chosen(dict.fromkeys(detection.ranking_names(args)), args.fix_rankings)  # before any training
     detection.claim(folder, args)
 
     logger.info("***** Ranking %d training examples, %d of them with flipped labels *****", len(flipped),

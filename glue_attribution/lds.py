@@ -220,15 +220,22 @@ def retrain_runs(folder: str, args, masks: np.ndarray, train_text, query_text) -
     retrain = sweeps.retrainer(args, train_text, query_text)
     os.makedirs(os.path.join(folder, "runs"), exist_ok=True)
     progress.stage("the LDS retrains", folder)
-    with tqdm(pending, desc=f"Retrains (shard {args.shard_index}/{args.num_shards})", unit="run") as bar:
+    # Claimed one by one: a second identical command (or shard) retrains the runs this one has not started.
+    done_here = 0
+    claimed = sweeps.claimed(pending, lambda run: run_path(folder, *run),
+                             lambda run: load_retrain(folder, *run, len(query_text), args) is not None)
+    with tqdm(claimed, total=len(pending), desc=f"Retrains (shard {args.shard_index}/{args.num_shards})",
+              unit="run") as bar:
         for m, r in bar:
             seed = run_seed(args.seed, m, r)
             result = retrain(np.flatnonzero(masks[m]), seed)
             results.save_arrays(run_path(folder, m, r), **result, seed=np.array(seed), mask=np.array(m),
                                 repeat=np.array(r), ground_truth=np.array(signature(args)))
             failpoint("lds_run_saved")
+            done_here += 1
             if "correct" in result:  # classification
                 bar.set_postfix(query_acc=f"{result['correct'].mean():.3f}")
+    logger.info("Retrained %d runs here; %d by another process", done_here, len(pending) - done_here)
 
 
 def merge_runs(folder: str, args, provenance: dict) -> bool:

@@ -132,10 +132,11 @@ def file_sha256(path: str) -> str:
 
 
 @contextmanager
-def lock(path: str, enabled: bool = True):
-    """Exclusive lock on the result at `path` (on the file .staging/<name>.lock beside it), held for the block."""
+def lock(path: str, enabled: bool = True, wait: bool = True):
+    """Exclusive lock on the result at `path` (on the file .staging/<name>.lock beside it), held for the block.
+    Yields True; with `wait` False, yields False at once (holding nothing) when another process holds it."""
     if not enabled:  # non-main torchrun ranks: the main rank decides and writes
-        yield
+        yield True
         return
     parent, name = os.path.split(os.path.abspath(path))
     os.makedirs(os.path.join(parent, STAGING), exist_ok=True)
@@ -143,12 +144,15 @@ def lock(path: str, enabled: bool = True):
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            if not wait:
+                yield False
+                return
             logger.info("Waiting for another process writing %s ...", path)
             start = time.time()
             fcntl.flock(handle, fcntl.LOCK_EX)
             logger.info("... it finished after %.0f s", time.time() - start)
         try:
-            yield
+            yield True
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
 

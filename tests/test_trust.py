@@ -254,3 +254,48 @@ def test_recipe_differences_are_named_and_each_checkpoint_keeps_its_results(seal
         r["checkpoint"]["model_sha256"][0] for r in results_of.values())
     assert {json.dumps(s["results"], sort_keys=True) for s in saved} == {
         json.dumps(r["results"], sort_keys=True) for r in results_of.values()}
+
+
+def test_a_sweep_claims_its_runs_one_by_one(tmp_path):
+    """An item another process is computing is skipped, then waited for; it is not computed twice."""
+    import threading
+
+    from glue_attribution import sweeps
+
+    done = set()
+    taken, release = threading.Event(), threading.Event()
+
+    def other():
+        with results.lock(str(tmp_path / "run1")):
+            taken.set()
+            release.wait(10)
+            done.add(1)
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    taken.wait(10)
+    mine = []
+    for item in sweeps.claimed([0, 1, 2], lambda i: str(tmp_path / f"run{i}"), lambda i: i in done):
+        mine.append(item)
+        done.add(item)
+        if item == 2:
+            release.set()
+    thread.join()
+    assert mine == [0, 2] and done == {0, 1, 2}
+
+
+def test_two_identical_builds_split_the_runs(sealed, glue_dir, tiny_model_dir, tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    argv = lds_argv("build", glue_dir, tiny_model_dir, tmp_path / "gt")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    both = [subprocess.Popen([sys.executable, str(ROOT / "evaluate_lds.py"), *argv], env=env, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+    logs = [p.communicate(timeout=600)[1] for p in both]
+    assert [p.returncode for p in both] == [0, 0], logs
+    here = [int(log.split("Retrained ")[1].split()[0]) for log in logs if "Retrained " in log]
+    assert sum(here) == 6, logs  # 3 masks x 2 repeats, each retrained once
+    np.testing.assert_array_equal(np.load(tmp_path / "gt" / "margins.npy"), np.load(sealed / "margins.npy"))
