@@ -244,9 +244,10 @@ def read(folder: str, meta_name: str, what: str, expected: dict | None = None) -
 
 
 def reuse(folder: str, meta_name: str, what: str, signature: dict, overwrite: bool,
-          keep_both: str = "another --output_dir") -> dict | None:
+          keep_both: str = "another --output_dir", legacy: dict | None = None) -> dict | None:
     """The owner's read: the published result for `signature`, or None when it must be (re)computed (missing,
-    damaged, or --overwrite). A result made with other arguments is refused, never silently replaced."""
+    damaged, or --overwrite). A result made with other arguments is refused, never silently replaced. `legacy`:
+    the values of fields that results published before those fields were recorded were computed with."""
     if overwrite:
         return None
     try:
@@ -257,8 +258,10 @@ def reuse(folder: str, meta_name: str, what: str, signature: dict, overwrite: bo
         logger.warning("%s: recomputing it", err)
         return None
     signature = json.loads(json.dumps(signature, default=str))
-    if meta.get("signature") != signature:
-        saved = meta.get("signature", {})
+    saved = meta.get("signature", {})
+    if isinstance(saved, dict) and legacy:
+        saved = {**json.loads(json.dumps(legacy, default=str)), **saved}
+    if saved != signature:
         changed = sorted(k for k in signature.keys() | saved.keys() if signature.get(k) != saved.get(k))
         raise GlueError(f"{folder} holds {what} computed with other arguments ({', '.join(changed)} differ); pass "
                         f"--overwrite to recompute them, or {keep_both} to keep both")
