@@ -405,9 +405,9 @@ def load_repeat_margins(folder: str, args, num_query: int, all_repeats: bool = F
             for m in range(args.num_masks)]
     missing = [run_path(folder, m, r) for m, row in enumerate(runs) for r, run in enumerate(row) if run is None]
     if missing:
-        logger.warning("No noise ceiling: %s is missing from the ground truth in %s%s; restore it with: %s",
-                       missing[0], folder, f" (and {len(missing) - 1} more runs)" if len(missing) > 1 else "",
-                       repair_command(folder))
+        logger.warning("%s%s is missing from the ground truth in %s%s; restore it with: %s",
+                       "" if all_repeats else "No noise ceiling: ", missing[0], folder,
+                       f" (and {len(missing) - 1} more runs)" if len(missing) > 1 else "", repair_command(folder))
         return None
     repeats = np.stack([[run["margins"] for run in row] for row in runs])
     sealed = np.load(os.path.join(folder, "margins.npy"), allow_pickle=False)
