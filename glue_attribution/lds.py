@@ -222,7 +222,7 @@ def retrain_runs(folder: str, args, masks: np.ndarray, train_text, query_text) -
     progress.stage("the LDS retrains", folder)
     # Claimed one by one: a second identical command (or shard) retrains the runs this one has not started.
     done_here = 0
-    claimed = sweeps.claimed(pending, lambda run: run_path(folder, *run),
+    claimed = sweeps.claimed(pending, lambda run: os.path.join(folder, os.path.basename(run_path(folder, *run))),
                              lambda run: load_retrain(folder, *run, len(query_text), args) is not None)
     with tqdm(claimed, total=len(pending), desc=f"Retrains (shard {args.shard_index}/{args.num_shards})",
               unit="run") as bar:
