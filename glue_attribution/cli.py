@@ -292,10 +292,9 @@ def _comparable(key: str, value):
 
 def check_checkpoint_data(args, train_text, folders: list | None = None) -> None:
     """Every checkpoint in `folders` was trained on `train_text` (this run's training examples, label noise
-    included): scores, retrains and rankings of other data would be served as this model's. When this command
-    overrides the checkpoint's slice or label noise, its examples differ on purpose (the override is warned)."""
-    if {"max_train_samples", "label_noise", "label_noise_seed"} & set(getattr(args, "overrides", {})):
-        return
+    included): scores, retrains and rankings of other data would be served as this model's. When this command takes
+    another slice or label noise than the checkpoint's (an override, warned, or a results folder's own), its examples
+    differ on purpose and are not compared."""
     if folders is None:  # the checkpoint(s) in --checkpoint_dir, when there are any
         folders = [folder for _, folder in checkpoints(args.checkpoint_dir, args.dataset_name)]
     for folder in folders:
@@ -305,6 +304,9 @@ def check_checkpoint_data(args, train_text, folders: list | None = None) -> None
             continue
         except ResultDamaged as err:
             raise GlueError(f"{err}; retrain it with train.py") from None
+        slice_keys = ("max_train_samples", "label_noise", "label_noise_seed")
+        if any(meta.get("args", {}).get(key, DATA_DEFAULTS[key]) != getattr(args, key) for key in slice_keys):
+            continue
         pipeline.check_training_data(meta, folder, args.dataset_name, args.data_dir, train_text)
 
 
