@@ -242,8 +242,10 @@ def merge_runs(folder: str, args, provenance: dict) -> bool:
     """Averages the runs over repeats into margins.npy once all are present and sound, and seals the folder with
     ground_truth.json (summary, provenance, sha256 of masks and margins); False if runs are missing."""
     with results.lock(folder):  # the last two shards may finish together
-        runs = [[load_retrain(folder, m, r, provenance["num_query"], args) for r in range(args.num_repeats)]
-                for m in range(args.num_masks)]
+        # --merge_only retrained nothing: its runs are also checked against the seal they would replace.
+        sealed = sealed_manifest(folder) if args.merge_only else None
+        runs = [[load_retrain(folder, m, r, provenance["num_query"], args, sealed=sealed)
+                 for r in range(args.num_repeats)] for m in range(args.num_masks)]
         missing = sum(run is None for row in runs for run in row)
         if missing:
             logger.info("%d of %d runs missing; rerun (or `build --merge_only`) once every shard has finished",
