@@ -173,6 +173,7 @@ def main():
     train_text, query_text = pipeline.load_train_and_queries(args.dataset_name, args.data_dir,
                                                              args.max_train_samples, args.max_query_examples,
                                                              args.label_noise, args.label_noise_seed)
+    cli.check_checkpoint_data(args, train_text, [folder for _, folder in members])
     influence.check_queries(args, len(train_text), len(query_text))
     results.check_writable(args.output_dir)
     if args.query_text or args.query_file:  # new texts against an existing gradient index

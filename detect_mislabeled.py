@@ -79,9 +79,11 @@ def main():
     cli.log_configuration(args)
     train_text, _ = pipeline.load_training_set(args.dataset_name, args.data_dir, args.max_train_samples,
                                                args.label_noise, args.label_noise_seed)
+    cli.check_checkpoint_data(args, train_text)
     flipped = detection.flipped_labels(args, len(train_text))
     held_out, judged = detection.validation_split(args, detection.harm_queries(args))
     folder = detection.detection_dir(args)
+    detection.chosen(dict.fromkeys(detection.ranking_names(args)), args.fix_rankings)  # before any training
     detection.claim(folder, args)
 
     logger.info("***** Ranking %d training examples, %d of them with flipped labels *****", len(flipped),

@@ -133,6 +133,10 @@ def build(args) -> None:
 
     folder = lds.claim_ground_truth(args)
     train_text, query_text, provenance = lds.load_data(args)
+    if lds.reuse_sealed(folder, args, provenance):
+        logger.info("The ground truth in %s is sealed and verifies (every run's file and record): nothing to do",
+                    folder)
+        return
     masks = lds.load_or_make_masks(folder, args, train_text["label"])
     if not args.merge_only:
         lds.retrain_runs(folder, args, masks, train_text, query_text)
@@ -164,22 +168,35 @@ def score(args) -> None:
     ceiling = None if repeats is None else lds.noise_ceiling(repeats, args.num_bootstrap, args.seed)
     title = lds.table_title(args, masks, margins, summary)
     report.print_lds_table(table, title, reference, ceiling)
-    if ceiling is None:
-        logger.info("No noise ceiling: it needs two or more retrains per mask, all present (build with --num_repeats "
-                    "2 or more)")
+    if ceiling is None and args.num_repeats < 2:
+        logger.info("No noise ceiling: this ground truth has %d retrain per mask, and the ceiling needs two or more "
+                    "(build another with --num_repeats 2 or more)", args.num_repeats)
+    differences = lds.recipe_differences(args)
+    lds.warn_recipe_differences(differences, folder, args.configured_by)
+    record = {"ground_truth": folder, "num_masks": masks.shape[0], "num_queries": margins.shape[1],
+              "num_train": int(masks.shape[1]), "num_bootstrap": args.num_bootstrap, **summary,
+              "noise_ceiling": ceiling,
+              "checkpoint": None if checkpoints is None else {"checkpoint_dir": checkpoints[0],
+                                                              "model_sha256": sorted(checkpoints[1])},
+              "recipe_differences": differences,
+              "scores": {name: scores.source_of(meta) for name, (_, meta) in loaded.items()}, "results": table}
+    # The latest scoring at the top of the folder, as before; each checkpoint's beside the others' (by_checkpoint/),
+    # so that scoring a second checkpoint against a shared --lds_dir replaces nothing of the first's.
     results_path = os.path.join(folder, "lds_results.json")
-    results.atomic_write_json({"ground_truth": folder, "num_masks": masks.shape[0], "num_queries": margins.shape[1],
-                               "num_train": int(masks.shape[1]), "num_bootstrap": args.num_bootstrap, **summary,
-                               "noise_ceiling": ceiling,
-                               "scores": {name: scores.source_of(meta) for name, (_, meta) in loaded.items()},
-                               "results": table}, results_path)
+    mine = lds.checkpoint_results_dir(folder, checkpoints)
+    for where in (folder, mine) if mine else (folder,):
+        os.makedirs(where, exist_ok=True)
+        results.atomic_write_json(record, os.path.join(where, "lds_results.json"))
     for name in args.strategies:  # each query's LDS on the score set's explorer page
         if explorer.add_lds(os.path.join(scores.scores_dir(args.output_dir, args.dataset_name, name), "explorer.html"),
                             table[name]["per_query"], folder):
             logger.info("Added each query's LDS to the explorer of %s", name)
     figure = args.figure or os.path.join(folder, "lds.png")
+    progress.stage("drawing the LDS figure", os.path.dirname(os.path.abspath(figure)))
     plots.lds_bars(table, figure, title.split(";")[0], lds.BASELINE_SCORES)
-    logger.info("Wrote %s and %s", results_path, figure)
+    if mine:
+        plots.lds_bars(table, os.path.join(mine, "lds.png"), title.split(";")[0], lds.BASELINE_SCORES)
+    logger.info("Wrote %s and %s%s", results_path, figure, f" (this checkpoint's: in {mine})" if mine else "")
     if args.inspect_query is not None:
         name = args.strategies[0]
         report.show_influences(sets[name], args.inspect_query, query_text, train_text, args.dataset_name, args.top_k,

@@ -153,22 +153,27 @@ def task_files(task: TaskSpec) -> list:
     return ["train.tsv", *("dev" + split[len("validation"):] + ".tsv" for split in task.eval_splits)]
 
 
+def data_source(task_name: str, split: str, data_dir: str | None) -> str:
+    """Where a split is read from: the TSV's path in the GLUE layout, or the hub's name for it."""
+    if data_dir is None:
+        return f"the hub's nyu-mll/glue {task_name} {split}"
+    file_name = "train.tsv" if split == "train" else "dev" + split[len("validation"):] + ".tsv"
+    return os.path.join(data_dir, get_task(task_name).folder, file_name)
+
+
 def load_glue(task_name: str, split: str, data_dir: str | None = None, max_samples: int | None = None) -> Dataset:
     """Loads a GLUE split ("train", "validation", "validation_matched", ...) with hub column names and label ids.
 
     The first `max_samples` examples are kept (as HF's run_glue does), so a slice is the same examples every time.
     """
-    task = get_task(task_name)
     if max_samples is not None and max_samples <= 0:
         raise GlueError(f"the number of samples must be positive, got {max_samples}")
     from datasets import Dataset
 
+    source = data_source(task_name, split, data_dir)
     if data_dir is not None:
-        file_name = "train.tsv" if split == "train" else "dev" + split[len("validation"):] + ".tsv"
-        source = os.path.join(data_dir, task.folder, file_name)
         dataset = Dataset.from_dict(read_glue_tsv(task_name, source))
     else:
-        source = f"the hub's nyu-mll/glue {task_name} {split}"
         dataset = _load_glue_from_hub(task_name, split)
     if len(dataset) == 0:
         raise GlueError(f"{source} has no examples; check the file")
@@ -187,6 +192,34 @@ def data_provenance(task_name: str, train: Dataset, queries: Dataset, max_seq_le
     pair the scores with: same task, same training examples in the same order, same queries, same truncation."""
     return {"dataset_name": task_name, "num_train": len(train), "train_data": fingerprint(train),
             "num_query": len(queries), "query_data": fingerprint(queries), "max_seq_length": max_seq_length}
+
+
+def split_record(task_name: str, split: str, data_dir: str | None, dataset: Dataset) -> dict:
+    """What a checkpoint records of each split it was trained and evaluated on: where it came from (an absolute
+    path, so that a run from another directory cannot read other files under the same relative name), how many
+    examples, and their fingerprint."""
+    source = data_source(task_name, split, data_dir and os.path.abspath(data_dir))
+    return {"path": source, "num_examples": len(dataset), "fingerprint": fingerprint(dataset)}
+
+
+def check_training_data(meta: dict, checkpoint_dir: str, task_name: str, data_dir: str | None, train: Dataset) -> None:
+    """Refuses to pair a checkpoint with training examples other than those it was trained on (`train`: this run's,
+    with its label noise). Checkpoints saved before the data was recorded have nothing to compare with.
+
+    Raises:
+        GlueError: naming the checkpoint's data and this run's, and the fix.
+    """
+    recorded = meta.get("data", {}).get("train")
+    if recorded is None or fingerprint(train) == recorded["fingerprint"]:
+        return
+    here = split_record(task_name, "train", data_dir, train)
+    trained_on = recorded["path"]
+    fix = (f"pass --data_dir {os.path.dirname(os.path.dirname(trained_on))} (the checkpoint's data)"
+           if os.path.isabs(trained_on) else "load the checkpoint's data (no --data_dir: the hub's)")
+    raise GlueError(f"the checkpoint at {checkpoint_dir} was trained on {trained_on} "
+                    + ("but that file has changed since" if here["path"] == trained_on
+                       else f"but this run loads other examples from {here['path']}")
+                    + f"; {fix}, or retrain the checkpoint on this data with train.py")
 
 
 def _load_glue_from_hub(task_name: str, split: str) -> Dataset:
@@ -256,7 +289,13 @@ def tokenize(dataset: Dataset, task_name: str, tokenizer, max_seq_length: int = 
         encoded["labels"] = batch["label"]
         return encoded
 
-    return dataset.map(encode, batched=True, remove_columns=dataset.column_names, desc="Tokenizing")
+    # A fingerprint given, not computed: `datasets` would hash `encode` (the tokenizer with it) for seconds inside a
+    # bare `except:`, which swallows a Ctrl-C or SIGTERM arriving then. Not from the cache, which that fingerprint
+    # no longer keys by tokenizer; tokenizing again is cheap next to what follows.
+    fingerprint_of = results.digest([dataset._fingerprint, task_name, getattr(tokenizer, "name_or_path", ""),
+                                     len(tokenizer), max_seq_length, pad_to_max_length])
+    return dataset.map(encode, batched=True, remove_columns=dataset.column_names, desc="Tokenizing",
+                       new_fingerprint=fingerprint_of, load_from_cache_file=False)
 
 
 def collator(tokenizer):

@@ -82,13 +82,14 @@ def parse_args(argv=None):
 
 def main():
     args = parse_args()
-    from glue_attribution import counterfactual, plots, results, sweeps
+    from glue_attribution import counterfactual, plots, progress, results, sweeps
 
     cli.setup_logging(args.verbose)
     cli.log_configuration(args)
     folder = counterfactual.results_dir(args)
     figure = args.figure or os.path.join(folder, "counterfactual.png")
     if args.plot_only:
+        progress.stage("drawing the counterfactual figure", os.path.dirname(os.path.abspath(figure)))
         plots.flip_fractions(counterfactual.read_results(folder), figure)
         return
     if pipeline.get_task(args.dataset_name).is_regression:
@@ -99,6 +100,7 @@ def main():
     train_text, query_text = pipeline.load_train_and_queries(args.dataset_name, args.data_dir,
                                                              args.max_train_samples, args.max_query_examples,
                                                              args.label_noise, args.label_noise_seed)
+    cli.check_checkpoint_data(args, train_text)
     rankings, used = counterfactual.load_rankings(args, train_text, query_text["label"])
     counterfactual.check_intervals(args.remove_intervals, rankings, len(train_text), args.train_batch_size)
     counterfactual.reference_ranking(args.reference, rankings)  # a wrong --reference fails before any retrain
@@ -117,6 +119,7 @@ def main():
                                                   f"{outcomes['flip_fraction_ci95'][m][i][1]:.2f}]"
                                                   for m, f in outcomes["flip_fraction"].items()))
     counterfactual.write_outcomes({**outcomes, "scores": used}, folder)
+    progress.stage("drawing the counterfactual figure", os.path.dirname(os.path.abspath(figure)))
     plots.flip_fractions(outcomes, figure)
     logger.info("Results in %s, figure: %s", folder, figure)
 

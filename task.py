@@ -26,6 +26,8 @@ class GlueTask(Task):
         tracked_modules: Names of the modules whose parameters influence is computed for (None: every `nn.Linear`).
     """
 
+    measurement = "margin"  # what compute_measurement returns: named in every factor and score signature
+
     def __init__(self, tracked_modules: list[str] | None = None) -> None:
         super().__init__()
         self.tracked_modules = tracked_modules

@@ -21,6 +21,7 @@ Several seeds train an ensemble, the same recipe once per seed, into `<checkpoin
 """
 
 import logging
+import os
 import time
 
 import numpy as np
@@ -58,6 +59,8 @@ def main():
 
     cli.setup_logging(args.verbose)
     args.device = pipeline.torch_device(args.device)
+    if args.data_dir is not None:  # recorded as an absolute path: later scripts run from anywhere read the same data
+        args.data_dir = os.path.abspath(args.data_dir)
     task = pipeline.get_task(args.dataset_name)
     members = cli.checkpoint_destinations(args.checkpoint_dir, args.dataset_name, args.seed)
     results.check_writable(args.checkpoint_dir)  # fail now, not after training
@@ -69,11 +72,13 @@ def main():
                                                    args.label_noise, args.label_noise_seed)
     train_dataset = pipeline.tokenize(train_text, args.dataset_name, tokenizer, args.max_seq_length,
                                       args.pad_to_max_length)
-    eval_datasets = {
-        split: pipeline.tokenize(pipeline.load_glue(args.dataset_name, split, args.data_dir, args.max_eval_samples),
-                                 args.dataset_name, tokenizer, args.max_seq_length, args.pad_to_max_length)
-        for split in task.eval_splits
-    }
+    eval_text = {split: pipeline.load_glue(args.dataset_name, split, args.data_dir, args.max_eval_samples)
+                 for split in task.eval_splits}
+    eval_datasets = {split: pipeline.tokenize(text, args.dataset_name, tokenizer, args.max_seq_length,
+                                              args.pad_to_max_length) for split, text in eval_text.items()}
+    # Each split's source and fingerprint: later scripts refuse to pair this model with other training data.
+    data = {split: pipeline.split_record(args.dataset_name, split, args.data_dir, text)
+            for split, text in {"train": train_text, **eval_text}.items()}
     config = cli.train_config(args)
     if flips:
         logger.info("Label noise: flipped %d of %d training labels (recorded in label_noise.json)", len(flips),
@@ -103,7 +108,8 @@ def main():
         for key, value in metrics.items():
             logger.info("  %s = %s", key, value)
 
-        meta = {"task": args.dataset_name, "num_labels": task.num_labels, "args": vars(args), "metrics": metrics}
+        meta = {"task": args.dataset_name, "num_labels": task.num_labels, "args": vars(args), "data": data,
+                "metrics": metrics}
         extra = {} if margins_seen is None else {pipeline.TRAINING_MARGINS: pipeline.margins_json(margins_seen)}
         if flips:
             extra["label_noise.json"] = {"fraction": args.label_noise, "seed": args.label_noise_seed,

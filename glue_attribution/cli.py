@@ -50,6 +50,10 @@ def _terminate(signum, frame):
 
 
 def _exit(line: str, status: int) -> None:
+    """The final line is the last: the logs that libraries write on their way out (torch's FakeTensor cache stats,
+    at exit) are silenced first."""
+    logging.disable(logging.CRITICAL)
+    warnings.simplefilter("ignore")
     print(line, file=sys.stderr)
     sys.exit(status)
 
@@ -279,10 +283,36 @@ def check_recipe(checkpoint_dir: str, saved: dict, reference: dict, keys: tuple 
     """An ensemble never mixes recipes: refuses a member whose recorded arguments `saved` differ from `reference`
     (another member's, or this run's) in any of `keys`."""
     default = {**DATA_DEFAULTS, **RECIPE_DEFAULTS}  # a flag added later: its default when a record lacks it
-    changed = [key for key in keys if saved.get(key, default.get(key)) != reference.get(key, default.get(key))]
+    changed = [key for key in keys if _comparable(key, saved.get(key, default.get(key)))
+               != _comparable(key, reference.get(key, default.get(key)))]
     if changed:
         raise GlueError(f"{checkpoint_dir} was trained with another {', '.join(changed)}; an ensemble's members "
                         f"share one recipe: {fix}")
+
+
+def _comparable(key: str, value):
+    """train.py records --data_dir as an absolute path (older checkpoints: as typed, relative to where it ran)."""
+    return os.path.abspath(value) if key == "data_dir" and value is not None else value
+
+
+def check_checkpoint_data(args, train_text, folders: list | None = None) -> None:
+    """Every checkpoint in `folders` was trained on `train_text` (this run's training examples, label noise
+    included): scores, retrains and rankings of other data would be served as this model's. When this command takes
+    another slice or label noise than the checkpoint's (an override, warned, or a results folder's own), its examples
+    differ on purpose and are not compared."""
+    if folders is None:  # the checkpoint(s) in --checkpoint_dir, when there are any
+        folders = [folder for _, folder in checkpoints(args.checkpoint_dir, args.dataset_name)]
+    for folder in folders:
+        try:
+            meta = results.read(folder, pipeline.CHECKPOINT_META, "checkpoint")
+        except ResultMissing:
+            continue
+        except ResultDamaged as err:
+            raise GlueError(f"{err}; retrain it with train.py") from None
+        slice_keys = ("max_train_samples", "label_noise", "label_noise_seed")
+        if any(meta.get("args", {}).get(key, DATA_DEFAULTS[key]) != getattr(args, key) for key in slice_keys):
+            continue
+        pipeline.check_training_data(meta, folder, args.dataset_name, args.data_dir, train_text)
 
 
 def read_json(path: str, what: str) -> dict:
@@ -374,6 +404,7 @@ def setup_logging(verbose: bool = False) -> None:
     if verbose:
         return
     logging.getLogger("kronfluence").setLevel(logging.WARNING)
+    logging.getLogger("torch").setLevel(logging.WARNING)  # e.g. the FakeTensor cache stats it logs at exit
     for name in ("transformers", "datasets", "huggingface_hub", "torch.distributed"):
         logging.getLogger(name).setLevel(logging.ERROR)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

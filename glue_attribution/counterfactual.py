@@ -118,16 +118,18 @@ def query_accuracy(retrain, prefix: str, removed, n_train: int, seeds, queries) 
     Each retrain is saved as `<prefix>_s<seed>.npz` as it ends and reused after a restart. With `retrain=None`
     only saved runs are read, and None means one is missing (how the shards' results are gathered).
     """
+    def load(seed):
+        return results.load_run(f"{prefix}_s{seed}.npz", {"correct": (len(queries),)})  # damaged: deleted, redone
+
+    if retrain is not None:  # each run claimed while it trains: two identical commands split the base models too
+        for seed in sweeps.claimed(list(seeds), lambda seed: f"{prefix}_s{seed}", lambda seed: load(seed) is not None):
+            keep = np.setdiff1d(np.arange(n_train), removed)
+            results.save_arrays(f"{prefix}_s{seed}.npz", **retrain(keep, int(seed), list(queries)))
     correct = []
     for seed in seeds:
-        path = f"{prefix}_s{seed}.npz"
-        run = results.load_run(path, {"correct": (len(queries),)})  # a damaged run is deleted, then redone
+        run = load(seed)
         if run is None:
-            if retrain is None:
-                return None
-            keep = np.setdiff1d(np.arange(n_train), removed)
-            run = retrain(keep, int(seed), list(queries))
-            results.save_arrays(path, **run)
+            return None
         correct.append(run["correct"])
     return np.mean(correct, axis=0)
 
@@ -183,8 +185,11 @@ def run_experiment(args, rankings: dict, n_train: int, retrain) -> dict | None:
         return query_outcome(train, os.path.join(runs, method), rankings[method][query], query,
                              args.remove_intervals, seeds, n_train, args.search)
 
-    # Queries outermost: an interrupted run has every method's outcome for the queries it finished.
-    for query in tqdm(my_queries, desc="Queries"):
+    # Queries outermost: an interrupted run has every method's outcome for the queries it finished. Each query is
+    # claimed while it is tested, so that two identical commands split the queries.
+    claimed = sweeps.claimed(my_queries, lambda query: os.path.join(runs, f"q{query}"),
+                             lambda query: all(outcome(method, query, None) is not None for method in rankings))
+    for query in tqdm(claimed, total=len(my_queries), desc="Queries"):
         for method in rankings:
             outcome(method, query, retrain)
 

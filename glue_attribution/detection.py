@@ -270,6 +270,16 @@ def rankings(args, train_text, held_out, folder: str) -> tuple:
     return suspicion, cost
 
 
+def ranking_names(args) -> list:
+    """The names `rankings` will give, known before any of them is computed: --fix_rankings is checked against them
+    before the first cross-validation fold trains."""
+    epochs = [name for strategy in args.strategies for name in epoch_names(args, strategy)]
+    epochs += [f"{name}_trajectory" for name in args.strategies if epoch_names(args, name)]
+    aum = ["aum"] if training_margins(args) is not None else []
+    return [*args.strategies, *epochs, *(f"{name}_harm" for name in args.strategies), "loss", *aum, "cleanlab",
+            "random"]
+
+
 def chosen(suspicion: dict, names: list | None) -> dict:
     """The rankings `names` (all when None) of `suspicion`; an unknown name is refused with the known ones."""
     if names is None:

@@ -41,6 +41,10 @@ from .failpoints import failpoint
 from .scores import SCORES_META, SELF_RANKING, scores_dir
 
 logger = logging.getLogger(__name__)
+# The kronfluence Task the factors and scores are computed with. A library user may put their own subclass here (a
+# loss instead of the margin, say): its class and `measurement` are in the signatures, so no result of another Task
+# is reused for it.
+ANALYSIS_TASK = GlueTask
 FACTORS_META = "glue_factors.json"
 FACTOR_STAGES = ("covariance", "eigendecomposition", "lambda")
 INDEX_STRATEGIES = ("ekfac_index", "kfac_index")  # gradient_index.py: <preconditioner>_index
@@ -124,7 +128,7 @@ def fit_factors(analyzer_at, public: str, signature: dict, factors_name: str, fa
     stage whose files verify, and publishes them. Each stage is seeded (the true Fisher samples labels), so a
     resumed fit equals an uninterrupted one. A fit is refused before it starts if the factors' `size` (bytes,
     `factor_bytes`) does not fit on the disk."""
-    meta = on_main(results.reuse, public, FACTORS_META, "factors", signature, overwrite)
+    meta = on_main(results.reuse, public, FACTORS_META, "factors", signature, overwrite, legacy=LEGACY_SIGNATURE)
     if meta is not None:
         logger.info("Reusing factors %s", public)
         return meta
@@ -293,7 +297,7 @@ def setup_analysis(args, model, tokenizer, train_text, query_text) -> tuple:
     `analyzer_at(folder)`."""
     (train_dataset, query_dataset), (train_order, query_order) = sorted_splits(args, tokenizer, train_text,
                                                                                query_text)
-    analysis_task = GlueTask(tracked_modules(model, args.tracked_modules))
+    analysis_task = ANALYSIS_TASK(tracked_modules(model, args.tracked_modules))
     model = prepare_model(model.double() if args.float64 else model, analysis_task)
     if not args.stock_kronfluence:
         fast_factors.install_fast_trackers(model)
@@ -323,9 +327,21 @@ def join_torchrun(device: str) -> bool:
     return torch.distributed.get_rank() == 0
 
 
+def task_signature(task_class=None) -> dict:
+    """The Task in a signature: its class and what it measures (`measurement`; None when the class does not say)."""
+    task_class = task_class or ANALYSIS_TASK
+    return {"class": f"{task_class.__module__}.{task_class.__qualname__}",
+            "measurement": getattr(task_class, "measurement", None)}
+
+
+# Factors and scores published before signatures named the Task were computed with GlueTask: the only Task then.
+LEGACY_SIGNATURE = {"task": task_signature(GlueTask)}
+
+
 def signatures(args, provenance: dict, factor_args, score_args) -> tuple:
     """Everything that changes the factors, and the scores: a result is reused only for the same signature."""
-    factors = {**{k: provenance[k] for k in ("checkpoint_sha256", "dataset_name", "num_train", "train_data",
+    factors = {"task": task_signature(),
+               **{k: provenance[k] for k in ("checkpoint_sha256", "dataset_name", "num_train", "train_data",
                                              "max_seq_length")},
                "pad_to_max_length": args.pad_to_max_length, "tracked_modules": args.tracked_modules,
                "float64": args.float64, "seed": args.seed, "factor_args": factor_args.to_str_dict()}
@@ -363,7 +379,8 @@ def analyze_checkpoint(args, checkpoint_dir: str, suffix: str, train_text, query
                 scores_name, args.query_batch_size, args.train_batch_size, args.device)
     with results.lock(scores_public, enabled=main_process):
         meta = on_main(results.reuse, scores_public, SCORES_META, "scores", scores_signature,
-                       args.overwrite, "another --scores_name or --output_dir")
+                       args.overwrite, "another --scores_name or --output_dir",
+                       legacy=None if args.factor_strategy == "trak" else LEGACY_SIGNATURE)
         if meta is not None:
             logger.info("Reusing scores %s", scores_public)
             return scores_name

@@ -10,6 +10,7 @@ kept examples; the LDS is the mean over queries, with its standard error over qu
 masks, and paired differences against a reference set (same queries, same resamples).
 """
 
+import json
 import logging
 import os
 
@@ -20,7 +21,7 @@ from tqdm.auto import tqdm
 import pipeline
 
 from . import progress, results, sweeps
-from .cli import RECIPE_DEFAULTS, trained_checkpoints
+from .cli import RECIPE_DEFAULTS, check_checkpoint_data, trained_checkpoints
 from .ensembles import combine
 from .errors import GlueError, ResultDamaged, ResultMissing
 from .failpoints import failpoint
@@ -128,16 +129,90 @@ def load_or_make_masks(folder: str, args, train_labels) -> np.ndarray:
     return masks
 
 
-def load_retrain(folder: str, mask: int, repeat: int, num_query: int) -> dict | None:
-    """A finished retrain's margins and correct flags (None if missing; a damaged one is deleted, to be redone)."""
-    return results.load_run(run_path(folder, mask, repeat), {"margins": (num_query,)})
+def signature(args) -> str:
+    """The ground truth's signature (the digest naming its folder), recorded in each of its run files."""
+    return results.digest(ground_truth_arguments(args))
+
+
+def repair_command(folder: str) -> str:
+    """The one command that repairs a ground truth: only `build` writes in it."""
+    return f"python evaluate_lds.py build --lds_dir {folder}"
+
+
+def run_problem(run: dict, args, mask: int, repeat: int) -> str | None:
+    """Why a run file is not this ground truth's (mask, repeat) retrain, or None. A run file records its mask, repeat,
+    seed and the ground truth's signature; one written before they were recorded (a legacy file: margins, correct and
+    seed) is checked on what it has: its seed, which names the build's --seed, the mask and the repeat."""
+    if "seed" not in run or int(run["seed"]) != run_seed(args.seed, mask, repeat):
+        return "a retrain with another seed (another build's run, or another mask or repeat)"
+    if "ground_truth" in run and (str(run["ground_truth"]) != signature(args) or int(run["mask"]) != mask
+                                  or int(run["repeat"]) != repeat):
+        return "a run of another ground truth (its recorded signature, mask or repeat differ)"
+    return None
+
+
+def load_retrain(folder: str, mask: int, repeat: int, num_query: int, args, owner: bool = True,
+                 sealed: dict | None = None) -> dict | None:
+    """A finished retrain's margins and correct flags, verified (None if missing). The build (`owner`) deletes a
+    damaged or foreign file, or one whose sha256 differs from the `sealed` manifest, so that it is redone; a consumer
+    raises one line naming the file and the command that repairs it, and deletes nothing."""
+    path = run_path(folder, mask, repeat)
+    try:
+        run = results.load_run(path, {"margins": (num_query,)}, owner=owner)
+    except ResultDamaged as err:
+        raise GlueError(f"{err}, in the sealed ground truth {folder}; repair it with: "
+                        f"{repair_command(folder)}") from None
+    if run is None:
+        return None
+    relative = os.path.relpath(path, folder)
+    problem = run_problem(run, args, mask, repeat)
+    if problem is None and sealed and relative in sealed and results.file_sha256(path) != sealed[relative]["sha256"]:
+        problem = "changed since the ground truth was sealed (its sha256 differs)"
+    if problem is None:
+        return run
+    if not owner:
+        raise GlueError(f"{path} is {problem}, in the sealed ground truth {folder}; repair it with: "
+                        f"{repair_command(folder)}")
+    logger.warning("%s is %s; deleting it so that it is redone", path, problem)
+    os.remove(path)
+    return None
+
+
+def sealed_manifest(folder: str) -> dict:
+    """The files ground_truth.json lists, read without verifying ({} when there is none): what `build` checks each
+    run file against before trusting it."""
+    try:
+        with open(os.path.join(folder, GROUND_TRUTH_META)) as f:
+            files = json.load(f).get("files", {})
+        return files if isinstance(files, dict) else {}
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
+def reuse_sealed(folder: str, args, provenance: dict) -> bool:
+    """True when the folder holds a sealed ground truth that verifies: every file in its manifest (the run files
+    too, since they are listed) and every run's recorded mask, repeat, seed and signature; for a ground truth sealed
+    before the runs were listed, also that the runs average to its margins.npy. Then `build` has nothing to do."""
+    try:
+        results.read(folder, GROUND_TRUTH_META, "LDS ground truth", provenance)  # other data: refused
+    except ResultMissing:
+        return False
+    except ResultDamaged as err:
+        logger.warning("%s: repairing it", err)
+        return False
+    try:
+        return load_repeat_margins(folder, args, provenance["num_query"], all_repeats=True) is not None
+    except GlueError as err:
+        logger.warning("%s: repairing it", str(err).split("; repair it with")[0])
+        return False
 
 
 def retrain_runs(folder: str, args, masks: np.ndarray, train_text, query_text) -> None:
-    """Retrains this shard's missing or damaged (mask, repeat) runs, saving each as it ends."""
+    """Retrains this shard's missing, damaged or foreign (mask, repeat) runs, saving each as it ends."""
     runs = [(m, r) for m in range(args.num_masks) for r in range(args.num_repeats)]
     mine = sweeps.shard(runs, args.shard_index, args.num_shards)
-    pending = [(m, r) for m, r in mine if load_retrain(folder, m, r, len(query_text)) is None]
+    sealed = sealed_manifest(folder)
+    pending = [(m, r) for m, r in mine if load_retrain(folder, m, r, len(query_text), args, sealed=sealed) is None]
     logger.info("***** Building LDS ground truth in %s *****", folder)
     logger.info("  Runs = %d (%d masks x %d repeats), this shard = %d, already done = %d, keep %d of %d examples",
                 len(runs), args.num_masks, args.num_repeats, len(mine), len(mine) - len(pending),
@@ -147,22 +222,32 @@ def retrain_runs(folder: str, args, masks: np.ndarray, train_text, query_text) -
     retrain = sweeps.retrainer(args, train_text, query_text)
     os.makedirs(os.path.join(folder, "runs"), exist_ok=True)
     progress.stage("the LDS retrains", folder)
-    with tqdm(pending, desc=f"Retrains (shard {args.shard_index}/{args.num_shards})", unit="run") as bar:
+    # Claimed one by one: a second identical command (or shard) retrains the runs this one has not started.
+    done_here = 0
+    claimed = sweeps.claimed(pending, lambda run: os.path.join(folder, os.path.basename(run_path(folder, *run))),
+                             lambda run: load_retrain(folder, *run, len(query_text), args) is not None)
+    with tqdm(claimed, total=len(pending), desc=f"Retrains (shard {args.shard_index}/{args.num_shards})",
+              unit="run") as bar:
         for m, r in bar:
             seed = run_seed(args.seed, m, r)
             result = retrain(np.flatnonzero(masks[m]), seed)
-            results.save_arrays(run_path(folder, m, r), **result, seed=np.array(seed))
+            results.save_arrays(run_path(folder, m, r), **result, seed=np.array(seed), mask=np.array(m),
+                                repeat=np.array(r), ground_truth=np.array(signature(args)))
             failpoint("lds_run_saved")
+            done_here += 1
             if "correct" in result:  # classification
                 bar.set_postfix(query_acc=f"{result['correct'].mean():.3f}")
+    logger.info("Retrained %d runs here; %d by another process", done_here, len(pending) - done_here)
 
 
 def merge_runs(folder: str, args, provenance: dict) -> bool:
     """Averages the runs over repeats into margins.npy once all are present and sound, and seals the folder with
     ground_truth.json (summary, provenance, sha256 of masks and margins); False if runs are missing."""
     with results.lock(folder):  # the last two shards may finish together
-        runs = [[load_retrain(folder, m, r, provenance["num_query"]) for r in range(args.num_repeats)]
-                for m in range(args.num_masks)]
+        # --merge_only retrained nothing: its runs are also checked against the seal they would replace.
+        sealed = sealed_manifest(folder) if args.merge_only else None
+        runs = [[load_retrain(folder, m, r, provenance["num_query"], args, sealed=sealed)
+                 for r in range(args.num_repeats)] for m in range(args.num_masks)]
         missing = sum(run is None for row in runs for run in row)
         if missing:
             logger.info("%d of %d runs missing; rerun (or `build --merge_only`) once every shard has finished",
@@ -177,8 +262,11 @@ def merge_runs(folder: str, args, provenance: dict) -> bool:
                    "repeat_spearman": (float(spearman_rows(margins[:, 0].T, margins[:, 1].T).mean())
                                        if args.num_repeats > 1 else None)}
         save_npy(os.path.join(folder, "margins.npy"), margins.mean(axis=1))
+        # The run files are sealed with it: a consumer verifies them, and a rerun of `build` reuses it as it is.
         results.seal(folder, GROUND_TRUTH_META, {**summary, "provenance": provenance},
-                       files=["masks.npy", "margins.npy"])
+                     files=["masks.npy", "margins.npy", *(os.path.relpath(run_path(folder, m, r), folder)
+                                                          for m in range(args.num_masks)
+                                                          for r in range(args.num_repeats))])
     logger.info("Merged %d runs into %s: %s", summary["num_runs"], os.path.join(folder, "margins.npy"), summary)
     return True
 
@@ -210,8 +298,7 @@ def load_ground_truth(args, provenance: dict) -> tuple:
         raise GlueError(f"no finished LDS ground truth in {folder}; build it with: python evaluate_lds.py build "
                         "(with the same flags as this command)") from None
     except ResultDamaged as err:
-        raise GlueError(f"{err}; rerun `python evaluate_lds.py build` with the same flags to repair it (finished "
-                        "retrains are kept)") from None
+        raise GlueError(f"{err}; repair it with: {repair_command(folder)} (finished retrains are kept)") from None
     results.claim_experiment(folder, ground_truth_arguments(args), keep_both="another --lds_dir")  # same arguments
     masks = np.load(os.path.join(folder, "masks.npy"), allow_pickle=False)
     return folder, masks, np.load(os.path.join(folder, "margins.npy"), allow_pickle=False), summary
@@ -306,17 +393,32 @@ def noise_ceiling(repeat_margins: np.ndarray, num_bootstrap: int, seed: int) -> 
             "num_repeats": int(repeat_margins.shape[1])}
 
 
-def load_repeat_margins(folder: str, args, num_query: int) -> np.ndarray | None:
-    """Every retrain's margins, (masks, repeats, queries), from the ground truth's runs; None with one repeat (no
-    ceiling can be estimated then), or when runs are missing or do not average to the sealed margins.npy."""
-    if args.num_repeats < 2:
+def load_repeat_margins(folder: str, args, num_query: int, all_repeats: bool = False) -> np.ndarray | None:
+    """Every retrain's margins, (masks, repeats, queries), from a sealed ground truth's runs, each verified; None
+    with one repeat (no ceiling can be estimated then) unless `all_repeats`, or when a run file is missing (only from
+    a ground truth sealed before its runs were listed: for a later one `load_ground_truth` has refused it already);
+    the log then names the file and the command that restores it.
+
+    Raises:
+        GlueError: a run is damaged or foreign, or the runs do not average to the sealed margins.npy; the line names
+            it and the `build` command that repairs it (a consumer never deletes or rewrites anything).
+    """
+    if args.num_repeats < 2 and not all_repeats:
         return None
-    runs = [[load_retrain(folder, m, r, num_query) for r in range(args.num_repeats)] for m in range(args.num_masks)]
-    if any(run is None for row in runs for run in row):
+    runs = [[load_retrain(folder, m, r, num_query, args, owner=False) for r in range(args.num_repeats)]
+            for m in range(args.num_masks)]
+    missing = [run_path(folder, m, r) for m, row in enumerate(runs) for r, run in enumerate(row) if run is None]
+    if missing:
+        logger.warning("%s%s is missing from the ground truth in %s%s; restore it with: %s",
+                       "" if all_repeats else "No noise ceiling: ", missing[0], folder,
+                       f" (and {len(missing) - 1} more runs)" if len(missing) > 1 else "", repair_command(folder))
         return None
     repeats = np.stack([[run["margins"] for run in row] for row in runs])
     sealed = np.load(os.path.join(folder, "margins.npy"), allow_pickle=False)
-    return repeats if np.allclose(repeats.mean(axis=1), sealed) else None
+    if not np.allclose(repeats.mean(axis=1), sealed):
+        raise GlueError(f"the runs in {folder} do not average to its sealed margins.npy; repair it with: "
+                        f"{repair_command(folder)}")
+    return repeats
 
 
 def load_data(args) -> tuple:
@@ -324,6 +426,7 @@ def load_data(args) -> tuple:
     train_text, query_text = pipeline.load_train_and_queries(args.dataset_name, args.data_dir, args.max_train_samples,
                                                              args.max_query_examples, args.label_noise,
                                                              args.label_noise_seed)
+    check_checkpoint_data(args, train_text)
     return train_text, query_text, pipeline.data_provenance(args.dataset_name, train_text, query_text,
                                                             args.max_seq_length)
 
@@ -333,6 +436,41 @@ def data_and_ground_truth(args) -> tuple:
     against, and the verified ground truth built on it."""
     train_text, query_text, provenance = load_data(args)
     return train_text, query_text, provenance, load_ground_truth(args, provenance)
+
+
+def recipe_differences(args) -> dict:
+    """{field: {"checkpoint": value, "ground_truth": value}} for each data or recipe flag (the data itself is compared
+    by fingerprint) with which the ground truth was built otherwise than the checkpoint being scored was trained; {}
+    without a checkpoint."""
+    if args.configured_by is None or not os.path.isfile(args.configured_by):
+        return {}
+    from .cli import DATA_DEFAULTS, read_json
+
+    trained = {**DATA_DEFAULTS, **RECIPE_DEFAULTS, **read_json(args.configured_by, "retrain it with train.py")
+               .get("args", {})}
+    trained["max_train_samples"] = pipeline.train_size(args.dataset_name, trained["max_train_samples"])
+    built = ground_truth_arguments(args)
+    built = {"label_noise": 0.0, "label_noise_seed": 0, **built, **built["recipe"]}
+    return {key: {"checkpoint": trained[key], "ground_truth": built[key]}
+            for key in (*DATA_DEFAULTS, *RECIPE_DEFAULTS) if key != "data_dir" and trained[key] != built[key]}
+
+
+def warn_recipe_differences(differences: dict, folder: str, checkpoint: str) -> None:
+    """One line: the scores explain the checkpoint's model, the ground truth retrains another recipe."""
+    if differences:
+        logger.warning("the ground truth in %s was built with another %s than the checkpoint at %s was trained with "
+                       "(%s); its LDS measures how well these scores predict retrains of the ground truth's recipe "
+                       "(recorded in lds_results.json as recipe_differences)", folder, ", ".join(differences),
+                       os.path.dirname(checkpoint), "; ".join(f"{k} {v['checkpoint']} vs {v['ground_truth']}"
+                                                              for k, v in differences.items()))
+
+
+def checkpoint_results_dir(folder: str, checkpoints: tuple | None) -> str | None:
+    """Where the LDS of one checkpoint's scores goes in a ground truth shared by several checkpoints:
+    <folder>/by_checkpoint/<digest of its models' sha256>/, side by side (None without a checkpoint)."""
+    if checkpoints is None:
+        return None
+    return os.path.join(folder, "by_checkpoint", results.digest(sorted(checkpoints[1])))
 
 
 def reference_set(requested: str | None, names) -> str | None:

@@ -9,6 +9,7 @@ from contextlib import contextmanager
 import numpy as np
 
 from . import results
+from .failpoints import failpoint
 
 
 @contextmanager
@@ -26,6 +27,7 @@ def figure(path: str, figsize: tuple, ncols: int = 1):
         fig.tight_layout()
         results.make_output_dir(os.path.dirname(os.path.abspath(path)))
         with results.atomic_path(path, os.path.splitext(path)[1]) as tmp:
+            failpoint("drawing")
             fig.savefig(tmp, dpi=150)
     finally:
         plt.close(fig)

@@ -132,10 +132,11 @@ def file_sha256(path: str) -> str:
 
 
 @contextmanager
-def lock(path: str, enabled: bool = True):
-    """Exclusive lock on the result at `path` (on the file .staging/<name>.lock beside it), held for the block."""
+def lock(path: str, enabled: bool = True, wait: bool = True):
+    """Exclusive lock on the result at `path` (on the file .staging/<name>.lock beside it), held for the block.
+    Yields True; with `wait` False, yields False at once (holding nothing) when another process holds it."""
     if not enabled:  # non-main torchrun ranks: the main rank decides and writes
-        yield
+        yield True
         return
     parent, name = os.path.split(os.path.abspath(path))
     os.makedirs(os.path.join(parent, STAGING), exist_ok=True)
@@ -143,12 +144,15 @@ def lock(path: str, enabled: bool = True):
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            if not wait:
+                yield False
+                return
             logger.info("Waiting for another process writing %s ...", path)
             start = time.time()
             fcntl.flock(handle, fcntl.LOCK_EX)
             logger.info("... it finished after %.0f s", time.time() - start)
         try:
-            yield
+            yield True
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
@@ -240,9 +244,10 @@ def read(folder: str, meta_name: str, what: str, expected: dict | None = None) -
 
 
 def reuse(folder: str, meta_name: str, what: str, signature: dict, overwrite: bool,
-          keep_both: str = "another --output_dir") -> dict | None:
+          keep_both: str = "another --output_dir", legacy: dict | None = None) -> dict | None:
     """The owner's read: the published result for `signature`, or None when it must be (re)computed (missing,
-    damaged, or --overwrite). A result made with other arguments is refused, never silently replaced."""
+    damaged, or --overwrite). A result made with other arguments is refused, never silently replaced. `legacy`:
+    the values of fields that results published before those fields were recorded were computed with."""
     if overwrite:
         return None
     try:
@@ -253,8 +258,10 @@ def reuse(folder: str, meta_name: str, what: str, signature: dict, overwrite: bo
         logger.warning("%s: recomputing it", err)
         return None
     signature = json.loads(json.dumps(signature, default=str))
-    if meta.get("signature") != signature:
-        saved = meta.get("signature", {})
+    saved = meta.get("signature", {})
+    if isinstance(saved, dict) and legacy:
+        saved = {**json.loads(json.dumps(legacy, default=str)), **saved}
+    if saved != signature:
         changed = sorted(k for k in signature.keys() | saved.keys() if signature.get(k) != saved.get(k))
         raise GlueError(f"{folder} holds {what} computed with other arguments ({', '.join(changed)} differ); pass "
                         f"--overwrite to recompute them, or {keep_both} to keep both")
@@ -361,9 +368,10 @@ def save_arrays(path: str, **arrays) -> None:
         np.savez(tmp, **arrays)
 
 
-def load_run(path: str, shapes: dict) -> dict | None:
+def load_run(path: str, shapes: dict, owner: bool = True) -> dict | None:
     """A finished run's arrays, or None when it is missing. One that is unreadable or has other shapes (a damaged
-    file) is deleted with a warning, so the owner redoes it."""
+    file) is deleted with a warning, so the owner redoes it; a consumer (`owner` False) gets `ResultDamaged` and
+    deletes nothing."""
     if not os.path.isfile(path):
         return None
     try:
@@ -373,6 +381,8 @@ def load_run(path: str, shapes: dict) -> dict | None:
             return arrays
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
         pass
+    if not owner:
+        raise ResultDamaged(f"{path} is damaged (unreadable or of other shapes)")
     logger.warning("%s is damaged; deleting it so that it is redone", path)
     os.remove(path)
     return None

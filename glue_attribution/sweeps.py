@@ -9,6 +9,7 @@ from datasets import Dataset
 
 import pipeline
 
+from . import results
 from .cli import train_config
 from .errors import GlueError
 
@@ -18,6 +19,25 @@ def shard(items: list, shard_index: int, num_shards: int) -> list:
     if not 0 <= shard_index < num_shards:
         raise GlueError(f"--shard_index must be in [0, {num_shards}), got {shard_index}")
     return items[shard_index::num_shards]
+
+
+def claimed(items: list, path_of, done):
+    """Yields the items of a sweep that this process computes, claiming each (a lock on `path_of(item)`) while it
+    does: an item another process is computing is left to it and waited for at the end (computed here only if that
+    process died first), so that two identical commands split the work, as two shards would. `done(item)`: its
+    result is there (read after the claim: the other process may have just finished it)."""
+    waiting = []
+    for item in items:
+        with results.lock(path_of(item), wait=False) as mine:
+            if not mine:
+                waiting.append(item)
+                continue
+            if not done(item):
+                yield item
+    for item in waiting:
+        with results.lock(path_of(item)):
+            if not done(item):
+                yield item
 
 
 def quiet_retrains() -> None:

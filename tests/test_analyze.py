@@ -383,3 +383,35 @@ def test_self_influence_ranking_beside_the_scores(monkeypatch, glue_dir, checkpo
     np.testing.assert_allclose([float(r["self_influence"]) for r in rows], np.sort(self_scores)[::-1], rtol=1e-5)
     out = capsys.readouterr().out
     assert "Top 3 training examples by self-influence (identity)" in out and out.count("self-influence: ") == 3
+
+
+def test_signatures_name_the_task_and_another_is_never_reused(monkeypatch, glue_dir, checkpoints, tmp_path):
+    """Scores of a user's own Task (the loss instead of the margin) under the default name are not served to the
+    default Task, nor the other way round; sets published before signatures named the Task count as GlueTask's."""
+
+    class LossTask(GlueTask):
+        measurement = "loss"
+
+        def compute_measurement(self, batch, model):
+            return self.compute_train_loss(batch, model)
+
+    monkeypatch.setattr(influence, "ANALYSIS_TASK", LossTask)
+    run_analyze(monkeypatch, glue_dir, checkpoints, tmp_path, "--factor_strategy", "identity")
+    meta_path = tmp_path / "rte" / "scores_identity" / "glue_scores.json"
+    meta = json.loads(meta_path.read_text())
+    assert meta["signature"]["task"] == {"class": f"{__name__}.{LossTask.__qualname__}", "measurement": "loss"}
+    monkeypatch.setattr(influence, "ANALYSIS_TASK", GlueTask)
+    with pytest.raises(GlueError, match=r"computed with other arguments \(task differ\)"):
+        run_analyze(monkeypatch, glue_dir, checkpoints, tmp_path, "--factor_strategy", "identity")
+    run_analyze(monkeypatch, glue_dir, checkpoints, tmp_path, "--factor_strategy", "identity", "--overwrite")
+    meta = json.loads(meta_path.read_text())
+    assert meta["signature"]["task"] == {"class": "task.GlueTask", "measurement": "margin"}
+    # A set published before signatures named the Task: GlueTask's, reused by it, refused to another Task.
+    del meta["signature"]["task"]
+    meta_path.write_text(json.dumps(meta))
+    before = os.stat(tmp_path / "rte" / "scores_identity" / "pairwise_scores.safetensors").st_mtime_ns
+    run_analyze(monkeypatch, glue_dir, checkpoints, tmp_path, "--factor_strategy", "identity")
+    assert os.stat(tmp_path / "rte" / "scores_identity" / "pairwise_scores.safetensors").st_mtime_ns == before
+    monkeypatch.setattr(influence, "ANALYSIS_TASK", LossTask)
+    with pytest.raises(GlueError, match=r"task differ"):
+        run_analyze(monkeypatch, glue_dir, checkpoints, tmp_path, "--factor_strategy", "identity")

@@ -277,3 +277,16 @@ def test_flip_intervals_on_a_known_case():
     assert 0.3 < low < 0.5 < high < 0.7
     assert found["versus"]["identity"]["mean"] == [-0.5] and found["versus"]["identity"]["ci95"][0][1] < 0
     assert found["versus"]["random"]["ci95"] == [[-1.0, -1.0]] and "ekfac" not in found["versus"]
+
+
+def test_a_full_disk_while_drawing_is_named_so(monkeypatch, glue_dir, scores_dir, tmp_path, capsys):
+    from glue_attribution import cli
+
+    monkeypatch.setenv("GLUE_FAIL_AT", "drawing")
+    with pytest.raises(SystemExit) as stopped:
+        cli.run(run_main, monkeypatch, Stub(), glue_dir, scores_dir, tmp_path / "out")
+    assert stopped.value.code == 1
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith(f"error: no space left on device in {tmp_path / 'out'}") and \
+        "during drawing the counterfactual figure" in line
+    assert read_results(tmp_path / "out")["queries"] and not (tmp_path / "out" / "fig.png").exists()

@@ -83,7 +83,9 @@ def test_experiment_end_to_end(tiny_model_dir, glue_dir, tmp_path):
     detect = ["detect_mislabeled.py", *own, "--strategies", "identity", "--num_folds", "2", "--detection_dir",
               str(tmp_path / "detection"), "--fix_fractions", "0.1", "--fix_rankings", "identity_harm",
               "identity_trajectory", "random"]
-    assert_user_error(run_script(*detect[:-3], "nonesuch"), "--fix_rankings nonesuch: no such ranking")
+    assert_user_error(run_script(*detect[:-3], "identity_trajectroy"),
+                      "--fix_rankings identity_trajectroy: no such ranking", "identity_trajectory")
+    assert not (tmp_path / "detection").exists()  # refused before any fold trained
     shard = run_script(*detect, "--num_shards", "2", "--shard_index", "1")  # its share, then waits for the other
     assert shard.returncode == 0, shard.stderr
     fix = tmp_path / "detection" / "runs" / "fix"

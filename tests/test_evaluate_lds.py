@@ -125,7 +125,7 @@ def test_damaged_ground_truth_and_scores_are_one_line(built, tmp_path):
     with open(margins, "r+b") as f:
         f.truncate(64)
     assert_user_error(run_script("evaluate_lds.py", *argv), "margins.npy does not match its recorded sha256",
-                      "rerun `python evaluate_lds.py build`")
+                      f"repair it with: python evaluate_lds.py build --lds_dir {folder}")
     evaluate_lds.build(evaluate_lds.parse_args(["build", *argv[1:-2]]))  # repairs from the kept runs
     np.testing.assert_array_equal(np.load(margins), np.load(os.path.join(built["folder"], "margins.npy")))
     scores = os.path.join(built["output_dir"], "rte", "scores_identity", "pairwise_scores.safetensors")
