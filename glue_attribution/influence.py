@@ -536,7 +536,8 @@ def index_name(args) -> str:
 
 def index_signature(args, provenance: dict) -> dict:
     """Everything that changes the stored gradients: the checkpoint, the training data, the compression."""
-    return {**{k: provenance[k] for k in ("checkpoint_sha256", "dataset_name", "num_train", "train_data",
+    return {"task": task_signature(),
+            **{k: provenance[k] for k in ("checkpoint_sha256", "dataset_name", "num_train", "train_data",
                                           "max_seq_length")},
             "pad_to_max_length": args.pad_to_max_length, "tracked_modules": args.tracked_modules,
             "use_empirical_fisher": args.use_empirical_fisher, "index_factor_examples": args.index_factor_examples,
@@ -589,7 +590,7 @@ def publish_index_scores(args, checkpoint_dir: str, suffix: str, loaded: tuple, 
     bases, factors_meta = index_bases(args, sha, model, tokenizer, texts, factors, modules, config)
     train_dataset, query_dataset = (pipeline.tokenize(d, args.dataset_name, tokenizer, args.max_seq_length,
                                                       args.pad_to_max_length) for d in texts)
-    collate, task = pipeline.collator(tokenizer), GlueTask()
+    collate, task = pipeline.collator(tokenizer), ANALYSIS_TASK()
     folder = index_dir(args, suffix)
     index_meta = gradient_index.build_index(model.to(args.device), train_dataset, collate, task, modules, bases,
                                             config, folder, index_signature(args, meta["provenance"]),
@@ -699,7 +700,7 @@ def answer_new_queries(args, member: tuple, train_text) -> str:
     labels = [p if y == -1 else y for y, p in zip(queries["label"], predicted)]
     dataset = dataset.remove_columns("labels").add_column("labels", labels)
     queries = queries.remove_columns("label").add_column("label", labels)
-    rows = index.query_rows(model, dataset, collate, GlueTask().compute_measurement, args.query_batch_size,
+    rows = index.query_rows(model, dataset, collate, ANALYSIS_TASK().compute_measurement, args.query_batch_size,
                             disable_tqdm=True)
     scores = index.scores(rows, args.index_normalize).float().numpy()
     seconds = time.time() - loaded
