@@ -115,6 +115,10 @@ class StepError(Exception):
     pass
 
 
+class BudgetSpent(StepError):
+    """A step stopped at the deadline: what it measured so far stands, nothing failed."""
+
+
 def left(deadline: float) -> float:
     return deadline - time.time()
 
@@ -143,13 +147,13 @@ def run_timed(cmd: list, deadline: float) -> float:
     """Runs a command to its end, its output shown as it goes, stopped at `deadline`; returns its seconds."""
     script = next(arg for arg in cmd if arg.endswith(".py"))
     if left(deadline) <= 0:
-        raise StepError(f"budget spent before {script}")
+        raise BudgetSpent(f"budget spent before {script}")
     log("$ " + " ".join(cmd))
     start, proc = time.time(), launch(cmd)
     try:
         proc.wait(timeout=max(deadline - start, 0.1))
     except subprocess.TimeoutExpired:
-        raise StepError(f"{script} stopped at the budget after {time.time() - start:.0f} s") from None
+        raise BudgetSpent(f"{script} stopped at the budget after {time.time() - start:.0f} s") from None
     finally:
         stop(proc)
     if proc.returncode:
@@ -252,9 +256,9 @@ def step_bert_base(args, numbers: Numbers, deadline: float, work: str) -> None:
         if name == "index":
             step_index(args, numbers, deadline, work, num_train, num_query)
             continue
-        if name == "fp32" and not args.dry_run:  # optional, alone, last: fp32 matmuls run several times slower
+        if name == "fp32":  # optional, alone, last: fp32 matmuls run several times slower
             tf32 = numbers.get("tf32", {}).get("project")
-            need = 4 * tf32["total"] + 20 if tf32 and args.step == 1 else float("inf")
+            need = (0 if args.dry_run else 4 * tf32["total"] + 20) if tf32 and args.step == 1 else float("inf")
             if left(deadline) < need:
                 numbers[name] = {"skipped": "budget" if args.step == 1 else "run with --step 1 alone"}
                 log(f"fp32: skipped, {numbers[name]['skipped']}")
@@ -293,8 +297,9 @@ def step_index(args, numbers: Numbers, deadline: float, work: str, num_train: in
     data = ["--dataset_name", "sst2", "--data_dir", args.data_dir, "--max_train_samples", str(num_train),
             *(["--device", "cpu"] if args.dry_run else [])]
     checkpoints = os.path.join(work, "checkpoints")
-    numbers["index_train_s"], _ = train(data, pretrained, checkpoints, ["--train_batch_size", "32",
-                                                                        "--max_eval_samples", str(num_query)], deadline)
+    numbers["index_train_s"], _ = train(data, pretrained, checkpoints, ["--train_batch_size", batch if args.dry_run
+                                                                        else "32", "--max_eval_samples",
+                                                                        str(num_query)], deadline)
     for store in ("float32", "float16"):  # the second reuses the first's factors: its own stages are build, scores
         meta = analyze(data, checkpoints, os.path.join(work, "analysis"), f"index_{store}",
                        [*index_flags(16, store), "--max_query_examples", str(num_query), "--query_batch_size",
@@ -349,7 +354,7 @@ def step_sst2(args, numbers: Numbers, deadline: float, work: str) -> None:
     factors = sum(v for k, v in seconds.items() if k != "scores")
     numbers["exact_slice"] = {"queries": size, "seconds": seconds,
                               "all_queries_estimate_s": factors + seconds["scores"] * batches}
-    index, slice_scores = pairwise(output_dir, "index")[:size].numpy(), pairwise(output_dir, "exact_slice").numpy()
+    index, slice_scores = pairwise(output_dir, "index")[:size], pairwise(output_dir, "exact_slice")
     numbers["index_vs_exact_spearman"] = float(np.mean([spearmanr(a, b)[0] for a, b in zip(index, slice_scores)]))
     log(f"exact EK-FAC, {size} queries: {seconds}; index vs exact, mean Spearman per query "
         f"{numbers['index_vs_exact_spearman']:.3f}")
@@ -586,6 +591,8 @@ def run_step(step: int, args, deadline: float) -> str:
     try:
         STEPS[step](args, numbers, deadline, work)
         numbers["status"] = "done"
+    except BudgetSpent as err:
+        numbers["status"] = f"stopped: {err}"
     except StepError as err:
         numbers["status"] = f"failed: {err}"
     except Exception as err:  # one step's failure (out of memory, ...) leaves the next steps their turn

@@ -25,14 +25,15 @@ def dry_run(glue_dir, tokenizer: str, tmp_path, *flags: str) -> tuple:
 
 
 def test_all_steps_in_one_run(glue_dir, tiny_model_dir, tmp_path):
-    status, summary, out = dry_run(glue_dir, tiny_model_dir, tmp_path)
+    status, summary, out = dry_run(glue_dir, tiny_model_dir, tmp_path, "--budget_s", "3600")
     assert status == 0 and summary["steps"] == {str(step): "done" for step in (1, 2, 3, 4)}, summary
     numbers = {step: json.loads((out / f"step{step}.json").read_text()) for step in (1, 2, 3, 4)}
     for found in numbers.values():
         assert found["status"] == "done" and found["dry_run"] and found["wall_s"] > 0
 
-    # 1: seed recipe vs project path in TF32 and bf16 (plain fp32 too in a dry run), the index with both stores
-    for precision, recipes in (("tf32", {"seed", "project"}), ("bf16", {"seed", "project"}), ("fp32", {"project"})):
+    # 1: seed recipe vs project path in TF32 and bf16 (plain fp32 only with --step 1 alone), the index, both stores
+    assert numbers[1]["fp32"] == {"skipped": "run with --step 1 alone"}
+    for precision, recipes in (("tf32", {"seed", "project"}), ("bf16", {"seed", "project"})):
         report = json.loads((out / f"step1_{precision}.json").read_text())
         assert report["precision"] == precision and report["factor_batch_size"] == 8
         for recipe in recipes:
@@ -107,14 +108,31 @@ def test_a_step_spending_the_budget_leaves_the_next_skipped(glue_dir, tiny_model
     assert json.loads((out / "step1.json").read_text())["measured"] == 10  # its numbers kept
 
 
+def test_a_step_stopped_at_the_budget_keeps_its_numbers(glue_dir, tiny_model_dir, tmp_path, monkeypatch):
+    script = tmp_path / "sleeps.py"
+    script.write_text("import time\ntime.sleep(60)\n")
+
+    def step(args, numbers, deadline, work):
+        numbers["first"] = 1.0
+        gpu_checks.run_timed([sys.executable, str(script)], deadline)
+        numbers["second"] = 2.0
+
+    monkeypatch.setattr(gpu_checks, "STEPS", {1: step})
+    start = time.time()
+    status, summary, out = dry_run(glue_dir, tiny_model_dir, tmp_path, "--budget_s", "1")
+    numbers = json.loads((out / "step1.json").read_text())
+    assert status == 0 and summary["steps"]["1"].startswith("stopped: sleeps.py stopped at the budget")
+    assert numbers["first"] == 1.0 and "second" not in numbers and time.time() - start < 15
+
+
 def test_a_script_is_stopped_at_the_deadline(tmp_path):
     script = tmp_path / "sleeps.py"
     script.write_text("import time\ntime.sleep(60)\n")
     start = time.time()
-    with pytest.raises(gpu_checks.StepError, match="stopped at the budget"):
+    with pytest.raises(gpu_checks.BudgetSpent, match="stopped at the budget"):
         gpu_checks.run_timed([sys.executable, str(script)], deadline=time.time() + 1)
     assert time.time() - start < 15
-    with pytest.raises(gpu_checks.StepError, match="budget spent before"):
+    with pytest.raises(gpu_checks.BudgetSpent, match="budget spent before"):
         gpu_checks.run_timed([sys.executable, str(script)], deadline=time.time() - 1)
 
 
