@@ -44,6 +44,7 @@ def test_all_steps_in_one_run(glue_dir, tiny_model_dir, tmp_path):
     assert {"covariance", "eigendecomposition", "index_build", "index_merge", "scores"} <= set(index["seconds"])
     assert index["whole_sst2_s"]["index_build"] == pytest.approx(index["seconds"]["index_build"] * 67349 / 16)
     assert index["whole_sst2_s"]["scores"] == pytest.approx(index["seconds"]["scores"] * 872 / 4)
+    assert index["whole_sst2_s"]["eigendecomposition"] == index["seconds"]["eigendecomposition"]
     half = numbers[1]["index_float16"]
     assert set(half["seconds"]) == {"index_build", "index_merge", "scores"}
     assert half["index_bytes"] < index["index_bytes"]
