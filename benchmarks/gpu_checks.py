@@ -46,8 +46,8 @@ Copy both folders with the repo, then run it as one job with an 8-minute limit:
         .whl/*.whl && export PYTHONPATH=/tmp/site || exit; set -o pipefail; \
         python3 benchmarks/gpu_checks.py --out $OUT 2>&1 | tee $OUT/gpu_checks.log
 
-It writes at most 8 files to $OUT, the folder the job hands back (gpu_checks.json, step<N>.json, step1_<precision>.json,
-step2_explorer.html, gpu_checks.log).
+It writes at most 10 files to $OUT, the folder the job hands back (gpu_checks.json, step<N>.json,
+step1_<precision>.json, step2_explorer.html, gpu_checks.log).
 """
 
 import argparse
