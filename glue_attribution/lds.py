@@ -450,7 +450,7 @@ def recipe_differences(args) -> dict:
                .get("args", {})}
     trained["max_train_samples"] = pipeline.train_size(args.dataset_name, trained["max_train_samples"])
     built = ground_truth_arguments(args)
-    built = {"label_noise": 0.0, "label_noise_seed": 0, **built, **built["recipe"]}
+    built = {"label_noise": 0.0, "label_noise_seed": 0, "group_by_length": False, **built, **built["recipe"]}
     return {key: {"checkpoint": trained[key], "ground_truth": built[key]}
             for key in (*DATA_DEFAULTS, *RECIPE_DEFAULTS) if key != "data_dir" and trained[key] != built[key]}
 
