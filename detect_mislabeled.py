@@ -104,7 +104,7 @@ def main():
                                              fixed, len(held_out))
     for name in args.strategies:  # each score set's explorer shows every ranking's flags beside its candidates
         if explorer.add_detection(os.path.join(scores.scores_dir(args.output_dir, args.dataset_name, name),
-                                               "explorer.html"), suspicion, flipped, detection.FLAGGED):
+                                               explorer.PAGE_NAME), suspicion, flipped, detection.FLAGGED):
             logger.info("Flags added to the explorer of %s", name)
     figure = args.figure or os.path.join(folder, "detection.png")
     plots.found_curves({name: detection.found_curve(s, flipped) for name, s in suspicion.items()}, figure,
