@@ -174,8 +174,8 @@ def score(args) -> None:
                                "scores": {name: scores.source_of(meta) for name, (_, meta) in loaded.items()},
                                "results": table}, results_path)
     for name in args.strategies:  # each query's LDS on the score set's explorer page
-        if explorer.add_lds(os.path.join(scores.scores_dir(args.output_dir, args.dataset_name, name), explorer.PAGE_NAME),
-                            table[name]["per_query"], folder):
+        page = os.path.join(scores.scores_dir(args.output_dir, args.dataset_name, name), explorer.PAGE_NAME)
+        if explorer.add_lds(page, table[name]["per_query"], folder):
             logger.info("Added each query's LDS to the explorer of %s", name)
     figure = args.figure or os.path.join(folder, "lds.png")
     plots.lds_bars(table, figure, title.split(";")[0], lds.BASELINE_SCORES)

@@ -523,8 +523,8 @@ function render() {
     const train = Object.entries(data.train).map(([j, e]) => [Number(j), e])
       .filter(([, e]) => e.texts.join(" ").toLowerCase().includes(text) && (!label || String(e.label) === label))
       .sort(([a], [b]) => inLists(b) - inLists(a) || a - b);
-    const group = el("li", "training examples on this page: " + train.length + (train.length > 200 ? " (the first 200)" : ""),
-                     "group");
+    const group = el("li", "training examples on this page: " + train.length +
+                     (train.length > 200 ? " (the first 200)" : ""), "group");
     group.setAttribute("role", "presentation");
     ol.append(group);
     for (const [j, e] of train.slice(0, 200)) {
