@@ -171,7 +171,8 @@ def main():
             report.show_self_ranking(os.path.join(folder, scores.SELF_RANKING), args.inspect_self, scores_name)
     if args.inspect_query is not None:
         report.show_influences(pairwise, args.inspect_query, query_text, train_text, args.dataset_name, args.top_k,
-                               scores_name)
+                               scores_name, explorer.read_data(page)["queries"][args.inspect_query])
+        print(f"\nThis query in the explorer: {explorer.address(page, query=args.inspect_query)}")
     if args.html is not None:
         influence.token_report(args, members[0][1], pairwise, scores_name, query_text, train_text)
 

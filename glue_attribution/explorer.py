@@ -16,6 +16,7 @@ the training set. All text from the data is inserted as text, never as markup.
 import json
 import logging
 import os
+import pathlib
 
 import numpy as np
 
@@ -108,6 +109,11 @@ def write_explorer(path: str, data: dict) -> None:
         json.dump(data, f, ensure_ascii=False, separators=(",", ":"))
     with results.atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         f.write(render(data))
+
+
+def address(page: str, **view) -> str:
+    """The page's file:// address, opening on one view: address(page, query=3) ends in #query=3."""
+    return pathlib.Path(page).resolve().as_uri() + "".join(f"#{kind}={index}" for kind, index in view.items())
 
 
 def read_data(path: str) -> dict | None:

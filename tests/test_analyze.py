@@ -3,6 +3,7 @@ resume, dataset order, inspection and bad input."""
 
 import json
 import os
+import re
 import shutil
 import sys
 
@@ -137,6 +138,11 @@ def test_inspect_query(monkeypatch, glue_dir, checkpoints, tmp_path, capsys):
     train = pipeline.load_glue("rte", "train", str(glue_dir), N_TRAIN)
     assert "Query 1:" in out and f"[train {top}]" in out and train[top]["sentence1"] in out
     assert out.count("[train ") == 4
+    # the model's answer (two classes: wrong exactly when the margin is negative) and the explorer opened on it
+    prediction, margin, verdict = re.search(r"prediction: (\w+) \(margin (-?[\d.]+): (right|WRONG)\)", out).groups()
+    assert prediction in ("entailment", "not_entailment") and (float(margin) < 0) == (verdict == "WRONG")
+    page = (tmp_path / "rte" / "scores_tracin" / "explorer.html").resolve()
+    assert f"This query in the explorer: {page.as_uri()}#query=1\n" in out
 
 
 def test_bad_input(monkeypatch, glue_dir, checkpoints, tmp_path):
