@@ -134,6 +134,7 @@ def main():
 
     # Checkpoint(s) and data: the same examples, in the same order, as train.py; queries are the first validation
     # ones. An ensemble (train.py --seed A B ...) is analysed member by member, then combined.
+    cli.require_checkpoint(args)
     members = cli.checkpoints(args.checkpoint_dir, args.dataset_name, args.ensemble_seeds, args.checkpoint_epoch)
     influence.check_members(args, members)
     train_text, query_text = pipeline.load_train_and_queries(args.dataset_name, args.data_dir,

@@ -26,6 +26,7 @@ cost in seconds and retrains), the rankings as CSV, the retrains (runs/, resumab
 them over processes) and detection.png.
 """
 
+import argparse
 import logging
 import os
 
@@ -78,6 +79,12 @@ def main():
         detection.summarize(args.summarize)
         return
     cli.log_configuration(args)
+    cli.require_checkpoint(args)
+    if not args.label_noise:  # nothing was flipped, so nothing can be found
+        noisy = argparse.Namespace(**{**vars(args), "label_noise": 0.1,
+                                      "checkpoint_dir": os.path.join(args.checkpoint_dir, "noise0.1")})
+        raise cli.GlueError(f"the checkpoint in {args.checkpoint_dir} was trained without --label_noise, so no label "
+                            f"was flipped; train one with flipped labels: {cli.train_command(noisy)}")
     train_text, _ = pipeline.load_training_set(args.dataset_name, args.data_dir, args.max_train_samples,
                                                args.label_noise, args.label_noise_seed)
     flipped = detection.flipped_labels(args, len(train_text))

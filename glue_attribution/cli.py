@@ -10,6 +10,7 @@ import errno
 import json
 import logging
 import os
+import shlex
 import signal
 import socket
 import sys
@@ -361,6 +362,30 @@ def from_checkpoint(args, checkpoint_dir: str | None, recipe: bool = False) -> a
     args.overrides = {k: v for k, v in overrides.items() if k not in getattr(args, "from_folder", ())}
     offline_if_hub_unreachable(args)
     return args
+
+
+def train_command(args) -> str:
+    """The train.py command that makes the checkpoint this run reads: its task and folder, and every data, model
+    and recipe flag this run uses that is not train.py's default (so it trains on the same data, offline too)."""
+    flags = [f"--dataset_name {args.dataset_name}", f"--checkpoint_dir {shlex.quote(args.checkpoint_dir)}"]
+    recipe = RECIPE_DEFAULTS if hasattr(args, "learning_rate") else {}  # analyze.py's --train_batch_size scores
+    for key, default in {**DATA_DEFAULTS, **recipe}.items():
+        value = getattr(args, key, default)
+        if value == default:
+            continue
+        flags.append(f"--{key}" if value is True else f"--{key} {shlex.quote(str(value))}")
+    return "python train.py " + " ".join(flags)
+
+
+def require_checkpoint(args) -> None:
+    """Refuses a run whose --checkpoint_dir holds no checkpoint for the task, naming the train.py command that
+    makes it (a warning about the missing checkpoint would otherwise be followed by a failure further on)."""
+    folder = checkpoints(args.checkpoint_dir, args.dataset_name)[0][1]
+    if not os.path.isfile(os.path.join(folder, pipeline.CHECKPOINT_META)):
+        offline = args.data_dir is None and os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "false", "no", "")
+        raise GlueError(f"no checkpoint at {folder}; train it first: {train_command(args)}"
+                        + (" --data_dir <a GLUE folder, e.g. ../shared/glue_data> (offline: the hub is unreachable)"
+                           if offline else ""))
 
 
 def offline_if_hub_unreachable(args) -> None:

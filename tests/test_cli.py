@@ -163,6 +163,22 @@ def test_help_shows_one_default_per_flag_in_groups(argv, capsys):
         assert "(default: all)" in " ".join(text.split()) and "(default: 1e-08)" in text
 
 
+def test_missing_checkpoint_names_a_train_command_that_works(tiny_model_dir, glue_dir, tmp_path):
+    """analyze.py without a checkpoint prints the train.py command with this run's data and model flags; run as
+    printed (offline), it makes the checkpoint analyze.py looks for."""
+    import shlex
+
+    own = ["--dataset_name", "rte", "--data_dir", str(glue_dir), "--model_name_or_path", tiny_model_dir,
+           "--max_train_samples", "32", "--max_seq_length", "32", "--checkpoint_dir", str(tmp_path / "checkpoints")]
+    refused = run_script("analyze.py", *own, "--output_dir", str(tmp_path / "out"), "--factor_strategy", "identity")
+    assert_user_error(refused, f"no checkpoint at {tmp_path / 'checkpoints' / 'rte'}; train it first: python train.py")
+    command = shlex.split(refused.stderr.strip().splitlines()[-1].split("train it first: ")[1])
+    assert sorted(command[2:]) == sorted(own)
+    assert run_script(*command[1:]).returncode == 0
+    saved = json.loads((tmp_path / "checkpoints" / "rte" / "glue_checkpoint.json").read_text())["args"]
+    assert (saved["max_train_samples"], saved["max_seq_length"], saved["data_dir"]) == (32, 32, str(glue_dir))
+
+
 def test_evaluate_lds_subcommands_have_descriptions():
     result = subprocess.run([sys.executable, str(ROOT / "evaluate_lds.py"), "--help"], capture_output=True, text=True,
                             timeout=60)
