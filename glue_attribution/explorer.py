@@ -212,7 +212,7 @@ main { display: flex; flex-wrap: wrap; }
 #queries li[data-index]:hover:not([aria-selected="true"]) { background: #f2f6ff; }
 #queries li[aria-selected="true"] { background: #dbe7ff; border-left-color: #2456c8; }
 #queries li:focus { outline: none; }
-#queries li:focus-visible, #queries li.focused:focus { outline: 3px solid #e07b00; outline-offset: -3px; }
+#queries li:focus-visible { outline: 3px solid #e07b00; outline-offset: -3px; }
 .wrong { color: #b00; } .meta { color: #666; font-size: 12px; }
 table { border-collapse: collapse; width: 100%; margin: 6px 0 16px; }
 caption { text-align: left; color: #444; }

@@ -167,7 +167,7 @@ def test_analyze_script_bad_input(checkpoints, tmp_path):
     assert_user_error(run_script("analyze.py", *common, "--query_gradient_rank", "0"),
                       "--query_gradient_rank: expected a positive integer, got 0")
     assert_user_error(run_script("analyze.py", "--dataset_name", "rte", "--checkpoint_dir", str(tmp_path)),
-                      "no checkpoint at", "run train.py")
+                      "no checkpoint at", "train it first: python train.py --dataset_name rte --checkpoint_dir")
     assert_user_error(run_script("analyze.py", *common, "--data_dir", "x"), "RTE/train.tsv")
     if not torch.cuda.is_available():  # a CPU torchrun launch would fit unsynchronised (wrong) factors
         assert_user_error(run_script("analyze.py", *common, WORLD_SIZE="2", RANK="0", LOCAL_RANK="0"),
