@@ -42,88 +42,92 @@ def index_rank(value: str):
 def parse_args(argv=None):
     parser = cli.parser("Influence analysis on a GLUE task.")
     cli.add_data_args(parser, checkpoint=True)
-    parser.add_argument("--ensemble_seeds", type=int, nargs="+", default=None,
-                        help="With an ensemble in --checkpoint_dir (train.py --seed A B ...): only these members "
-                             "(default: all).")
-    parser.add_argument("--checkpoint_epoch", type=cli.positive_int, default=None,
-                        help="Analyse the weights after this epoch (train.py --save_epoch_checkpoints); the scores "
-                             "are named <name>_epoch<E>.")
-    parser.add_argument("--output_dir", default="./influence_results", help="Root of factors and scores.")
-    parser.add_argument("--factor_strategy", default="ekfac", help=f"One of {STRATEGIES}.")
-    parser.add_argument("--use_half_precision", action="store_true",
-                        help="bfloat16 factors and scores (kronfluence's all-low-precision arguments).")
-    parser.add_argument("--query_gradient_rank", type=cli.positive_int, default=None,
-                        help="Low-rank approximation of query gradients (names the scores <strategy>_qlrR).")
-    parser.add_argument("--damping_factor", type=damping, default=1e-8,
-                        help="Damping for the inverse Hessian ('auto': 0.1 x mean eigenvalue); the seed's default.")
-    parser.add_argument("--scores_name", default=None,
+    data, analysis, output = cli.group(parser, cli.DATA), cli.group(parser, cli.ANALYSIS), cli.group(parser, cli.OUTPUT)
+    data.add_argument("--ensemble_seeds", type=int, nargs="+", default=None,
+                      help="With an ensemble in --checkpoint_dir (train.py --seed A B ...): only these members "
+                           "(default: all).")
+    data.add_argument("--checkpoint_epoch", type=cli.positive_int, default=None,
+                      help="Analyse the weights after this epoch (train.py --save_epoch_checkpoints); the scores "
+                           "are named <name>_epoch<E>.")
+    output.add_argument("--output_dir", default="./influence_results", help="Root of factors and scores.")
+    analysis.add_argument("--factor_strategy", default="ekfac", help=f"One of {STRATEGIES}.")
+    analysis.add_argument("--use_half_precision", action="store_true",
+                          help="bfloat16 factors and scores (kronfluence's all-low-precision arguments).")
+    analysis.add_argument("--query_gradient_rank", type=cli.positive_int, default=None,
+                          help="Low-rank approximation of query gradients (names the scores <strategy>_qlrR).")
+    analysis.add_argument("--damping_factor", type=damping, default=1e-8,
+                          help="Damping for the inverse Hessian ('auto': 0.1 x mean eigenvalue); the seed's default.")
+    output.add_argument("--scores_name", default=None,
                         help="Name the scores (default: <strategy>[_half][_qlrR], as the seed); e.g. for a damping "
                              "ablation that reuses the factors.")
-    parser.add_argument("--proj_dim", type=cli.positive_int, default=None,
-                        help="trak: dimension of the random projection of the per-example gradients (default: half "
-                             "the training examples, at most 2048: TRAK inverts the Gram matrix of the projected "
-                             "training gradients, singular from proj_dim = examples on).")
-    parser.add_argument("--index_rank", type=index_rank, default=16, metavar="K",
-                        help="*_index: eigenvectors (or random directions) kept per side of each module, k x k "
-                             "numbers per module and example; 'full' keeps all (exact EK-FAC / K-FAC).")
-    parser.add_argument("--index_projection", choices=["eigen", "random"], default="eigen",
-                        help="*_index: project on the top-k eigenvectors of K-FAC factors, or at random.")
-    parser.add_argument("--index_factor_examples", type=cli.positive_int, default=None, metavar="N",
-                        help="*_index, eigen: fit the K-FAC factors on the first N training examples (default: all).")
-    parser.add_argument("--index_normalize", action="store_true",
-                        help="*_index: divide each training example's scores by the square root of its "
-                             "self-influence (unit-normalised, as TrackStar and RelatIF); names the scores <name>_cos.")
-    parser.add_argument("--index_store_dtype", choices=["float32", "float16"], default="float32",
-                        help="*_index: precision of the stored gradients (float16 halves disk and memory).")
-    parser.add_argument("--index_chunk_size", type=cli.positive_int, default=2048, metavar="N",
-                        help="*_index: training examples per chunk, the unit of resuming and of sharding.")
-    parser.add_argument("--query_text", nargs="+", default=None, metavar="TEXT",
-                        help="*_index: a new query (one text, two for pair tasks): print and write its most "
-                             "influential training examples from the existing index.")
-    parser.add_argument("--query_file", default=None,
-                        help="*_index: new queries from a CSV/TSV/JSON-lines file with the task's text columns "
-                             "(label optional: the model's prediction otherwise).")
-    parser.add_argument("--query_label", default=None,
-                        help="With --query_text: its label (name or id; default: the model's prediction).")
-    cli.add_shard_args(parser)
-    parser.add_argument("--query_batch_size", type=cli.positive_int, default=8, help="Queries per batch.")
-    parser.add_argument("--train_batch_size", type=cli.positive_int, default=8,
-                        help="Training examples per scoring batch.")
-    parser.add_argument("--factor_batch_size", type=cli.positive_int, default=None,
-                        help="Examples per batch when fitting factors (default: kronfluence's search on one GPU; "
-                             "--train_batch_size on CPU, where the search can exhaust memory, and under torchrun, "
-                             "where kronfluence cannot search).")
-    parser.add_argument("--max_query_examples", type=cli.positive_int, default=2000,
-                        help="Use the first min(len(validation), N) validation examples as queries.")
-    parser.add_argument("--tracked_modules", nargs="+", default=None,
-                        help="Only nn.Linear modules whose names match these glob patterns (default: all).")
-    parser.add_argument("--compute_self_scores", action="store_true",
-                        help="Also compute self-influence of every training example (finds mislabeled data).")
-    parser.add_argument("--stock_kronfluence", action="store_true",
-                        help="Use kronfluence's own Lambda/self-score trackers instead of the token-factored ones.")
-    parser.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls on GPU (faster, ~1e-3 relative).")
-    parser.add_argument("--use_empirical_fisher", action="store_true",
-                        help="Fit factors with the dataset labels instead of labels sampled from the model.")
-    parser.add_argument("--seed", type=int, default=0,
-                        help="Seeds the labels sampled for the true Fisher (trak: the projection).")
-    parser.add_argument("--float64", action="store_true",
-                        help="Model, factors and scores in float64 (exactness checks).")
-    parser.add_argument("--attn_implementation", default=None, help="e.g. 'eager' (default: the model's).")
-    parser.add_argument("--overwrite", action="store_true", help="Recompute factors and scores even if present.")
-    parser.add_argument("--profile", action="store_true", help="Print kronfluence's profiler table.")
-    parser.add_argument("--inspect_query", type=int, default=None,
-                        help="Print this query and its most positively and negatively influential training examples.")
-    parser.add_argument("--top_k", type=cli.positive_int, default=3,
+    analysis.add_argument("--proj_dim", type=cli.positive_int, default=None,
+                          help="trak: dimension of the random projection of the per-example gradients (default: half "
+                               "the training examples, at most 2048: TRAK inverts the Gram matrix of the projected "
+                               "training gradients, singular from proj_dim = examples on).")
+    analysis.add_argument("--query_batch_size", type=cli.positive_int, default=8, help="Queries per batch.")
+    analysis.add_argument("--train_batch_size", type=cli.positive_int, default=8,
+                          help="Training examples per scoring batch.")
+    analysis.add_argument("--factor_batch_size", type=cli.positive_int, default=None,
+                          help="Examples per batch when fitting factors (default: kronfluence's search on one GPU; "
+                               "--train_batch_size on CPU, where the search can exhaust memory, and under torchrun, "
+                               "where kronfluence cannot search).")
+    data.add_argument("--max_query_examples", type=cli.positive_int, default=2000,
+                      help="Use the first min(len(validation), N) validation examples as queries.")
+    analysis.add_argument("--tracked_modules", nargs="+", default=None,
+                          help="Only nn.Linear modules whose names match these glob patterns (default: all).")
+    analysis.add_argument("--compute_self_scores", action="store_true",
+                          help="Also compute self-influence of every training example (finds mislabeled data).")
+    analysis.add_argument("--stock_kronfluence", action="store_true",
+                          help="Use kronfluence's own Lambda/self-score trackers instead of the token-factored ones.")
+    analysis.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls on GPU (faster, ~1e-3 relative).")
+    analysis.add_argument("--use_empirical_fisher", action="store_true",
+                          help="Fit factors with the dataset labels instead of labels sampled from the model.")
+    analysis.add_argument("--seed", type=int, default=0,
+                          help="Seeds the labels sampled for the true Fisher (trak: the projection).")
+    analysis.add_argument("--float64", action="store_true",
+                          help="Model, factors and scores in float64 (exactness checks).")
+    data.add_argument("--attn_implementation", default=None, help="e.g. 'eager' (default: the model's).")
+    output.add_argument("--overwrite", action="store_true", help="Recompute factors and scores even if present.")
+    output.add_argument("--profile", action="store_true", help="Print kronfluence's profiler table.")
+    output.add_argument("--inspect_query", type=int, default=None,
+                        help="Print this query, the model's prediction and margin on it, its most positively and "
+                             "negatively influential training examples, and the explorer's address opened on it.")
+    output.add_argument("--top_k", type=cli.positive_int, default=3,
                         help="How many examples --inspect_query prints per side.")
-    parser.add_argument("--inspect_self", type=cli.positive_int, default=None,
+    output.add_argument("--inspect_self", type=cli.positive_int, default=None,
                         help="With --compute_self_scores: print the K training examples of highest self-influence "
                              "(the whole ranking is in self_influence_ranking.csv beside the scores).")
-    parser.add_argument("--html", default=None,
+    output.add_argument("--html", default=None,
                         help="With --inspect_query: write a page of the top examples with each word coloured by its "
                              "per-token influence (and the numbers as JSON beside it).")
-    parser.add_argument("--explorer_tokens", type=cli.positive_int, default=None, metavar="N",
+    output.add_argument("--explorer_tokens", type=cli.positive_int, default=None, metavar="N",
                         help="Shade the words of the top --top_k examples per side of the first N queries on the "
                              "explorer page by their per-token influence (one kronfluence pass per query).")
+    index = cli.group(parser, "gradient index (--factor_strategy ekfac_index / kfac_index)")
+    index.add_argument("--index_rank", type=index_rank, default=16, metavar="K",
+                       help="Eigenvectors (or random directions) kept per side of each module: k x k numbers per "
+                            "module and example; 'full' keeps all (exact EK-FAC / K-FAC).")
+    index.add_argument("--index_projection", choices=["eigen", "random"], default="eigen",
+                       help="Project on the top-k eigenvectors of K-FAC factors, or at random.")
+    index.add_argument("--index_factor_examples", type=cli.positive_int, default=None, metavar="N",
+                       help="Eigen projection: fit the K-FAC factors on the first N training examples (default: "
+                            "all).")
+    index.add_argument("--index_normalize", action="store_true",
+                       help="Divide each training example's scores by the square root of its self-influence "
+                            "(unit-normalised, as TrackStar and RelatIF); names the scores <name>_cos.")
+    index.add_argument("--index_store_dtype", choices=["float32", "float16"], default="float32",
+                       help="Precision of the stored gradients (float16 halves disk and memory).")
+    index.add_argument("--index_chunk_size", type=cli.positive_int, default=2048, metavar="N",
+                       help="Training examples per chunk, the unit of resuming and of sharding.")
+    index.add_argument("--query_text", nargs="+", default=None, metavar="TEXT",
+                       help="A new query (one text, two for pair tasks): print and write its most influential "
+                            "training examples from the existing index.")
+    index.add_argument("--query_file", default=None,
+                       help="New queries from a CSV/TSV/JSON-lines file with the task's text columns (label "
+                            "optional: the model's prediction otherwise).")
+    index.add_argument("--query_label", default=None,
+                       help="With --query_text: its label (name or id; default: the model's prediction).")
+    cli.add_shard_args(parser)  # in the output group: chunks of the index per process
     args = parser.parse_args(argv)
     if args.factor_strategy not in STRATEGIES:
         parser.error(f"unknown --factor_strategy '{args.factor_strategy}'; choose one of {', '.join(STRATEGIES)}")
@@ -168,6 +172,7 @@ def main():
 
     # Checkpoint(s) and data: the same examples, in the same order, as train.py; queries are the first validation
     # ones. An ensemble (train.py --seed A B ...) is analysed member by member, then combined.
+    cli.require_checkpoint(args)
     members = cli.checkpoints(args.checkpoint_dir, args.dataset_name, args.ensemble_seeds, args.checkpoint_epoch)
     influence.check_members(args, members)
     train_text, query_text = pipeline.load_train_and_queries(args.dataset_name, args.data_dir,
@@ -215,7 +220,8 @@ def main():
             report.show_self_ranking(os.path.join(folder, scores.SELF_RANKING), args.inspect_self, scores_name)
     if args.inspect_query is not None:
         report.show_influences(pairwise, args.inspect_query, query_text, train_text, args.dataset_name, args.top_k,
-                               scores_name)
+                               scores_name, explorer.read_data(page)["queries"][args.inspect_query])
+        print(f"\nThis query in the explorer: {explorer.address(page, query=args.inspect_query)}")
     if args.html is not None:
         influence.token_report(args, members[0][1], pairwise, scores_name, query_text, train_text)
 

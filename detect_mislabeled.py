@@ -26,6 +26,7 @@ cost in seconds and retrains), the rankings as CSV, the retrains (runs/, resumab
 them over processes) and detection.png.
 """
 
+import argparse
 import logging
 import os
 
@@ -40,23 +41,24 @@ def parse_args(argv=None):
     cli.add_data_args(parser, checkpoint=True)
     cli.add_training_args(parser, checkpoint=True)
     cli.add_shard_args(parser)
-    parser.add_argument("--output_dir", default="./influence_results",
+    analysis, output = cli.group(parser, cli.ANALYSIS), cli.group(parser, cli.OUTPUT)
+    output.add_argument("--output_dir", default="./influence_results",
                         help="Results root: analyze.py's self scores, and these results in <output_dir>/<dataset>/.")
-    parser.add_argument("--detection_dir", default=None,
+    output.add_argument("--detection_dir", default=None,
                         help="Results folder (default: <output_dir>/<dataset_name>/detection_<hash of the arguments>).")
-    parser.add_argument("--strategies", nargs="+", default=["identity", "diagonal", "kfac", "ekfac"],
-                        help="Score sets whose self-influence ranks the training set (made by analyze.py "
-                             "--compute_self_scores).")
-    parser.add_argument("--num_folds", type=cli.positive_int, default=5,
-                        help="Cross-validation folds for cleanlab's out-of-sample probabilities.")
-    parser.add_argument("--seed", type=int, default=0, help="Seeds the folds, their retrains and the random ranking.")
-    parser.add_argument("--fix_fractions", type=cli.fraction, nargs="*", default=[0.05, 0.10],
-                        help="Fix and retrain: drop each ranking's top fraction and fine-tune on the rest (none: "
-                             "skip the retrains).")
-    parser.add_argument("--fix_rankings", nargs="+", default=None,
-                        help="The rankings the fix-and-retrain sweep cleans with (default: all).")
-    parser.add_argument("--figure", default=None, help="Where the figure goes (default: beside the results).")
-    parser.add_argument("--summarize", nargs="+", default=None, metavar="RESULTS_JSON",
+    analysis.add_argument("--strategies", nargs="+", default=["identity", "diagonal", "kfac", "ekfac"],
+                          help="Score sets whose self-influence ranks the training set (made by analyze.py "
+                               "--compute_self_scores).")
+    analysis.add_argument("--num_folds", type=cli.positive_int, default=5,
+                          help="Cross-validation folds for cleanlab's out-of-sample probabilities.")
+    analysis.add_argument("--seed", type=int, default=0, help="Seeds the folds, their retrains and the random ranking.")
+    analysis.add_argument("--fix_fractions", type=cli.fraction, nargs="*", default=[0.05, 0.10],
+                          help="Fix and retrain: drop each ranking's top fraction and fine-tune on the rest (none: "
+                               "skip the retrains).")
+    analysis.add_argument("--fix_rankings", nargs="+", default=None,
+                          help="The rankings the fix-and-retrain sweep cleans with (default: all).")
+    output.add_argument("--figure", default=None, help="Where the figure goes (default: beside the results).")
+    output.add_argument("--summarize", nargs="+", default=None, metavar="RESULTS_JSON",
                         help="Only print mean ± sd over these detection_results.json (e.g. one per noise seed).")
     args = parser.parse_args(argv)
     if args.num_folds < 2:
@@ -77,6 +79,12 @@ def main():
         detection.summarize(args.summarize)
         return
     cli.log_configuration(args)
+    cli.require_checkpoint(args)
+    if not args.label_noise:  # nothing was flipped, so nothing can be found
+        noisy = argparse.Namespace(**{**vars(args), "label_noise": 0.1,
+                                      "checkpoint_dir": os.path.join(args.checkpoint_dir, "noise0.1")})
+        raise cli.GlueError(f"the checkpoint in {args.checkpoint_dir} was trained without --label_noise, so no label "
+                            f"was flipped; train one with flipped labels: {cli.train_command(noisy)}")
     train_text, _ = pipeline.load_training_set(args.dataset_name, args.data_dir, args.max_train_samples,
                                                args.label_noise, args.label_noise_seed)
     cli.check_checkpoint_data(args, train_text)
@@ -106,7 +114,7 @@ def main():
                                              fixed, len(held_out))
     for name in args.strategies:  # each score set's explorer shows every ranking's flags beside its candidates
         if explorer.add_detection(os.path.join(scores.scores_dir(args.output_dir, args.dataset_name, name),
-                                               "explorer.html"), suspicion, flipped, detection.FLAGGED):
+                                               explorer.PAGE_NAME), suspicion, flipped, detection.FLAGGED):
             logger.info("Flags added to the explorer of %s", name)
     figure = args.figure or os.path.join(folder, "detection.png")
     plots.found_curves({name: detection.found_curve(s, flipped) for name, s in suspicion.items()}, figure,

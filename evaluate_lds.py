@@ -50,68 +50,75 @@ LDS_DEFAULTS = {"dataset_name": "rte", "max_query_examples": 2000, "num_masks": 
 def parse_args(argv=None):
     parser = cli.parser("Linear datamodeling score of influence scores on a GLUE task.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="{build,score,ensembles}")
-    common = argparse.ArgumentParser(add_help=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    common = cli.parser(add_help=False)
     cli.add_data_args(common, dataset_name=argparse.SUPPRESS, checkpoint=True)
     cli.add_training_args(common, checkpoint=True)
     given = "(default: --lds_dir's, else {})".format
-    common.add_argument("--max_query_examples", type=cli.positive_int, default=argparse.SUPPRESS,
-                        help="Queries: the first min(len(validation), N) validation examples, as analyze.py "
-                             + given(2000))
-    common.add_argument("--num_masks", type=cli.positive_int, default=argparse.SUPPRESS,
-                        help="Random training subsets, as the seed " + given(100))
-    common.add_argument("--subset_fraction", type=float, default=argparse.SUPPRESS,
-                        help="Fraction of the training set each subset keeps, exactly " + given(0.5))
-    common.add_argument("--num_repeats", type=cli.positive_int, default=argparse.SUPPRESS,
-                        help="Retrains per subset with different seeds; margins are averaged " + given(5))
-    common.add_argument("--stratify_masks", action="store_true", default=argparse.SUPPRESS,
-                        help="Keep exactly the fraction of each class, so a mask cannot shift the label balance "
-                             "(regression: of every 10 examples in target order, so the mean target barely moves) "
-                             + given("off"))
-    common.add_argument("--seed", type=int, default=argparse.SUPPRESS,
-                        help="Seeds the masks, the retrains and the bootstrap " + given(0))
-    common.add_argument("--output_dir", default="./influence_results",
+    analysis, output = cli.group(common, cli.ANALYSIS), cli.group(common, cli.OUTPUT)
+    analysis.add_argument("--max_query_examples", type=cli.positive_int, default=argparse.SUPPRESS,
+                          help="Queries: the first min(len(validation), N) validation examples, as analyze.py "
+                               + given(2000))
+    analysis.add_argument("--num_masks", type=cli.positive_int, default=argparse.SUPPRESS,
+                          help="Random training subsets, as the seed " + given(100))
+    analysis.add_argument("--subset_fraction", type=float, default=argparse.SUPPRESS,
+                          help="Fraction of the training set each subset keeps, exactly " + given(0.5))
+    analysis.add_argument("--num_repeats", type=cli.positive_int, default=argparse.SUPPRESS,
+                          help="Retrains per subset with different seeds; margins are averaged " + given(5))
+    analysis.add_argument("--stratify_masks", action="store_true", default=argparse.SUPPRESS,
+                          help="Keep exactly the fraction of each class, so a mask cannot shift the label balance "
+                               "(regression: of every 10 examples in target order, so the mean target barely moves) "
+                               + given("off"))
+    analysis.add_argument("--seed", type=int, default=argparse.SUPPRESS,
+                          help="Seeds the masks, the retrains and the bootstrap " + given(0))
+    output.add_argument("--output_dir", default="./influence_results",
                         help="Results root: analyze.py's scores, and the ground truth in <output_dir>/<dataset_name>/.")
-    common.add_argument("--lds_dir", default=None,
+    output.add_argument("--lds_dir", default=None,
                         help="Ground-truth folder (default: <output_dir>/<dataset_name>/lds_<digest of its "
                              "arguments>); an existing one configures the flags above that are not given.")
 
     def command(name: str, help: str, description: str) -> argparse.ArgumentParser:
         return commands.add_parser(name, parents=[common], help=help, description=description,
-                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                   formatter_class=cli.HelpFormatter)
 
     build = command("build", "Retrain on random subsets (resumable, shardable).",
                     "Retrain the model on --num_masks random subsets of the training set, --num_repeats times each, "
                     "and record every query's margin: the LDS ground truth. Resumable and shardable.")
     cli.add_shard_args(build)
-    build.add_argument("--merge_only", action="store_true",
-                       help="Retrain nothing; average the finished runs into margins.npy (after a sharded build).")
+    build_out = cli.group(build, cli.OUTPUT)
+    build_out.add_argument("--merge_only", action="store_true",
+                           help="Retrain nothing; average the finished runs into margins.npy (after a sharded "
+                                "build).")
     score = command("score", "LDS of influence scores against the ground truth.",
                     "Correlate, over the ground truth's subsets, each query's margins with the sum of its scores "
                     "over the kept training examples (Spearman), for every score set and two baselines.")
-    score.add_argument("--strategies", nargs="+", default=["ekfac"],
-                       help="Score sets as analyze.py names them (identity diagonal kfac ekfac ekfac_half ...).")
-    score.add_argument("--reference", default=None,
-                       help="The set every other is compared with, paired (default: ekfac if scored, else identity).")
-    score.add_argument("--num_bootstrap", type=cli.positive_int, default=NUM_BOOTSTRAP,
-                       help="Mask resamples for the confidence intervals.")
-    score.add_argument("--figure", default=None,
-                       help="Where the bar plot goes (default: lds.png in the ground truth folder).")
-    score.add_argument("--inspect_query", type=int, default=None,
-                       help="Print this query and its most influential training examples (first strategy).")
-    score.add_argument("--top_k", type=cli.positive_int, default=3,
-                       help="How many examples --inspect_query prints per side.")
+    score_args, score_out = cli.group(score, cli.ANALYSIS), cli.group(score, cli.OUTPUT)
+    score_args.add_argument("--strategies", nargs="+", default=["ekfac"],
+                            help="Score sets as analyze.py names them (identity diagonal kfac ekfac ekfac_half ...).")
+    score_args.add_argument("--reference", default=None,
+                            help="The set every other is compared with, paired (default: ekfac if scored, else "
+                                 "identity).")
+    score_args.add_argument("--num_bootstrap", type=cli.positive_int, default=NUM_BOOTSTRAP,
+                            help="Mask resamples for the confidence intervals.")
+    score_out.add_argument("--figure", default=None,
+                           help="Where the bar plot goes (default: lds.png in the ground truth folder).")
+    score_out.add_argument("--inspect_query", type=int, default=None,
+                           help="Print this query and its most influential training examples (first strategy).")
+    score_out.add_argument("--top_k", type=cli.positive_int, default=3,
+                           help="How many examples --inspect_query prints per side.")
     curve = command("ensembles", "LDS against the number of ensembled models.",
                     "For each method, the LDS of its single-model score sets (<method>_seed<S>, from analyze.py "
                     "--checkpoint_dir <ensemble>) and of their ensembles of 1, 2, 4, ... models (disjoint groups of "
                     "members, combined as analyze.py combines them), mean ± sd over groups; with --stability_dir, "
                     "also how much each changes when only randomness changes.")
-    curve.add_argument("--strategies", nargs="+", default=["ekfac"],
-                       help="Methods whose members are in <output_dir>/<dataset_name>/scores_<method>_seed<S>/.")
-    curve.add_argument("--stability_dir", default=None,
-                       help="Another --output_dir holding the same members computed with another analyze.py --seed "
-                            "(resampled Fisher labels; TRAK: another projection): report agreement with it.")
-    curve.add_argument("--figure", default=None,
-                       help="Where the plot goes (default: lds_ensembles.png in the ground truth folder).")
+    curve_args, curve_out = cli.group(curve, cli.ANALYSIS), cli.group(curve, cli.OUTPUT)
+    curve_args.add_argument("--strategies", nargs="+", default=["ekfac"],
+                            help="Methods whose members are in <output_dir>/<dataset_name>/scores_<method>_seed<S>/.")
+    curve_args.add_argument("--stability_dir", default=None,
+                            help="Another --output_dir holding the same members computed with another analyze.py "
+                                 "--seed (resampled Fisher labels; TRAK: another projection): report agreement "
+                                 "with it.")
+    curve_out.add_argument("--figure", default=None,
+                           help="Where the plot goes (default: lds_ensembles.png in the ground truth folder).")
 
     args = parser.parse_args(argv)
     record = os.path.join(args.lds_dir or "", "experiment_args.json")
@@ -150,7 +157,7 @@ def score(args) -> None:
     from glue_attribution import explorer, lds, plots, progress, report, results, scores
 
     train_text, query_text, provenance, (folder, masks, margins, summary) = lds.data_and_ground_truth(args)
-    progress.stage("scoring the LDS", folder)
+    progress.stage("score_args the LDS", folder)
     if args.inspect_query is not None and not 0 <= args.inspect_query < margins.shape[1]:
         raise cli.GlueError(f"--inspect_query {args.inspect_query} is out of range: there are {margins.shape[1]} "
                             "queries")
@@ -188,8 +195,8 @@ def score(args) -> None:
         os.makedirs(where, exist_ok=True)
         results.atomic_write_json(record, os.path.join(where, "lds_results.json"))
     for name in args.strategies:  # each query's LDS on the score set's explorer page
-        if explorer.add_lds(os.path.join(scores.scores_dir(args.output_dir, args.dataset_name, name), "explorer.html"),
-                            table[name]["per_query"], folder):
+        page = os.path.join(scores.scores_dir(args.output_dir, args.dataset_name, name), explorer.PAGE_NAME)
+        if explorer.add_lds(page, table[name]["per_query"], folder):
             logger.info("Added each query's LDS to the explorer of %s", name)
     figure = args.figure or os.path.join(folder, "lds.png")
     progress.stage("drawing the LDS figure", os.path.dirname(os.path.abspath(figure)))

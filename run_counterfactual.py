@@ -45,35 +45,36 @@ def parse_args(argv=None):
     cli.add_data_args(parser, checkpoint=True)
     cli.add_training_args(parser, checkpoint=True)
     cli.add_shard_args(parser)
-    parser.add_argument("--strategies", nargs="+", default=["ekfac", "identity"],
-                        help="Score sets written by analyze.py (e.g. ekfac identity kfac diagonal ekfac_half); "
-                             "the random baseline always runs as well.")
-    parser.add_argument("--output_dir", default="./influence_results",
+    analysis, output = cli.group(parser, cli.ANALYSIS), cli.group(parser, cli.OUTPUT)
+    analysis.add_argument("--strategies", nargs="+", default=["ekfac", "identity"],
+                          help="Score sets written by analyze.py (e.g. ekfac identity kfac diagonal ekfac_half); "
+                               "the random baseline always runs as well.")
+    output.add_argument("--output_dir", default="./influence_results",
                         help="Results root: analyze.py's scores, and these results in <output_dir>/<dataset_name>/.")
-    parser.add_argument("--counterfactual_dir", default=None,
+    output.add_argument("--counterfactual_dir", default=None,
                         help="Results folder (default: <output_dir>/<dataset_name>/counterfactual_<hash of the "
                              "arguments>).")
-    parser.add_argument("--max_query_examples", type=cli.positive_int, default=100,
-                        help="Candidate queries: the first N validation examples.")
-    parser.add_argument("--remove_intervals", type=cli.positive_int, nargs="+", default=[20, 40, 60, 80, 100, 120],
-                        help="How many top-ranked training examples to remove (k).")
-    parser.add_argument("--num_base_repeat", type=cli.positive_int, default=5,
-                        help="Base models on the full training set; a query is tested only if all get it right.")
-    parser.add_argument("--num_repeat", type=cli.positive_int, default=3,
-                        help="Retrains (seeds) per query, method and k.")
-    parser.add_argument("--search", choices=["ascending", "bisect"], default="ascending",
-                        help="How to find the smallest k that flips a query: train every k from the smallest until "
-                             "one flips (the seed), or bisect the k values (2 retrains instead of up to 3 for three "
-                             "k, 3 instead of up to 6 for the seed's six). Both assume, as the seed's early stop "
-                             "does, that removing more examples does not undo a flip.")
-    parser.add_argument("--reference", default=None,
-                        help="The ranking every other is compared with, paired (default: the first score set of "
-                             "--strategies; 'random' for the baseline). Retrains nothing: rerun a finished command "
-                             "with another to recompute the differences.")
-    parser.add_argument("--seed", type=int, default=1004,
-                        help="Retrain i uses seed + i (base models and removals alike); also seeds the baseline.")
-    parser.add_argument("--figure", default=None, help="Where the figure goes (default: beside the results).")
-    parser.add_argument("--plot_only", action="store_true",
+    analysis.add_argument("--max_query_examples", type=cli.positive_int, default=100,
+                          help="Candidate queries: the first N validation examples.")
+    analysis.add_argument("--remove_intervals", type=cli.positive_int, nargs="+", default=[20, 40, 60, 80, 100, 120],
+                          help="How many top-ranked training examples to remove (k).")
+    analysis.add_argument("--num_base_repeat", type=cli.positive_int, default=5,
+                          help="Base models on the full training set; a query is tested only if all get it right.")
+    analysis.add_argument("--num_repeat", type=cli.positive_int, default=3,
+                          help="Retrains (seeds) per query, method and k.")
+    analysis.add_argument("--search", choices=["ascending", "bisect"], default="ascending",
+                          help="How to find the smallest k that flips a query: train every k from the smallest until "
+                               "one flips (the seed), or bisect the k values (2 retrains instead of up to 3 for three "
+                               "k, 3 instead of up to 6 for the seed's six). Both assume, as the seed's early stop "
+                               "does, that removing more examples does not undo a flip.")
+    analysis.add_argument("--reference", default=None,
+                          help="The ranking every other is compared with, paired (default: the first score set of "
+                               "--strategies; 'random' for the baseline). Retrains nothing: rerun a finished command "
+                               "with another to recompute the differences.")
+    analysis.add_argument("--seed", type=int, default=1004,
+                          help="Retrain i uses seed + i (base models and removals alike); also seeds the baseline.")
+    output.add_argument("--figure", default=None, help="Where the figure goes (default: beside the results).")
+    output.add_argument("--plot_only", action="store_true",
                         help="Redraw --figure from the results folder's counterfactual_results.json and exit.")
     args = parser.parse_args(argv)
     args.remove_intervals = sorted(set(args.remove_intervals))

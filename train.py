@@ -36,17 +36,18 @@ def parse_args(argv=None):
     parser = cli.parser("Fine-tune a model on a GLUE task.")
     cli.add_data_args(parser)
     cli.add_training_args(parser)
-    parser.add_argument("--eval_batch_size", type=cli.positive_int, default=32, help="Batch size for evaluation.")
-    parser.add_argument("--max_eval_samples", type=cli.positive_int, default=None,
-                        help="Evaluate on the first N examples.")
-    parser.add_argument("--seed", type=int, nargs="+", default=[1004],
-                        help="Seed for the head initialisation and shuffling; several seeds train an ensemble.")
-    parser.add_argument("--checkpoint_dir", default="./checkpoints",
-                        help="The checkpoint goes to <checkpoint_dir>/<dataset_name>/ (an ensemble's to seed<S>/ "
-                             "below it).")
-    parser.add_argument("--save_epoch_checkpoints", action="store_true",
-                        help="Also keep the weights after each epoch but the last, as checkpoints epoch<E>/ inside "
-                             "this one (analyze.py --checkpoint_epoch E; trajectory self-influence).")
+    data, training = cli.group(parser, cli.DATA), cli.group(parser, cli.TRAINING)
+    training.add_argument("--eval_batch_size", type=cli.positive_int, default=32, help="Batch size for evaluation.")
+    data.add_argument("--max_eval_samples", type=cli.positive_int, default=None,
+                      help="Evaluate on the first N examples.")
+    training.add_argument("--seed", type=int, nargs="+", default=[1004],
+                          help="Seed for the head initialisation and shuffling; several seeds train an ensemble.")
+    data.add_argument("--checkpoint_dir", default="./checkpoints",
+                      help="The checkpoint goes to <checkpoint_dir>/<dataset_name>/ (an ensemble's to seed<S>/ "
+                           "below it).")
+    training.add_argument("--save_epoch_checkpoints", action="store_true",
+                          help="Also keep the weights after each epoch but the last, as checkpoints epoch<E>/ inside "
+                               "this one (analyze.py --checkpoint_epoch E; trajectory self-influence).")
     args = parser.parse_args(argv)
     if len(set(args.seed)) < len(args.seed):
         parser.error(f"--seed {' '.join(map(str, args.seed))} repeats a seed; an ensemble needs distinct seeds")

@@ -10,6 +10,7 @@ import errno
 import json
 import logging
 import os
+import shlex
 import signal
 import socket
 import sys
@@ -99,10 +100,35 @@ def fraction(value: str) -> float:
     return number
 
 
-def parser(description: str, **kwargs) -> argparse.ArgumentParser:
-    """An ArgumentParser that shows every default in --help."""
-    return argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                                   **kwargs)
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each flag's default once: the one its help states, else argparse's, and none where there is nothing to
+    show (None, off, or a default the help explains)."""
+
+    def _get_help_string(self, action):
+        if "(default" in (action.help or "") or action.default is None or action.default is False \
+                or action.default == argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
+
+
+# The groups of every script's --help, in this order (a group without flags is not shown).
+DATA, TRAINING, ANALYSIS, OUTPUT = "data and model", "training", "analysis", "output and running"
+
+
+def parser(description: str | None = None, **kwargs) -> argparse.ArgumentParser:
+    """An ArgumentParser that shows every default in --help, once, and its flags in the groups above."""
+    made = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter, **kwargs)
+    for title in (DATA, TRAINING, ANALYSIS, OUTPUT):
+        made.add_argument_group(title)
+    return made
+
+
+def group(parser, title: str):
+    """The parser's argument group `title` (made on first use), so shared and own flags land together."""
+    for found in parser._action_groups:
+        if found.title == title:
+            return found
+    return parser.add_argument_group(title)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -119,63 +145,65 @@ def add_data_args(parser, dataset_name: str = "sst2", checkpoint: bool = False) 
     checkpoint that --checkpoint_dir names, so they are given once, to train.py. `dataset_name` SUPPRESS: a
     results folder names the task (evaluate_lds.py --lds_dir)."""
     default = "the checkpoint's, else " if checkpoint else ""
-    parser.add_argument("--dataset_name", default=dataset_name, choices=list(pipeline.GLUE_TASKS),
-                        help="A GLUE task." + (" (default: --lds_dir's, else rte)" if dataset_name == argparse.SUPPRESS
-                                               else ""))
-    parser.add_argument("--data_dir", default=argparse.SUPPRESS,
-                        help=f"A folder in the GLUE layout (<data_dir>/RTE/train.tsv) (default: {default}the Hugging "
-                             "Face hub)")
-    parser.add_argument("--model_name_or_path", default=argparse.SUPPRESS,
-                        help=f"Hub name or local directory; '{pipeline.PACKAGED_MODEL}' is the packaged offline "
-                             f"MiniLM (default: {default}bert-base-cased)")
-    parser.add_argument("--max_seq_length", type=positive_int, default=argparse.SUPPRESS,
-                        help=f"Truncate sequences to this many tokens (default: {default}128)")
-    parser.add_argument("--pad_to_max_length", action="store_true", default=argparse.SUPPRESS,
-                        help=f"Pad every example to --max_seq_length (the seed) instead of per batch (default: "
-                             f"{default}off)")
-    parser.add_argument("--max_train_samples", type=positive_int, default=argparse.SUPPRESS,
-                        help=f"Use the first N training examples (default: {default}all; RTE: 2432)")
-    parser.add_argument("--label_noise", type=fraction, default=argparse.SUPPRESS,
-                        help=f"Flip the labels of this fraction of the training examples, each to another class "
-                             f"(mislabeled data for the detection experiment) (default: {default}0)")
-    parser.add_argument("--label_noise_seed", type=int, default=argparse.SUPPRESS,
-                        help=f"Which examples --label_noise flips, and to what (default: {default}0)")
-    parser.add_argument("--device", default="auto", help="Torch device ('auto': cuda if available, else cpu).")
+    data, output = group(parser, DATA), group(parser, OUTPUT)
+    data.add_argument("--dataset_name", default=dataset_name, choices=list(pipeline.GLUE_TASKS),
+                      help="A GLUE task." + (" (default: --lds_dir's, else rte)" if dataset_name == argparse.SUPPRESS
+                                             else ""))
+    data.add_argument("--data_dir", default=argparse.SUPPRESS,
+                      help=f"A folder in the GLUE layout (<data_dir>/RTE/train.tsv) (default: {default}the Hugging "
+                           "Face hub)")
+    data.add_argument("--model_name_or_path", default=argparse.SUPPRESS,
+                      help=f"Hub name or local directory; '{pipeline.PACKAGED_MODEL}' is the packaged offline "
+                           f"MiniLM (default: {default}bert-base-cased)")
+    data.add_argument("--max_seq_length", type=positive_int, default=argparse.SUPPRESS,
+                      help=f"Truncate sequences to this many tokens (default: {default}128)")
+    data.add_argument("--pad_to_max_length", action="store_true", default=argparse.SUPPRESS,
+                      help=f"Pad every example to --max_seq_length (the seed) instead of per batch (default: "
+                           f"{default}off)")
+    data.add_argument("--max_train_samples", type=positive_int, default=argparse.SUPPRESS,
+                      help=f"Use the first N training examples (default: {default}all; RTE: 2432)")
+    data.add_argument("--label_noise", type=fraction, default=argparse.SUPPRESS,
+                      help=f"Flip the labels of this fraction of the training examples, each to another class "
+                           f"(mislabeled data for the detection experiment) (default: {default}0)")
+    data.add_argument("--label_noise_seed", type=int, default=argparse.SUPPRESS,
+                      help=f"Which examples --label_noise flips, and to what (default: {default}0)")
+    output.add_argument("--device", default="auto", help="Torch device ('auto': cuda if available, else cpu).")
     if checkpoint:
-        parser.add_argument("--checkpoint_dir", default="./checkpoints",
-                            help="Where train.py saved <checkpoint_dir>/<dataset_name>/; its data, model and recipe "
-                                 "are the defaults of this run's flags.")
-    parser.add_argument("--verbose", action="store_true", help="Also show transformers' and kronfluence's logs.")
+        data.add_argument("--checkpoint_dir", default="./checkpoints",
+                          help="Where train.py saved <checkpoint_dir>/<dataset_name>/; its data, model and recipe "
+                               "are the defaults of this run's flags.")
+    output.add_argument("--verbose", action="store_true", help="Also show transformers' and kronfluence's logs.")
 
 
 def add_training_args(parser, checkpoint: bool = False) -> None:
     """The recipe's flags, shared by train.py and the retraining scripts so a retrain is the same recipe."""
     default = "the checkpoint's, else " if checkpoint else ""
-    defaults = RECIPE_DEFAULTS
-    parser.add_argument("--train_batch_size", type=positive_int, default=argparse.SUPPRESS,
-                        help=f"Batch size for fine-tuning (default: {default}{defaults['train_batch_size']})")
-    parser.add_argument("--learning_rate", type=float, default=argparse.SUPPRESS,
-                        help=f"Peak AdamW learning rate (default: {default}{defaults['learning_rate']})")
-    parser.add_argument("--weight_decay", type=float, default=argparse.SUPPRESS,
-                        help=f"AdamW weight decay (default: {default}{defaults['weight_decay']})")
-    parser.add_argument("--num_train_epochs", type=positive_int, default=argparse.SUPPRESS,
-                        help=f"Training epochs (default: {default}{defaults['num_train_epochs']})")
-    parser.add_argument("--lr_scheduler_type", default=argparse.SUPPRESS,
-                        choices=["constant", "constant_with_warmup", "linear", "cosine"],
-                        help=f"Learning-rate schedule (default: {default}constant, as the seed)")
-    parser.add_argument("--warmup_ratio", type=float, default=argparse.SUPPRESS,
-                        help=f"Fraction of steps spent warming up the learning rate (default: {default}0)")
-    parser.add_argument("--bf16", action="store_true", default=argparse.SUPPRESS,
-                        help=f"bfloat16 autocast, on GPU (default: {default}off)")
-    parser.add_argument("--group_by_length", action="store_true", default=argparse.SUPPRESS,
-                        help="Batch training examples of similar lengths together: less padding, about 3x faster "
-                             f"on SST-2's short sentences (default: {default}off)")
+    defaults, training = RECIPE_DEFAULTS, group(parser, TRAINING)
+    training.add_argument("--train_batch_size", type=positive_int, default=argparse.SUPPRESS,
+                          help=f"Batch size for fine-tuning (default: {default}{defaults['train_batch_size']})")
+    training.add_argument("--learning_rate", type=float, default=argparse.SUPPRESS,
+                          help=f"Peak AdamW learning rate (default: {default}{defaults['learning_rate']})")
+    training.add_argument("--weight_decay", type=float, default=argparse.SUPPRESS,
+                          help=f"AdamW weight decay (default: {default}{defaults['weight_decay']})")
+    training.add_argument("--num_train_epochs", type=positive_int, default=argparse.SUPPRESS,
+                          help=f"Training epochs (default: {default}{defaults['num_train_epochs']})")
+    training.add_argument("--lr_scheduler_type", default=argparse.SUPPRESS,
+                          choices=["constant", "constant_with_warmup", "linear", "cosine"],
+                          help=f"Learning-rate schedule (default: {default}constant, as the seed)")
+    training.add_argument("--warmup_ratio", type=float, default=argparse.SUPPRESS,
+                          help=f"Fraction of steps spent warming up the learning rate (default: {default}0)")
+    training.add_argument("--bf16", action="store_true", default=argparse.SUPPRESS,
+                          help=f"bfloat16 autocast, on GPU (default: {default}off)")
+    training.add_argument("--group_by_length", action="store_true", default=argparse.SUPPRESS,
+                          help="Batch training examples of similar lengths together: less padding, about 3x faster "
+                               f"on SST-2's short sentences (default: {default}off)")
 
 
 def add_shard_args(parser) -> None:
-    parser.add_argument("--shard_index", type=int, default=int(os.environ.get("RANK", 0)),
+    output = group(parser, OUTPUT)
+    output.add_argument("--shard_index", type=int, default=int(os.environ.get("RANK", 0)),
                         help="This process's share of the runs (default: torchrun's RANK, else 0).")
-    parser.add_argument("--num_shards", type=positive_int, default=int(os.environ.get("WORLD_SIZE", 1)),
+    output.add_argument("--num_shards", type=positive_int, default=int(os.environ.get("WORLD_SIZE", 1)),
                         help="How many processes share the runs (default: torchrun's WORLD_SIZE, else 1).")
 
 
@@ -368,6 +396,30 @@ def from_checkpoint(args, checkpoint_dir: str | None, recipe: bool = False) -> a
     args.overrides = {k: v for k, v in overrides.items() if k not in getattr(args, "from_folder", ())}
     offline_if_hub_unreachable(args)
     return args
+
+
+def train_command(args) -> str:
+    """The train.py command that makes the checkpoint this run reads: its task and folder, and every data, model
+    and recipe flag this run uses that is not train.py's default (so it trains on the same data, offline too)."""
+    flags = [f"--dataset_name {args.dataset_name}", f"--checkpoint_dir {shlex.quote(args.checkpoint_dir)}"]
+    recipe = RECIPE_DEFAULTS if hasattr(args, "learning_rate") else {}  # analyze.py's --train_batch_size scores
+    for key, default in {**DATA_DEFAULTS, **recipe}.items():
+        value = getattr(args, key, default)
+        if value == default:
+            continue
+        flags.append(f"--{key}" if value is True else f"--{key} {shlex.quote(str(value))}")
+    return "python train.py " + " ".join(flags)
+
+
+def require_checkpoint(args) -> None:
+    """Refuses a run whose --checkpoint_dir holds no checkpoint for the task, naming the train.py command that
+    makes it (a warning about the missing checkpoint would otherwise be followed by a failure further on)."""
+    folder = checkpoints(args.checkpoint_dir, args.dataset_name)[0][1]
+    if not os.path.isfile(os.path.join(folder, pipeline.CHECKPOINT_META)):
+        offline = args.data_dir is None and os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "false", "no", "")
+        raise GlueError(f"no checkpoint at {folder}; train it first: {train_command(args)}"
+                        + (" --data_dir <a GLUE folder, e.g. ../shared/glue_data> (offline: the hub is unreachable)"
+                           if offline else ""))
 
 
 def offline_if_hub_unreachable(args) -> None:

@@ -1,17 +1,22 @@
 """The explorer: one self-contained page per score set (`explorer.html` beside its scores) to browse a whole analysis.
 
+Its data is `explorer.json` beside the page: other scripts (evaluate_lds.py score, detect_mislabeled.py) add their
+results to that file, and the page is rendered again from it; the page itself is never read back.
+
 Every query (text, gold label, the model's prediction and margin), filtered by text, label or correctness and sorted
 by margin or by its largest influence; for the selected query its top-k most positive and most negative training
 examples (text, label, score, rank, share of the query's total absolute influence); with self-influence scores, the
-training set's most self-influential examples (the label-error candidates). The data is inline JSON and the page
-makes no request of any kind, so it opens from `file://` anywhere; only the training examples it shows are embedded,
-so its size grows with queries x k, not with the training set. All text from the data is inserted as text, never as
-markup.
+training set's most self-influential examples (the label-error candidates); for a selected training example, the
+queries whose top-k lists it is in, and the examples in the most lists. `#query=N` (`#train=J`) in the address opens
+on that query (training example). The data is inline JSON and the page makes no request of any kind, so it opens from
+`file://` anywhere; only the training examples it shows are embedded, so its size grows with queries x k, not with
+the training set. All text from the data is inserted as text, never as markup.
 """
 
 import json
+import logging
 import os
-import re
+import pathlib
 
 import numpy as np
 
@@ -19,9 +24,12 @@ import pipeline
 
 from . import progress, results
 from .detection import held_out_harm
+from .errors import GlueError
 
 TOP_K = 10  # training examples shown per query and side
 SELF_TOP = 200  # training examples shown by self-influence
+
+logger = logging.getLogger(__name__)
 
 
 def top_sides(row: np.ndarray, top_k: int) -> dict:
@@ -85,20 +93,44 @@ def render(data: dict) -> str:
     return PAGE.replace("__DATA__", payload)
 
 
+PAGE_NAME = "explorer.html"
+
+
+def data_path(page: str) -> str:
+    """The data file beside a page: explorer.json for explorer.html."""
+    return os.path.splitext(page)[0] + ".json"
+
+
 def write_explorer(path: str, data: dict) -> None:
-    """Writes the page under a temporary name and renames it. It is a view of verified results, not a result: no
-    manifest lists it, and later runs (analyze.py, evaluate_lds.py score) write it anew."""
+    """Writes the data (`explorer.json`) beside the page at `path`, then the page rendered from it, each under a
+    temporary name renamed once complete. They are a view of verified results, not a result: no manifest lists
+    them, and later runs (analyze.py, evaluate_lds.py score, detect_mislabeled.py) write them anew."""
+    with results.atomic_path(data_path(path)) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, ensure_ascii=False, separators=(",", ":"))
     with results.atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         f.write(render(data))
 
 
+def address(page: str, **view) -> str:
+    """The page's file:// address, opening on one view: address(page, query=3) ends in #query=3."""
+    return pathlib.Path(page).resolve().as_uri() + "".join(f"#{kind}={index}" for kind, index in view.items())
+
+
 def read_data(path: str) -> dict | None:
-    """The data of an existing page (None if there is none), to enrich it with another script's results."""
-    if not os.path.isfile(path):
+    """The data of the page at `path` (its explorer.json), to enrich it with another script's results; None if there
+    is none. A page written before its data was kept beside it has none: analyze.py writes both again (it reuses the
+    finished scores)."""
+    if not os.path.isfile(data_path(path)):
+        if os.path.isfile(path):
+            logger.warning("%s has no %s beside it (a page from an older version): rerun the analyze.py command that "
+                           "wrote it (it reuses the scores) to write both, then this command to add its results", path,
+                           os.path.basename(data_path(path)))
         return None
-    with open(path, encoding="utf-8") as f:
-        match = re.search(r'<script type="application/json" id="data">(.*?)</script>', f.read(), re.S)
-    return json.loads(match.group(1)) if match else None
+    try:
+        with open(data_path(path), encoding="utf-8") as f:
+            return json.load(f)
+    except ValueError:
+        raise GlueError(f"{data_path(path)} is damaged; rerun the analyze.py command that wrote it") from None
 
 
 def add_lds(path: str, per_query: list, ground_truth: str) -> bool:
@@ -152,7 +184,7 @@ def explore_scores(args, checkpoint_dir: str, pairwise: np.ndarray, scores_name:
     title = (f"{args.dataset_name}: {scores_name} scores of the ensemble {os.path.dirname(checkpoint_dir)} "
              f"(predictions and margins of {os.path.basename(checkpoint_dir)})" if members
              else f"{args.dataset_name}: {scores_name} scores of {checkpoint_dir}")
-    path = os.path.join(folder, "explorer.html")
+    path = os.path.join(folder, PAGE_NAME)
     write_explorer(path, explorer_data(title, args.dataset_name, pairwise, query_text, train_text, evaluated,
                                        self_scores, tokens=tokens, members=members))
     return path
@@ -170,26 +202,43 @@ header { padding: 10px 16px; background: #f3f3f3; border-bottom: 1px solid #ddd;
 h1 { font-size: 17px; margin: 0 0 4px; } .sub { color: #555; font-size: 13px; }
 main { display: flex; flex-wrap: wrap; }
 #side { flex: 1 1 340px; max-width: 460px; border-right: 1px solid #ddd; height: calc(100vh - 64px); overflow: auto; }
-#view { flex: 3 1 480px; padding: 8px 16px; height: calc(100vh - 64px); overflow: auto; }
-.controls { padding: 8px; display: flex; flex-wrap: wrap; gap: 6px; position: sticky; top: 0; background: #fff; }
+#view { flex: 3 1 480px; min-width: 0; padding: 8px 16px; height: calc(100vh - 64px); overflow: auto; }
+.controls { padding: 8px; display: flex; flex-wrap: wrap; gap: 6px; position: sticky; top: 0; background: #fff;
+            z-index: 1; }
 .controls input { flex: 1 1 160px; } ol#queries { list-style: none; margin: 0; padding: 0; }
-#queries li { padding: 6px 10px; border-bottom: 1px solid #eee; cursor: pointer; }
-#queries li:focus, #queries li:hover { background: #eef4ff; outline: none; }
-#queries li[aria-selected="true"] { background: #dbe7ff; }
+#queries li { padding: 6px 10px 6px 7px; border-bottom: 1px solid #eee; border-left: 4px solid transparent;
+              cursor: pointer; }
+#queries li.group { cursor: default; background: #f3f3f3; color: #555; font-size: 12px; border-left: none; }
+#queries li[data-index]:hover:not([aria-selected="true"]) { background: #f2f6ff; }
+#queries li[aria-selected="true"] { background: #dbe7ff; border-left-color: #2456c8; }
+#queries li:focus { outline: none; }
+#queries li:focus-visible { outline: 3px solid #e07b00; outline-offset: -3px; }
 .wrong { color: #b00; } .meta { color: #666; font-size: 12px; }
 table { border-collapse: collapse; width: 100%; margin: 6px 0 16px; }
+caption { text-align: left; color: #444; }
 th, td { border-bottom: 1px solid #eee; padding: 4px 6px; text-align: left; vertical-align: top; }
 td.num { text-align: right; white-space: nowrap; font-variant-numeric: tabular-nums; }
 .pos { color: #1a7a30; } .neg { color: #b02a2a; } .text { white-space: pre-wrap; overflow-wrap: anywhere; }
 .w { border-radius: 3px; padding: 0 1px; } .flag { font-weight: bold; color: #8a4b00; }
-@media (max-width: 800px) { #side, #view { height: auto; max-width: none; border-right: none; } }
+a { color: #1d4fb8; }
+@media (max-width: 800px) {
+  #side { height: auto; max-height: 45vh; max-width: none; border-right: none; border-bottom: 2px solid #ccc; }
+  #view { height: auto; }
+}
+@media (max-width: 600px) {  /* tables as cards: the numbers wrap above a full-width text */
+  table, caption { display: block; } tr.head { display: none; }
+  tr { display: flex; flex-wrap: wrap; gap: 0 12px; padding: 4px 0; border-bottom: 1px solid #ddd; }
+  td { border: none; padding: 0 2px; } td.text { flex: 1 1 100%; }
+  td[data-h]::before { content: attr(data-h) ": "; color: #777; }
+}
 </style></head>
 <body>
 <header><h1 id="title"></h1><div class="sub" id="summary"></div></header>
 <main>
-<section id="side" aria-label="queries">
+<section id="side" aria-label="queries and training examples">
   <div class="controls">
-    <input id="filter" type="search" placeholder="filter queries by text" aria-label="filter queries by text">
+    <input id="filter" type="search" placeholder="filter queries and training examples by text"
+           aria-label="filter queries and training examples by text">
     <select id="label" aria-label="label"><option value="">any label</option></select>
     <select id="correct" aria-label="correctness"><option value="">all</option>
       <option value="1">correct</option><option value="0">incorrect</option></select>
@@ -199,9 +248,9 @@ td.num { text-align: right; white-space: nowrap; font-variant-numeric: tabular-n
       <option value="lds">LDS, lowest first</option>
       <option value="stability">ensemble agreement, lowest first</option></select>
   </div>
-  <ol id="queries"></ol>
+  <ol id="queries" role="listbox" aria-label="queries (arrow keys move, Enter shows)"></ol>
 </section>
-<section id="view" aria-live="polite"></section>
+<section id="view" aria-live="polite" tabindex="-1"></section>
 </main>
 <script type="application/json" id="data">__DATA__</script>
 <script>
@@ -214,32 +263,91 @@ function el(tag, text, cls) {
   if (cls) node.className = cls;
   return node;
 }
-const fmt = (x) => Math.abs(x) >= 1e4 || (Math.abs(x) < 1e-3 && x !== 0) ? x.toExponential(3) : x.toFixed(4);
+function link(kind, index, text) {  // a link to a query's or a training example's view (#query=N, #train=J)
+  const a = el("a", text);
+  a.href = "#" + kind + "=" + index;
+  a.dataset.go = kind;
+  a.dataset.target = index;
+  return a;
+}
+// One format per column: fixed when every value reads well so, else scientific for all of them.
+function formatter(values) {
+  const scientific = values.some((x) => Math.abs(x) >= 1e4 || (x !== 0 && Math.abs(x) < 1e-3));
+  return scientific ? (x) => x.toExponential(3) : (x) => x.toFixed(4);
+}
+const byIndex = new Map(data.queries.map((q) => [q.index, q]));
+const topK = data.queries.length ? data.queries[0].positive.length : 0;
 $("title").textContent = data.title;
 $("summary").textContent = data.task + ": " + data.queries.length + " queries x " + data.num_train +
   " training examples; positive scores raise the query's margin";
 for (const name of [...new Set(data.queries.map((q) => String(q.label)))]) $("label").append(el("option", name));
-let selected = null;
+let selected = null;  // {kind: "query" | "train", index}
 const detection = data.detection || null;
 
-function row(entry, side) {
+// Where each training example sits in the queries' top-k lists (built once, on first use).
+let appearances = null;
+function lists() {
+  if (appearances) return appearances;
+  appearances = new Map();
+  for (const q of data.queries) {
+    for (const side of ["positive", "negative"]) {
+      q[side].forEach((e, i) => {
+        if (!appearances.has(e.index)) appearances.set(e.index, {positive: [], negative: []});
+        appearances.get(e.index)[side].push({query: q.index, score: e.score, rank: i + 1});
+      });
+    }
+  }
+  return appearances;
+}
+function inLists(index) {
+  const found = lists().get(index);
+  return found ? found.positive.length + found.negative.length : 0;
+}
+let frequent = null;
+function influencers() {  // the training examples in the most top-k lists, most first
+  if (!frequent) {
+    frequent = [...lists().entries()].map(([index, found]) => ({index, positive: found.positive.length,
+      negative: found.negative.length, lists: found.positive.length + found.negative.length}))
+      .sort((a, b) => b.lists - a.lists || a.index - b.index);
+  }
+  return frequent;
+}
+
+function cells(tr, values) {  // [header, text, class] triples; the header labels the cell in the narrow layout
+  for (const [header, content, cls] of values) {
+    const td = el("td", null, cls);
+    if (content instanceof Node) td.append(content); else td.textContent = content;
+    if (header && header !== "text") td.dataset.h = header;
+    tr.append(td);
+  }
+  return tr;
+}
+function head(table, headers) {
+  const tr = el("tr", null, "head");
+  for (const h of headers) tr.append(el("th", h));
+  table.append(tr);
+}
+function row(entry, side, fmt) {
   const tr = el("tr");
   tr.dataset.index = entry.index;
   const example = data.train[String(entry.index)];
-  tr.append(el("td", entry.rank, "num"), el("td", "train " + entry.index, "num"),
-            el("td", fmt(entry.score), "num " + ((side === "harm" ? -entry.score : entry.score) >= 0 ? "pos" : "neg")),
-            el("td", entry.share === undefined ? "" : (100 * entry.share).toFixed(2) + "%", "num"),
-            el("td", example.label));
+  const signed = side === "harm" ? -entry.score : entry.score;
+  const values = [["rank", entry.rank, "num"], ["example", link("train", entry.index, "train " + entry.index), "num"],
+                  ["score", fmt(entry.score), "num " + (signed >= 0 ? "pos" : "neg")],
+                  ["share", entry.share === undefined ? "" : (100 * entry.share).toFixed(2) + "%", "num"],
+                  ["label", example.label, ""]];
   const candidate = side === "self" || side === "harm";
-  if (!candidate && data.num_members) tr.append(el("td", entry.members + "/" + data.num_members, "num"));
+  if (!candidate && data.num_members) values.push(["members", entry.members + "/" + data.num_members, "num"]);
   if (candidate && detection) {
     const found = detection.examples[String(entry.index)];
-    tr.append(el("td", found && found.flipped ? "flipped" : "", found && found.flipped ? "neg" : ""));
-    for (const rank of found ? found.ranks : []) {
-      tr.append(el("td", rank <= detection.flag_rank ? "\u25cf " + rank : String(rank),
-                   rank <= detection.flag_rank ? "num flag" : "num"));
-    }
+    values.push(["flipped", found && found.flipped ? "flipped" : "", found && found.flipped ? "neg" : ""]);
+    (found ? found.ranks : []).forEach((rank, i) => {
+      const flagged = rank <= detection.flag_rank;
+      values.push(["rank: " + detection.rankings[i], flagged ? "\\u25cf " + rank : String(rank),
+                   flagged ? "num flag" : "num"]);
+    });
   }
+  cells(tr, values);
   tr.append(entry.words ? shaded(entry.words) : el("td", example.texts.join("\\n"), "text"));
   return tr;
 }
@@ -261,30 +369,49 @@ function table(entries, caption, side) {
   const t = el("table");
   t.id = side;
   t.append(el("caption", caption));
-  const head = el("tr");
   const extra = side === "self" || side === "harm"
     ? (detection ? ["label flipped", ...detection.rankings.map((r) => "rank: " + r)] : [])
-    : (data.num_members ? ["in members' top " + data.queries[0].positive.length] : []);
-  for (const h of ["rank", "example", "score", "share", "label", ...extra, "text"]) head.append(el("th", h));
-  t.append(head);
-  entries.forEach((e, i) => t.append(row({...e, rank: i + 1}, side)));
+    : (data.num_members ? ["in members' top " + topK] : []);
+  head(t, ["rank", "example", "score", "share", "label", ...extra, "text"]);
+  const fmt = formatter(entries.map((e) => e.score));
+  entries.forEach((e, i) => t.append(row({...e, rank: i + 1}, side, fmt)));
   return t;
 }
-function show(q) {
-  selected = q.index;
-  for (const li of $("queries").children) li.setAttribute("aria-selected", String(li.dataset.index == q.index));
-  const view = $("view");
-  view.replaceChildren();
-  view.append(el("h2", "Query " + q.index));
-  view.append(el("p", q.texts.join("\\n"), "text"));
-  view.append(el("p", "label " + q.label + " \\u00b7 prediction " + q.prediction + " \\u00b7 margin " +
-                 q.margin.toFixed(3) + (q.lds == null ? "" : " \\u00b7 LDS " + q.lds.toFixed(3) +
-                 " (how well these scores predict retraining, for this query)") +
-                 (q.stability == null ? "" : " \\u00b7 top examples shared with a member: " +
-                  (100 * q.stability).toFixed(0) + "%"),
-                 q.correct === false ? "wrong" : "meta"));
-  view.append(table(q.positive, "Most positively influential: raise the margin of the gold label", "positive"));
-  view.append(table(q.negative, "Most negatively influential: lower it", "negative"));
+function influencerTable(count) {
+  const t = el("table"), top = influencers().slice(0, count);
+  t.id = "influencers";
+  t.append(el("caption", top.length + " of the " + influencers().length + " training examples that fill the " +
+    2 * topK * data.queries.length + " top-" + topK + " slots, by the number of lists they are in"));
+  head(t, ["rank", "example", "lists", "positive", "negative", "label", "text"]);
+  top.forEach((e, i) => {
+    const tr = el("tr"), example = data.train[String(e.index)];
+    tr.dataset.index = e.index;
+    cells(tr, [["rank", i + 1, "num"], ["example", link("train", e.index, "train " + e.index), "num"],
+               ["lists", e.lists, "num"], ["positive", e.positive, "num pos"], ["negative", e.negative, "num neg"],
+               ["label", example.label, ""], ["text", example.texts.join("\\n"), "text"]]);
+    t.append(tr);
+  });
+  return t;
+}
+function queryTable(found, caption, id, order) {  // the queries whose top-k lists hold one training example
+  const t = el("table"), shown = [...found].sort(order).slice(0, 100);
+  t.id = id;
+  t.append(el("caption", caption + (found.length > shown.length ? " (the first " + shown.length + " of " +
+    found.length + ")" : " (" + found.length + ")")));
+  head(t, ["query", "score", "its rank", "label", "prediction", "margin", "text"]);
+  const fmt = formatter(shown.map((f) => f.score));
+  for (const f of shown) {
+    const q = byIndex.get(f.query), tr = el("tr");
+    tr.dataset.query = f.query;
+    cells(tr, [["query", link("query", f.query, "#" + f.query), "num"],
+               ["score", fmt(f.score), "num " + (f.score >= 0 ? "pos" : "neg")], ["its rank", f.rank, "num"],
+               ["label", q.label, ""], ["prediction", q.prediction, q.correct === false ? "wrong" : ""],
+               ["margin", q.margin.toFixed(3), "num"], ["text", q.texts.join("\\n"), "text"]]);
+    t.append(tr);
+  }
+  return t;
+}
+function candidates(view) {  // the training set's label-error candidates and its most frequent influencers
   if (data.self_influence.length) {
     view.append(el("h2", "Training examples by self-influence (label-error candidates)"));
     view.append(table(data.self_influence, "top " + data.self_influence.length + " of " + data.num_train +
@@ -296,9 +423,91 @@ function show(q) {
                    "candidates)"));
     view.append(table(data.harm, "top " + data.harm.length + " of " + data.num_train + " by minus their " +
       "influence summed over the queries (each query's scores standardised): examples that pull the model away " +
-      "from held-out labels" + (detection ? "; \u25cf: in the top " + detection.flag_rank + " of that ranking" : ""),
+      "from held-out labels" + (detection ? "; \\u25cf: in the top " + detection.flag_rank + " of that ranking" : ""),
       "harm"));
   }
+  if (data.queries.length > 1) {
+    view.append(el("h2", "Training examples in the most top-" + topK + " lists"));
+    view.append(influencerTable(20));
+  }
+}
+function showQuery(q) {
+  const view = $("view");
+  view.replaceChildren();
+  view.append(el("h2", "Query " + q.index));
+  view.append(el("p", q.texts.join("\\n"), "text"));
+  view.append(el("p", "label " + q.label + " \\u00b7 prediction " + q.prediction + " \\u00b7 margin " +
+                 q.margin.toFixed(3) + (q.correct === false ? " (wrong)" : "") +
+                 (q.lds == null ? "" : " \\u00b7 LDS " + q.lds.toFixed(3) +
+                 " (how well these scores predict retraining, for this query)") +
+                 (q.stability == null ? "" : " \\u00b7 top examples shared with a member: " +
+                  (100 * q.stability).toFixed(0) + "%"),
+                 q.correct === false ? "wrong" : "meta"));
+  view.append(table(q.positive, "Most positively influential: raise the margin of the gold label", "positive"));
+  view.append(table(q.negative, "Most negatively influential: lower it", "negative"));
+  candidates(view);
+}
+function showTrain(index) {
+  const view = $("view"), example = data.train[String(index)];
+  const found = lists().get(index) || {positive: [], negative: []};
+  view.replaceChildren();
+  view.append(el("h2", "Training example " + index));
+  view.append(el("p", example.texts.join("\\n"), "text"));
+  const rank = influencers().findIndex((e) => e.index === index);
+  view.append(el("p", "label " + example.label + " \\u00b7 in the top-" + topK + " lists of " +
+    (found.positive.length + found.negative.length) + " of " + data.queries.length + " queries: " +
+    found.positive.length + " most positive, " + found.negative.length + " most negative" +
+    (rank < 0 ? "" : " \\u00b7 rank " + (rank + 1) + " of " + influencers().length + " by lists"), "meta"));
+  if (found.positive.length) {
+    view.append(queryTable(found.positive, "Queries whose margin it raises the most (it is in their most positive " +
+      "top " + topK + ")", "train-positive", (a, b) => b.score - a.score));
+  }
+  if (found.negative.length) {
+    view.append(queryTable(found.negative, "Queries whose margin it lowers the most (it is in their most negative " +
+      "top " + topK + ")", "train-negative", (a, b) => a.score - b.score));
+  }
+  candidates(view);
+}
+const narrow = window.matchMedia("(max-width: 800px)");
+function show(kind, index, push) {  // one view; the address names it (#query=N, #train=J)
+  if (kind === "query" && !byIndex.has(index)) return false;
+  if (kind === "train" && !data.train[String(index)]) return false;
+  selected = {kind, index};
+  if (kind === "query") showQuery(byIndex.get(index)); else showTrain(index);
+  for (const li of $("queries").querySelectorAll("li[data-index]")) {
+    li.setAttribute("aria-selected", String(li.dataset.kind === kind && Number(li.dataset.index) === index));
+  }
+  if (push) {
+    try { history.pushState(null, "", "#" + kind + "=" + index); } catch (err) { /* file:// may refuse: fine */ }
+  }
+  const view = $("view");
+  view.scrollTop = 0;
+  if (push && narrow.matches) view.scrollIntoView({block: "start"});  // the list stands above the view
+  return true;
+}
+function route() {
+  const match = /^#(query|train)=(\\d+)$/.exec(location.hash);
+  if (match && show(match[1], Number(match[2]), false)) return;
+  if (data.queries.length) show("query", data.queries[0].index, false);
+}
+document.addEventListener("click", (event) => {
+  const a = event.target.closest("a[data-go]");
+  if (!a || event.ctrlKey || event.metaKey || event.shiftKey) return;
+  event.preventDefault();
+  show(a.dataset.go, Number(a.dataset.target), true);
+});
+window.addEventListener("popstate", route);
+window.addEventListener("hashchange", route);
+
+function item(kind, index, first, second, wrong) {
+  const li = el("li");
+  li.setAttribute("role", "option");
+  li.tabIndex = -1;
+  li.dataset.kind = kind;
+  li.dataset.index = index;
+  li.setAttribute("aria-selected", String(selected !== null && selected.kind === kind && selected.index === index));
+  li.append(el("div", first), el("div", second, wrong ? "meta wrong" : "meta"));
+  return li;
 }
 function render() {
   const text = $("filter").value.toLowerCase(), label = $("label").value, correct = $("correct").value;
@@ -312,28 +521,58 @@ function render() {
   const ol = $("queries");
   ol.replaceChildren();
   for (const q of list) {
-    const li = el("li");
-    li.tabIndex = 0;
-    li.dataset.index = q.index;
-    li.setAttribute("aria-selected", String(q.index === selected));
-    li.append(el("div", q.texts[0]), el("div", "#" + q.index + " \\u00b7 " + q.label + " \\u00b7 margin " +
-              q.margin.toFixed(2) + (q.lds == null ? "" : " \\u00b7 LDS " + q.lds.toFixed(2)),
-              q.correct === false ? "meta wrong" : "meta"));
-    li.addEventListener("click", () => show(q));
-    li.addEventListener("keydown", (event) => {
-      if (event.key === "Enter" || event.key === " ") { event.preventDefault(); show(q); }
-      if (event.key === "ArrowDown" && li.nextSibling) li.nextSibling.focus();
-      if (event.key === "ArrowUp" && li.previousSibling) li.previousSibling.focus();
-    });
-    ol.append(li);
+    ol.append(item("query", q.index, q.texts[0], "#" + q.index + " \\u00b7 " + q.label + " \\u00b7 margin " +
+                   q.margin.toFixed(2) + (q.lds == null ? "" : " \\u00b7 LDS " + q.lds.toFixed(2)),
+                   q.correct === false));
   }
+  if (text && !correct) {  // the training examples the page holds whose text matches, in the most lists first
+    const train = Object.entries(data.train).map(([j, e]) => [Number(j), e])
+      .filter(([, e]) => e.texts.join(" ").toLowerCase().includes(text) && (!label || String(e.label) === label))
+      .sort(([a], [b]) => inLists(b) - inLists(a) || a - b);
+    const group = el("li", "training examples on this page: " + train.length +
+                     (train.length > 200 ? " (the first 200)" : ""), "group");
+    group.setAttribute("role", "presentation");
+    ol.append(group);
+    for (const [j, e] of train.slice(0, 200)) {
+      ol.append(item("train", j, e.texts[0], "train " + j + " \\u00b7 " + e.label + " \\u00b7 in " + inLists(j) +
+                     " top-" + topK + " lists", false));
+    }
+  }
+  const current = ol.querySelector('li[aria-selected="true"]') || ol.querySelector("li[data-index]");
+  if (current) current.tabIndex = 0;  // the list is one Tab stop: arrow keys move within it
 }
-for (const id of ["filter", "label", "correct", "sort"]) {
-  $(id).addEventListener("input", render);
-  $(id).addEventListener("change", render);
+function focusItem(li) {
+  if (!li) return;
+  for (const other of $("queries").querySelectorAll('li[tabindex="0"]')) other.tabIndex = -1;
+  li.tabIndex = 0;
+  li.focus();
 }
+$("queries").addEventListener("click", (event) => {
+  const li = event.target.closest("li[data-index]");
+  if (!li) return;
+  focusItem(li);
+  show(li.dataset.kind, Number(li.dataset.index), true);
+});
+$("queries").addEventListener("keydown", (event) => {
+  const li = event.target.closest("li[data-index]");
+  if (!li) return;
+  const items = [...$("queries").querySelectorAll("li[data-index]")], at = items.indexOf(li);
+  const to = {ArrowDown: at + 1, ArrowUp: at - 1, Home: 0, End: items.length - 1, PageDown: at + 10,
+              PageUp: at - 10}[event.key];
+  if (to !== undefined) {
+    event.preventDefault();
+    focusItem(items[Math.max(0, Math.min(items.length - 1, to))]);
+  } else if (event.key === "Enter" || event.key === " ") {
+    event.preventDefault();
+    show(li.dataset.kind, Number(li.dataset.index), true);
+  }
+});
+// The filter on input only: its change event comes with the blur of a click on the list, and would redraw the list
+// under that click.
+$("filter").addEventListener("input", render);
+for (const id of ["label", "correct", "sort"]) $(id).addEventListener("change", render);
+route();
 render();
-if (data.queries.length) show(data.queries[0]);
 </script>
 </body></html>
 """

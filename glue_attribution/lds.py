@@ -519,7 +519,8 @@ def ensemble_curves(args, provenance: dict, masks: np.ndarray, margins: np.ndarr
             seeds = [s for s in seeds if s in scored_members(args.stability_dir, args.dataset_name, method)]
         if not seeds:
             where = os.path.join(args.output_dir, args.dataset_name)
-            command = analyze_command(args.output_dir, args.dataset_name, f"{method}_{member(0)}")
+            command = analyze_command(args.output_dir, args.dataset_name, f"{method}_{member(0)}",
+                                      args.checkpoint_dir, provenance.get("num_query"))
             raise GlueError(f"no member score sets {method}_{member('<S>')} in {where}"
                             + (f" (and {args.stability_dir})" if args.stability_dir else "")
                             + f"; make them with: {command}")

@@ -112,9 +112,10 @@ def write_token_report(args, tokenizer, scores: np.ndarray, picks: list, tokens:
 
 
 def show_influences(scores: np.ndarray, index: int, queries, train, task_name: str,
-                    top_k: int, name: str) -> None:
-    """Prints query `index` (text, label) and its `top_k` most positively and negatively influential training
-    examples under the score set `name`, as the seed README shows them."""
+                    top_k: int, name: str, prediction: dict | None = None) -> None:
+    """Prints query `index` (text, label; with `prediction`, the explorer's entry for the query, the model's
+    prediction, its margin and whether it is wrong) and its `top_k` most positively and negatively influential
+    training examples under the score set `name`, as the seed README shows them."""
     task = pipeline.get_task(task_name)
 
     def show(example, score=None):
@@ -123,6 +124,9 @@ def show_influences(scores: np.ndarray, index: int, queries, train, task_name: s
         return "\n".join(([f"  score: {score:.4g}"] if score is not None else []) + lines)
 
     print(f"\nQuery {index}:\n{show(queries[index])}")
+    if prediction is not None:
+        verdict = {True: ": right", False: ": WRONG"}.get(prediction.get("correct"), "")
+        print(f"  prediction: {prediction['prediction']} (margin {prediction['margin']:.3f}{verdict})")
     order = np.argsort(-scores[index], kind="stable")
     for title, picks in (("most positively", order[:top_k]), ("most negatively", order[::-1][:top_k])):
         print(f"\nTop {top_k} {title} influential training examples ({name}):")

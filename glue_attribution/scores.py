@@ -56,7 +56,8 @@ def scores_dir(output_dir: str, task_name: str, scores_name: str) -> str:
     return os.path.join(output_dir, task_name, f"scores_{scores_name}")
 
 
-def analyze_command(output_dir: str, task_name: str, scores_name: str, checkpoint_dir: str | None = None) -> str:
+def analyze_command(output_dir: str, task_name: str, scores_name: str, checkpoint_dir: str | None = None,
+                    num_queries: int | None = None) -> str:
     """The analyze.py command that makes the score set `scores_name` (as analyze.py names its sets)."""
     base = base_name(scores_name)
     strategy, *parts = base.split("_")
@@ -75,8 +76,9 @@ def analyze_command(output_dir: str, task_name: str, scores_name: str, checkpoin
         flags.append(f"--checkpoint_dir {checkpoint_dir}")
     elif base != scores_name and epoch is None:  # an ensemble's member or combination
         flags.append("--checkpoint_dir <the ensemble's root>")
-    return (f"python analyze.py --dataset_name {task_name} --output_dir {output_dir} {' '.join(flags)} (plus the data "
-            "flags it was computed with)")
+    if num_queries is not None:  # the reader's queries (analyze.py's data, model and truncation: the checkpoint's)
+        flags.append(f"--max_query_examples {num_queries}")
+    return f"python analyze.py --dataset_name {task_name} --output_dir {output_dir} {' '.join(flags)}"
 
 
 def computed_from(meta: dict) -> list:
@@ -107,7 +109,8 @@ def load_scores(output_dir: str, task_name: str, scores_name: str, expected: dic
     from safetensors.torch import load_file  # numpy has no bfloat16 (--use_half_precision)
 
     folder = scores_dir(output_dir, task_name, scores_name)
-    rerun = analyze_command(output_dir, task_name, scores_name, checkpoints[0] if checkpoints else None)
+    rerun = analyze_command(output_dir, task_name, scores_name, checkpoints[0] if checkpoints else None,
+                            (expected or {}).get("num_query"))
     try:
         meta = results.read(folder, SCORES_META, f"scores '{scores_name}'", expected)
     except (ResultMissing, ResultDamaged) as err:

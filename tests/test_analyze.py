@@ -3,6 +3,7 @@ resume, dataset order, inspection and bad input."""
 
 import json
 import os
+import re
 import shutil
 import sys
 
@@ -137,6 +138,11 @@ def test_inspect_query(monkeypatch, glue_dir, checkpoints, tmp_path, capsys):
     train = pipeline.load_glue("rte", "train", str(glue_dir), N_TRAIN)
     assert "Query 1:" in out and f"[train {top}]" in out and train[top]["sentence1"] in out
     assert out.count("[train ") == 4
+    # the model's answer (two classes: wrong exactly when the margin is negative) and the explorer opened on it
+    prediction, margin, verdict = re.search(r"prediction: (\w+) \(margin (-?[\d.]+): (right|WRONG)\)", out).groups()
+    assert prediction in ("entailment", "not_entailment") and (float(margin) < 0) == (verdict == "WRONG")
+    page = (tmp_path / "rte" / "scores_tracin" / "explorer.html").resolve()
+    assert f"This query in the explorer: {page.as_uri()}#query=1\n" in out
 
 
 def test_bad_input(monkeypatch, glue_dir, checkpoints, tmp_path):
@@ -161,7 +167,7 @@ def test_analyze_script_bad_input(checkpoints, tmp_path):
     assert_user_error(run_script("analyze.py", *common, "--query_gradient_rank", "0"),
                       "--query_gradient_rank: expected a positive integer, got 0")
     assert_user_error(run_script("analyze.py", "--dataset_name", "rte", "--checkpoint_dir", str(tmp_path)),
-                      "no checkpoint at", "run train.py")
+                      "no checkpoint at", "train it first: python train.py --dataset_name rte --checkpoint_dir")
     assert_user_error(run_script("analyze.py", *common, "--data_dir", "x"), "RTE/train.tsv")
     if not torch.cuda.is_available():  # a CPU torchrun launch would fit unsynchronised (wrong) factors
         assert_user_error(run_script("analyze.py", *common, WORLD_SIZE="2", RANK="0", LOCAL_RANK="0"),

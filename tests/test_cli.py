@@ -138,6 +138,47 @@ def test_help_and_argument_errors_answer_before_torch(script):
                                               text=True, timeout=60).stdout
 
 
+@pytest.mark.parametrize("argv", [["train.py"], ["analyze.py"], ["evaluate_lds.py", "build"],
+                                  ["evaluate_lds.py", "score"], ["evaluate_lds.py", "ensembles"],
+                                  ["run_counterfactual.py"], ["detect_mislabeled.py"]])
+def test_help_shows_one_default_per_flag_in_groups(argv, capsys):
+    """Every flag's help names its default at most once, never a bare None or False, and the flags stand in the
+    groups data and model, training, analysis, output and running."""
+    import importlib
+
+    module = importlib.import_module(argv[0].removesuffix(".py"))
+    with pytest.raises(SystemExit):
+        module.parse_args([*argv[1:], "--help"])
+    text = capsys.readouterr().out
+    flags = [" ".join(block.split()) for block in text.split("\n  -")[1:]]
+    assert len(flags) > 15
+    for flag in flags:
+        assert flag.count("(default") <= 1, flag
+        assert "(default: None)" not in flag and "(default: False)" not in flag, flag
+    sections = [line[:-1] for line in text.splitlines() if line.endswith(":") and not line.startswith(" ")]
+    skipped = {"train.py": "analysis", "analyze.py": "training"}.get(argv[0])  # analyze.py trains nothing
+    assert sections[sections.index("options") + 1:] == [
+        section for section in ("data and model", "training", "analysis", "output and running") if section != skipped]
+    if argv[0] == "analyze.py":  # a flag whose help states its default keeps that one
+        assert "(default: all)" in " ".join(text.split()) and "(default: 1e-08)" in text
+
+
+def test_missing_checkpoint_names_a_train_command_that_works(tiny_model_dir, glue_dir, tmp_path):
+    """analyze.py without a checkpoint prints the train.py command with this run's data and model flags; run as
+    printed (offline), it makes the checkpoint analyze.py looks for."""
+    import shlex
+
+    own = ["--dataset_name", "rte", "--data_dir", str(glue_dir), "--model_name_or_path", tiny_model_dir,
+           "--max_train_samples", "32", "--max_seq_length", "32", "--checkpoint_dir", str(tmp_path / "checkpoints")]
+    refused = run_script("analyze.py", *own, "--output_dir", str(tmp_path / "out"), "--factor_strategy", "identity")
+    assert_user_error(refused, f"no checkpoint at {tmp_path / 'checkpoints' / 'rte'}; train it first: python train.py")
+    command = shlex.split(refused.stderr.strip().splitlines()[-1].split("train it first: ")[1])
+    assert sorted(command[2:]) == sorted(own)
+    assert run_script(*command[1:]).returncode == 0
+    saved = json.loads((tmp_path / "checkpoints" / "rte" / "glue_checkpoint.json").read_text())["args"]
+    assert (saved["max_train_samples"], saved["max_seq_length"], saved["data_dir"]) == (32, 32, str(glue_dir))
+
+
 def test_evaluate_lds_subcommands_have_descriptions():
     result = subprocess.run([sys.executable, str(ROOT / "evaluate_lds.py"), "--help"], capture_output=True, text=True,
                             timeout=60)

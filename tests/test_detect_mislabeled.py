@@ -4,6 +4,7 @@ held-out queries, loss, AUM, cleanlab cross-validation, random; the fix-and-retr
 resumed)."""
 
 import json
+import shlex
 import shutil
 
 import numpy as np
@@ -149,5 +150,10 @@ def test_experiment_end_to_end(tiny_model_dir, glue_dir, tmp_path):
                        tiny_model_dir, "--max_seq_length", "32", "--num_train_epochs", "1", "--train_batch_size", "8",
                        "--checkpoint_dir", str(tmp_path / "clean"))
     assert clean.returncode == 0
-    assert_user_error(run_script("detect_mislabeled.py", "--dataset_name", "rte", "--checkpoint_dir",
-                                 str(tmp_path / "clean")), "train.py --label_noise")
+    refused = run_script("detect_mislabeled.py", "--dataset_name", "rte", "--checkpoint_dir", str(tmp_path / "clean"))
+    assert_user_error(refused, "trained without --label_noise", "train one with flipped labels: python train.py")
+    command = shlex.split(refused.stderr.strip().splitlines()[-1].split("flipped labels: ")[1])
+    assert command[command.index("--label_noise") + 1] == "0.1" and "--data_dir" in command
+    assert run_script(*command[1:]).returncode == 0  # the command works as printed: the same data, now noisy
+    noisy = json.loads((tmp_path / "clean" / "noise0.1" / "rte" / "glue_checkpoint.json").read_text())["args"]
+    assert noisy["label_noise"] == 0.1 and noisy["max_seq_length"] == 32 and noisy["num_train_epochs"] == 1
