@@ -21,9 +21,10 @@ import importlib.util
 import logging
 import os
 import re
+from dataclasses import replace
 
-import pipeline
-from glue_attribution import cli
+from glue_attribution import checkpoints, cli, pipeline
+from glue_attribution.config import AnalysisConfig
 
 logger = logging.getLogger("analyze")
 
@@ -119,7 +120,7 @@ def parse_args(argv=None):
 
 
 def main():
-    args = parse_args()
+    args = AnalysisConfig.from_namespace(parse_args())  # the analysis's configuration, from the flags
     import torch
 
     from glue_attribution import ensembles, explorer, influence, report, results, scores
@@ -127,20 +128,22 @@ def main():
     cli.setup_logging(args.verbose)
     cli.log_configuration(args)
     main_process = influence.join_torchrun(args.device)
-    args.device = pipeline.torch_device(args.device)
+    args = replace(args, device=pipeline.torch_device(args.device))
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.allow_tf32
 
     # Checkpoint(s) and data: the same examples, in the same order, as train.py; queries are the first validation
     # ones. An ensemble (train.py --seed A B ...) is analysed member by member, then combined.
-    members = cli.checkpoints(args.checkpoint_dir, args.dataset_name, args.ensemble_seeds, args.checkpoint_epoch)
+    members = checkpoints.checkpoints(args.checkpoint_dir, args.dataset_name, args.ensemble_seeds,
+                                      args.checkpoint_epoch)
     influence.check_members(args, members)
     train_text, query_text = pipeline.load_train_and_queries(args.dataset_name, args.data_dir,
                                                              args.max_train_samples, args.max_query_examples,
                                                              args.label_noise, args.label_noise_seed)
-    influence.check_queries(args, len(train_text), len(query_text))
+    args = influence.check_queries(args, len(train_text), len(query_text))
     results.check_writable(args.output_dir)
-    epoch = "" if args.checkpoint_epoch is None else f"_{pipeline.epoch_member(args.checkpoint_epoch)}"
-    names = [influence.analyze_checkpoint(args, checkpoint_dir, epoch if seed is None else f"_{scores.member(seed)}",
+    epoch = "" if args.checkpoint_epoch is None else f"_{checkpoints.epoch_member(args.checkpoint_epoch)}"
+    names = [influence.analyze_checkpoint(args, checkpoint_dir,
+                                          epoch if seed is None else f"_{checkpoints.member(seed)}",
                                           train_text, query_text, main_process) for seed, checkpoint_dir in members]
     influence.leave_torchrun()
     if not main_process:

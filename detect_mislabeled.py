@@ -29,8 +29,8 @@ them over processes) and detection.png.
 import logging
 import os
 
-import pipeline
-from glue_attribution import cli
+from glue_attribution import cli, pipeline
+from glue_attribution.config import DetectionConfig
 
 logger = logging.getLogger("detect_mislabeled")
 
@@ -69,7 +69,7 @@ def parse_args(argv=None):
 
 
 def main():
-    args = parse_args()
+    args = DetectionConfig.from_namespace(parse_args())  # the experiment's configuration, from the flags
     from glue_attribution import cleaning, detection, explorer, plots, report, scores
 
     cli.setup_logging(args.verbose)

@@ -38,6 +38,8 @@ import logging
 import os
 
 from glue_attribution import cli
+from glue_attribution.checkpoints import trained_checkpoints
+from glue_attribution.config import LDSConfig
 
 logger = logging.getLogger("evaluate_lds")
 NUM_BOOTSTRAP = 1000  # mask resamples for the intervals (score: --num_bootstrap)
@@ -153,7 +155,7 @@ def score(args) -> None:
     if clash := [name for name in args.strategies if name in lds.BASELINE_SCORES]:
         raise cli.GlueError(f"--strategies {clash[0]}: that name is one of the table's reference rows "
                             f"({', '.join(lds.BASELINE_SCORES)}); rename the score set with analyze.py --scores_name")
-    checkpoints = cli.trained_checkpoints(args.checkpoint_dir, args.dataset_name)
+    checkpoints = trained_checkpoints(args.checkpoint_dir, args.dataset_name)
     loaded = {name: scores.load_scores(args.output_dir, args.dataset_name, name, provenance, checkpoints=checkpoints)
               for name in args.strategies}
     sets = {name: pairwise for name, (pairwise, _) in loaded.items()}
@@ -208,7 +210,7 @@ def ensembles(args) -> None:
 
 
 def main():
-    args = parse_args()
+    args = LDSConfig.from_namespace(parse_args())  # the experiment's configuration, from the flags
     cli.setup_logging(args.verbose)
     cli.log_configuration(args)
     {"build": build, "score": score, "ensembles": ensembles}[args.command](args)

@@ -34,8 +34,8 @@ counterfactual.png beside them) from the JSON; `--plot_only` redraws the figure 
 import logging
 import os
 
-import pipeline
-from glue_attribution import cli
+from glue_attribution import cli, pipeline
+from glue_attribution.config import CounterfactualConfig
 
 logger = logging.getLogger("run_counterfactual")
 
@@ -81,7 +81,7 @@ def parse_args(argv=None):
 
 
 def main():
-    args = parse_args()
+    args = CounterfactualConfig.from_namespace(parse_args())  # the experiment's configuration, from the flags
     from glue_attribution import counterfactual, plots, results, sweeps
 
     cli.setup_logging(args.verbose)

@@ -22,11 +22,12 @@ Several seeds train an ensemble, the same recipe once per seed, into `<checkpoin
 
 import logging
 import time
+from dataclasses import replace
 
 import numpy as np
 
-import pipeline
-from glue_attribution import cli
+from glue_attribution import checkpoints, cli, pipeline
+from glue_attribution.config import TrainRunConfig, train_config
 
 logger = logging.getLogger("train")
 
@@ -53,13 +54,13 @@ def parse_args(argv=None):
 
 
 def main():
-    args = parse_args()
+    args = TrainRunConfig.from_namespace(parse_args())  # the run's configuration, from the flags
     from glue_attribution import progress, results
 
     cli.setup_logging(args.verbose)
-    args.device = pipeline.torch_device(args.device)
+    args = replace(args, device=pipeline.torch_device(args.device))
     task = pipeline.get_task(args.dataset_name)
-    members = cli.checkpoint_destinations(args.checkpoint_dir, args.dataset_name, args.seed)
+    members = checkpoints.checkpoint_destinations(args.checkpoint_dir, args.dataset_name, args.seed)
     results.check_writable(args.checkpoint_dir)  # fail now, not after training
 
     # Data: every split is read and checked before the first training step.
@@ -74,14 +75,14 @@ def main():
                                  args.dataset_name, tokenizer, args.max_seq_length, args.pad_to_max_length)
         for split in task.eval_splits
     }
-    config = cli.train_config(args)
+    config = train_config(args)  # the recipe
     if flips:
         logger.info("Label noise: flipped %d of %d training labels (recorded in label_noise.json)", len(flips),
                     len(train_text))
 
     for seed, checkpoint_dir in members:
-        args.seed = seed  # each checkpoint records its own seed
-        if len(members) > 1 and cli.trained_member(checkpoint_dir, vars(args)):
+        recorded = replace(args, seed=seed).to_dict()  # each checkpoint records its own seed
+        if len(members) > 1 and checkpoints.trained_member(checkpoint_dir, recorded):
             logger.info("Reusing checkpoint %s (seed %d)", checkpoint_dir, seed)
             continue
         logger.info("***** Running training *****")
@@ -103,12 +104,12 @@ def main():
         for key, value in metrics.items():
             logger.info("  %s = %s", key, value)
 
-        meta = {"task": args.dataset_name, "num_labels": task.num_labels, "args": vars(args), "metrics": metrics}
-        extra = {} if margins_seen is None else {pipeline.TRAINING_MARGINS: pipeline.margins_json(margins_seen)}
+        meta = {"task": args.dataset_name, "num_labels": task.num_labels, "args": recorded, "metrics": metrics}
+        extra = {} if margins_seen is None else {checkpoints.TRAINING_MARGINS: pipeline.margins_json(margins_seen)}
         if flips:
             extra["label_noise.json"] = {"fraction": args.label_noise, "seed": args.label_noise_seed,
                                          "flipped": [{"index": i, "label": y, "noisy_label": z} for i, y, z in flips]}
-        pipeline.save_checkpoint(model, tokenizer, checkpoint_dir, meta, extra=extra, epochs=epochs)
+        checkpoints.save_checkpoint(model, tokenizer, checkpoint_dir, meta, extra=extra, epochs=epochs)
         logger.info("Saved checkpoint to %s", checkpoint_dir)
         del model  # one model in memory at a time
 

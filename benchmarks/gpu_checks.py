@@ -144,7 +144,7 @@ def save_random_bert(path: str, tokenizer_name: str, **shape) -> str:
     import torch
     from transformers import BertConfig, BertModel
 
-    import pipeline
+    from glue_attribution import pipeline
 
     tokenizer = pipeline.load_tokenizer(tokenizer_name)
     torch.manual_seed(0)
@@ -347,7 +347,7 @@ def prepare(args) -> None:
     """Copies the data slices and the tokenizer into runs/gpu_carry/ and downloads the missing wheels into .whl/."""
     from importlib.metadata import version
 
-    import pipeline
+    from glue_attribution import pipeline
 
     for task, files in SLICES.items():
         os.makedirs(os.path.join(CARRY, "glue_data", task), exist_ok=True)

@@ -14,13 +14,11 @@ import signal
 import socket
 import sys
 import warnings
-from dataclasses import asdict
 
-import pipeline
-
-from . import progress, results
-from .errors import GlueError, ResultDamaged, ResultMissing, Terminated
-from .scores import member, member_seeds
+from . import pipeline, progress, results
+from .checkpoints import CHECKPOINT_META, checkpoints
+from .config import DATA_DEFAULTS, RECIPE_DEFAULTS
+from .errors import GlueError, Terminated
 
 logger = logging.getLogger(__name__)
 
@@ -104,11 +102,6 @@ def parser(description: str, **kwargs) -> argparse.ArgumentParser:
 # ----------------------------------------------------------------------------------------------------------------------
 # Flags shared by the scripts. The data and recipe flags default to the checkpoint's values (`from_checkpoint`).
 
-DATA_DEFAULTS = {"data_dir": None, "model_name_or_path": "bert-base-cased", "max_seq_length": 128,
-                 "pad_to_max_length": False, "max_train_samples": None, "label_noise": 0.0, "label_noise_seed": 0}
-RECIPE_DEFAULTS = asdict(pipeline.TrainConfig())
-RECIPE_KEYS = (*DATA_DEFAULTS, *RECIPE_DEFAULTS)  # what an ensemble's members share (all but the seed)
-
 
 def add_data_args(parser, dataset_name: str = "sst2", checkpoint: bool = False) -> None:
     """Data and model flags (names as in HF's run_glue). With `checkpoint`, their defaults come from the
@@ -172,114 +165,8 @@ def add_shard_args(parser) -> None:
                         help="How many processes share the runs (default: torchrun's WORLD_SIZE, else 1).")
 
 
-# Flags that change no result (where and how a run goes, and what from_checkpoint adds): left out of the arguments
-# that name an experiment's folder, so a folder may be resumed or merged under other values of them.
-RUN_ONLY = ("device", "output_dir", "figure", "verbose", "checkpoint_dir", "configured_by", "overrides", "shard_index",
-            "num_shards")
-
-
-def result_arguments(args, *also_run_only: str) -> dict:
-    """The arguments that change an experiment's results: they name its folder and guard its reuse."""
-    return {k: v for k, v in vars(args).items() if k not in (*RUN_ONLY, *also_run_only)}
-
-
-def train_config(args) -> pipeline.TrainConfig:
-    """The recipe flags as the `TrainConfig` that `pipeline.finetune` takes."""
-    return pipeline.TrainConfig(**{key: getattr(args, key) for key in RECIPE_DEFAULTS})
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # The checkpoint as the source of the configuration
-
-def ensemble_seeds(task_dir: str) -> list:
-    """The seeds of the ensemble members that `train.py --seed A B ...` wrote below `task_dir`, in order."""
-    names = os.listdir(task_dir) if os.path.isdir(task_dir) else []
-    return [seed for seed in member_seeds(names)
-            if os.path.isfile(os.path.join(task_dir, member(seed), pipeline.CHECKPOINT_META))]
-
-
-def checkpoints(checkpoint_dir: str, dataset_name: str, only: list | None = None, epoch: int | None = None) -> list:
-    """[(seed or None, checkpoint folder)]: the one checkpoint in <checkpoint_dir>/<task>/, or the ensemble's members
-    below it (analysed one by one, then together), or the members among them whose seeds are `only`; with `epoch`,
-    the one checkpoint's weights after that epoch (train.py --save_epoch_checkpoints)."""
-    task_dir = os.path.join(checkpoint_dir, dataset_name)
-    seeds = [] if os.path.isfile(os.path.join(task_dir, pipeline.CHECKPOINT_META)) else ensemble_seeds(task_dir)
-    if epoch is not None:
-        if seeds:
-            raise GlueError(f"--checkpoint_epoch: {task_dir} holds an ensemble; the epochs of an ensemble's members "
-                            "are not analysed (train one checkpoint with --save_epoch_checkpoints)")
-        folder = os.path.join(task_dir, pipeline.epoch_member(epoch))
-        if not os.path.isfile(os.path.join(folder, pipeline.CHECKPOINT_META)):
-            raise GlueError(f"--checkpoint_epoch {epoch}: {task_dir} has no {pipeline.epoch_member(epoch)}/; train "
-                            "with train.py --save_epoch_checkpoints (it keeps every epoch but the last, which is the "
-                            "checkpoint itself)")
-        return [(None, folder)]
-    if only is not None:
-        if not seeds or set(only) - set(seeds):
-            raise GlueError(f"--ensemble_seeds {' '.join(map(str, only))}: {task_dir} holds "
-                            + (f"members with seeds {' '.join(map(str, seeds))}" if seeds else "no ensemble")
-                            + "; train them with train.py --seed")
-        seeds = [s for s in seeds if s in only]
-    return [(s, os.path.join(task_dir, member(s))) for s in seeds] or [(None, task_dir)]
-
-
-def checkpoint_destinations(checkpoint_dir: str, dataset_name: str, seeds: list) -> list:
-    """[(seed, checkpoint folder)] that train.py writes: <checkpoint_dir>/<task>/ for one seed, seed<S>/ below it for
-    an ensemble. Never mixes the two layouts in one folder (publishing one checkpoint there would replace a whole
-    ensemble)."""
-    task_dir = os.path.join(checkpoint_dir, dataset_name)
-    if len(seeds) == 1:
-        if found := ensemble_seeds(task_dir):
-            listed = " ".join(map(str, found))
-            raise GlueError(f"{task_dir} holds an ensemble (seeds {listed}); to add a member pass them all, e.g. "
-                            f"--seed {listed} {seeds[0]} (finished members are skipped), or choose another "
-                            "--checkpoint_dir")
-        return [(seeds[0], task_dir)]
-    if os.path.isfile(os.path.join(task_dir, pipeline.CHECKPOINT_META)):
-        raise GlueError(f"{task_dir} holds a single checkpoint; choose another --checkpoint_dir for the ensemble")
-    return [(seed, os.path.join(task_dir, member(seed))) for seed in seeds]
-
-
-def trained_member(checkpoint_dir: str, arguments: dict) -> bool:
-    """An ensemble member already trained and verified: a rerun skips it. One trained with another recipe (or
-    evaluation slice) is refused: the ensemble would mix two recipes."""
-    try:
-        saved = results.read(checkpoint_dir, pipeline.CHECKPOINT_META, "checkpoint")["args"]
-    except GlueError:
-        return False
-    check_recipe(checkpoint_dir, saved, arguments, (*RECIPE_KEYS, "max_eval_samples"),
-                 fix="choose another --checkpoint_dir, or delete that member")
-    return True
-
-
-def trained_checkpoints(checkpoint_dir: str, dataset_name: str) -> tuple | None:
-    """(checkpoint_dir, {model sha256: folder}) of the verified checkpoint(s) train.py wrote in
-    <checkpoint_dir>/<task> (an ensemble's members): what a score set read for them must have been computed from.
-    None when there is no checkpoint there."""
-    found = {}
-    for _, folder in checkpoints(checkpoint_dir, dataset_name):
-        try:
-            meta = results.read(folder, pipeline.CHECKPOINT_META, "checkpoint")
-        except ResultMissing:
-            continue
-        except ResultDamaged as err:
-            raise GlueError(f"{err}; retrain it with train.py") from None
-        found[meta["files"]["model.safetensors"]["sha256"]] = folder
-        for name in meta["files"]:  # its epochs (--save_epoch_checkpoints), verified with it
-            if os.path.dirname(name) and os.path.basename(name) == "model.safetensors":
-                found[meta["files"][name]["sha256"]] = os.path.join(folder, os.path.dirname(name))
-    return (checkpoint_dir, found) if found else None
-
-
-def check_recipe(checkpoint_dir: str, saved: dict, reference: dict, keys: tuple = RECIPE_KEYS,
-                 fix: str = "pass --ensemble_seeds, or retrain them") -> None:
-    """An ensemble never mixes recipes: refuses a member whose recorded arguments `saved` differ from `reference`
-    (another member's, or this run's) in any of `keys`."""
-    changed = [key for key in keys if saved.get(key) != reference.get(key)]
-    if changed:
-        raise GlueError(f"{checkpoint_dir} was trained with another {', '.join(changed)}; an ensemble's members "
-                        f"share one recipe: {fix}")
-
 
 def read_json(path: str, what: str) -> dict:
     """A JSON record another run wrote ({} when there is none)."""
@@ -326,7 +213,7 @@ def from_checkpoint(args, checkpoint_dir: str | None, recipe: bool = False) -> a
     saved, args.configured_by = {}, None
     if checkpoint_dir is not None:
         args.configured_by = os.path.join(checkpoints(checkpoint_dir, args.dataset_name)[0][1],
-                                          pipeline.CHECKPOINT_META)
+                                          CHECKPOINT_META)
         saved = read_json(args.configured_by, "retrain the checkpoint with train.py")
         saved = saved.get("args", {}) if isinstance(saved, dict) else {}
     # Recorded in glue_scores.json by analyze.py and logged by `log_configuration`.

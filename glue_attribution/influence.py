@@ -11,8 +11,8 @@ one checkpoint, each computed in a private folder and published once complete (r
 """
 
 import copy
+import dataclasses
 import datetime
-import fnmatch
 import logging
 import os
 import shutil
@@ -27,57 +27,45 @@ from kronfluence.arguments import FactorArguments, ScoreArguments
 from kronfluence.utils.common.factor_arguments import all_low_precision_factor_arguments
 from kronfluence.utils.common.score_arguments import all_low_precision_score_arguments
 from kronfluence.utils.dataset import DataLoaderKwargs
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
-import pipeline
-from task import GlueTask
-
-from . import fast_factors, progress, results
+from . import checkpoints, fast_factors, pipeline, progress, results
 from .errors import GlueError
 from .failpoints import failpoint
 from .scores import SCORES_META, SELF_RANKING, scores_dir
+from .scoring import publish_scores, reorder_scores, sorted_splits, tracked_modules
+from .task import GlueTask
 
 logger = logging.getLogger(__name__)
 FACTORS_META = "glue_factors.json"
 FACTOR_STAGES = ("covariance", "eigendecomposition", "lambda")
 
 
-def influence_arguments(args) -> tuple:
+def influence_arguments(config) -> tuple:
     """(factors_name, factor_args, scores_name, score_args), named as the seed names them."""
-    if args.factor_strategy == "trak":  # no factors: TRAK's curvature is its projected features' Gram matrix
-        return None, None, args.scores_name or "trak", None
-    if args.use_half_precision:
-        factor_args = all_low_precision_factor_arguments(strategy=args.factor_strategy, dtype=torch.bfloat16)
-        score_args = all_low_precision_score_arguments(damping_factor=args.damping_factor, dtype=torch.bfloat16)
+    if config.factor_strategy == "trak":  # no factors: TRAK's curvature is its projected features' Gram matrix
+        return None, None, config.scores_name or "trak", None
+    if config.use_half_precision:
+        factor_args = all_low_precision_factor_arguments(strategy=config.factor_strategy, dtype=torch.bfloat16)
+        score_args = all_low_precision_score_arguments(damping_factor=config.damping_factor, dtype=torch.bfloat16)
     else:
-        factor_args = FactorArguments(strategy=args.factor_strategy)
-        score_args = ScoreArguments(damping_factor=args.damping_factor)
-    factor_args.use_empirical_fisher = args.use_empirical_fisher
-    if args.float64:
+        factor_args = FactorArguments(strategy=config.factor_strategy)
+        score_args = ScoreArguments(damping_factor=config.damping_factor)
+    factor_args.use_empirical_fisher = config.use_empirical_fisher
+    if config.float64:
         for name in ("activation_covariance_dtype", "gradient_covariance_dtype", "eigendecomposition_dtype",
                      "lambda_dtype", "per_sample_gradient_dtype"):
             setattr(factor_args, name, torch.float64)
         for name in ("per_sample_gradient_dtype", "precondition_dtype", "score_dtype", "query_gradient_svd_dtype"):
             setattr(score_args, name, torch.float64)
-    factors_name = args.factor_strategy + ("_half" if args.use_half_precision else "")
+    factors_name = config.factor_strategy + ("_half" if config.use_half_precision else "")
     scores_name = factors_name
-    if args.query_gradient_rank is not None:
-        score_args.query_gradient_low_rank = args.query_gradient_rank
+    if config.query_gradient_rank is not None:
+        score_args.query_gradient_low_rank = config.query_gradient_rank
         score_args.query_gradient_accumulation_steps = 10  # as kronfluence's default_score_arguments
-        scores_name += f"_qlr{args.query_gradient_rank}"
-    return factors_name, factor_args, args.scores_name or scores_name, score_args
-
-
-def tracked_modules(model: nn.Module, patterns) -> list:
-    names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
-    if patterns is None:
-        return None
-    chosen = [name for name in names if any(fnmatch.fnmatch(name, p) for p in patterns)]
-    if not chosen:
-        raise GlueError(f"--tracked_modules {' '.join(patterns)} matches no nn.Linear module "
-                        f"(e.g. {names[0]}, {names[-1]})")
-    return chosen
+        scores_name += f"_qlr{config.query_gradient_rank}"
+    return factors_name, factor_args, config.scores_name or scores_name, score_args
 
 
 def factor_bytes(model: nn.Module, modules: list | None, factor_args) -> int:
@@ -161,7 +149,7 @@ def fit_factors(analyzer_at, public: str, signature: dict, factors_name: str, fa
     return on_main(publish)
 
 
-def compute_scores(analyzer, root: str, public: str, args, names: tuple, score_args, datasets: tuple,
+def compute_scores(analyzer, root: str, public: str, config, names: tuple, score_args, datasets: tuple,
                    orders: tuple, meta: dict, train_text) -> dict:
     """Pairwise (and self) scores in the private folder `root`, where the factors are already linked; mapped back
     to dataset order there (with the self-influence ranking beside them), then published. Always from scratch: one
@@ -170,40 +158,30 @@ def compute_scores(analyzer, root: str, public: str, args, names: tuple, score_a
     query_dataset, train_dataset = datasets
     train_order, query_order = orders
     # The scores, and their copy in dataset order, before the first is replaced by the second.
-    entries = (len(query_dataset) + args.compute_self_scores) * len(train_dataset)
+    entries = (len(query_dataset) + config.compute_self_scores) * len(train_dataset)
     on_main(results.check_free_space, root, 2 * entries * score_args.score_dtype.itemsize, "the scores")
     progress.stage("computing scores", root)
     start = time.time()
     analyzer.compute_pairwise_scores(
         scores_name=scores_name, factors_name=factors_name, query_dataset=query_dataset,
-        train_dataset=train_dataset, per_device_query_batch_size=args.query_batch_size,
-        per_device_train_batch_size=args.train_batch_size, score_args=score_args, overwrite_output_dir=True)
-    if args.compute_self_scores:
+        train_dataset=train_dataset, per_device_query_batch_size=config.query_batch_size,
+        per_device_train_batch_size=config.train_batch_size, score_args=score_args, overwrite_output_dir=True)
+    if config.compute_self_scores:
         analyzer.compute_self_scores(scores_name=scores_name, factors_name=factors_name, train_dataset=train_dataset,
-                                     score_args=score_args, per_device_train_batch_size=args.train_batch_size,
+                                     score_args=score_args, per_device_train_batch_size=config.train_batch_size,
                                      overwrite_output_dir=True)
     meta["scores_seconds"] = time.time() - start
     failpoint("scores_saved")
     work = os.path.join(root, f"scores_{scores_name}")
 
     def publish():
-        if args.compute_self_scores:
+        if config.compute_self_scores:
             reorder_scores(os.path.join(work, "self_scores.safetensors"), train_order)
             self_scores = load_file(os.path.join(work, "self_scores.safetensors"))["all_modules"].float().numpy()
-            write_self_ranking(os.path.join(work, SELF_RANKING), self_scores, train_text, args.dataset_name)
+            write_self_ranking(os.path.join(work, SELF_RANKING), self_scores, train_text, config.dataset_name)
         return publish_scores(work, root, public, meta, orders)
 
     return on_main(publish)
-
-
-def publish_scores(work: str, root: str, public: str, meta: dict, orders: tuple) -> dict:
-    """Maps the pairwise scores in `work` (computed on `sorted_splits`) to dataset order, publishes the folder as the
-    score set `public`, and removes the private folder `root` it was computed in."""
-    reorder_scores(os.path.join(work, "pairwise_scores.safetensors"), *orders)
-    published = results.publish(work, public, SCORES_META, meta)
-    shutil.rmtree(root, ignore_errors=True)
-    results.clean_staging(public)
-    return published
 
 
 def write_self_ranking(path: str, self_scores: np.ndarray, train_text, task_name: str) -> None:
@@ -224,14 +202,15 @@ def top_examples(row: np.ndarray, k: int) -> list:
     return list(dict.fromkeys([*order[:k].tolist(), *order[::-1][:k].tolist()]))
 
 
-def token_scores(args, model, tokenizer, factors_public: str, factors_name: str, score_args, query,
+def token_scores(config, model, tokenizer, factors_public: str, factors_name: str, score_args, query,
                  train) -> np.ndarray:
     """Per-token influence of each training example in `train` on the one query: (examples, tokens), in `train`'s
     order, zero past each example's length. Computed by kronfluence (per-token and per-module scores, in one batch)
     for these few examples only: for the whole training set it would be queries x examples x tokens. Modules whose
     input has no token axis (the pooler, the classifier) act on the [CLS] state, so their scores go to [CLS]; so an
     example's per-token scores sum to its pairwise score."""
-    analyzer_at, (query_dataset, train_dataset), (train_order, _) = setup_analysis(args, model, tokenizer, train, query)
+    analyzer_at, (query_dataset, train_dataset), (train_order, _) = setup_analysis(config, model, tokenizer, train,
+                                                                                   query)
     staging = os.path.join(os.path.dirname(factors_public), results.STAGING)
     root = tempfile.mkdtemp(prefix=f"tokens-{os.getpid()}-", dir=staging)
     try:
@@ -255,45 +234,21 @@ def token_scores(args, model, tokenizer, factors_public: str, factors_name: str,
     return tokens.numpy()
 
 
-def reorder_scores(path: str, train_order: np.ndarray | None, query_order: np.ndarray | None = None) -> None:
-    """Rewrites kronfluence's scores, computed on length-sorted data, in dataset order (in the private folder); a
-    no-op for unsorted splits (orders None, --pad_to_max_length)."""
-    if train_order is None:
-        return
-    tensors = {name: to_dataset_order(scores, train_order, query_order)
-               for name, scores in load_file(path).items()}
-    with results.atomic_path(path) as tmp:
-        save_file(tensors, tmp)
-
-
-def sorted_splits(args, tokenizer, train_text, query_text) -> tuple:
-    """((train, query) tokenized, (train_order, query_order)): sorted by length for dynamic padding (each batch pads
-    to a similar length; the scores are mapped back by the orders), unsorted with --pad_to_max_length (orders
-    None)."""
-    train_dataset, query_dataset = (
-        pipeline.tokenize(d, args.dataset_name, tokenizer, args.max_seq_length, args.pad_to_max_length)
-        for d in (train_text, query_text))
-    if args.pad_to_max_length:
-        return (train_dataset, query_dataset), (None, None)
-    train_order, query_order = length_order(train_dataset), length_order(query_dataset)
-    return (train_dataset.select(train_order), query_dataset.select(query_order)), (train_order, query_order)
-
-
-def setup_analysis(args, model, tokenizer, train_text, query_text) -> tuple:
+def setup_analysis(config, model, tokenizer, train_text, query_text) -> tuple:
     """The splits of `sorted_splits`, the model wrapped for kronfluence with the token-factored trackers, and
     `analyzer_at(folder)`."""
-    (train_dataset, query_dataset), (train_order, query_order) = sorted_splits(args, tokenizer, train_text,
+    (train_dataset, query_dataset), (train_order, query_order) = sorted_splits(config, tokenizer, train_text,
                                                                                query_text)
-    analysis_task = GlueTask(tracked_modules(model, args.tracked_modules))
-    model = prepare_model(model.double() if args.float64 else model, analysis_task)
-    if not args.stock_kronfluence:
+    analysis_task = (config.task or GlueTask)(tracked_modules(model, config.tracked_modules))
+    model = prepare_model(model.double() if config.float64 else model, analysis_task)
+    if not config.stock_kronfluence:
         fast_factors.install_fast_trackers(model)
     if torch.distributed.is_initialized():
         model = torch.nn.parallel.DistributedDataParallel(model.cuda(), device_ids=[torch.cuda.current_device()])
 
     def analyzer_at(root: str) -> Analyzer:
         analyzer = Analyzer(analysis_name=os.path.basename(root), model=model, task=analysis_task,
-                            cpu=args.device == "cpu", profile=args.profile, output_dir=os.path.dirname(root))
+                            cpu=config.device == "cpu", profile=config.profile, output_dir=os.path.dirname(root))
         analyzer.set_dataloader_kwargs(DataLoaderKwargs(collate_fn=pipeline.collator(tokenizer)))
         return analyzer
 
@@ -314,117 +269,111 @@ def join_torchrun(device: str) -> bool:
     return torch.distributed.get_rank() == 0
 
 
-def signatures(args, provenance: dict, factor_args, score_args) -> tuple:
+def signatures(config, provenance: dict, factor_args, score_args) -> tuple:
     """Everything that changes the factors, and the scores: a result is reused only for the same signature."""
     factors = {**{k: provenance[k] for k in ("checkpoint_sha256", "dataset_name", "num_train", "train_data",
                                              "max_seq_length")},
-               "pad_to_max_length": args.pad_to_max_length, "tracked_modules": args.tracked_modules,
-               "float64": args.float64, "seed": args.seed, "factor_args": factor_args.to_str_dict()}
+               "pad_to_max_length": config.pad_to_max_length, "tracked_modules": config.tracked_modules,
+               "float64": config.float64, "seed": config.seed, "factor_args": factor_args.to_str_dict(),
+               **({"task": task_name(config.task)} if config.task is not None else {})}
     scores = {**factors, "num_query": provenance["num_query"], "query_data": provenance["query_data"],
-              "score_args": score_args.to_str_dict(), "self_scores": args.compute_self_scores}
+              "score_args": score_args.to_str_dict(), "self_scores": config.compute_self_scores}
     return factors, scores
 
 
-def analyze_checkpoint(args, checkpoint_dir: str, suffix: str, train_text, query_text, main_process: bool) -> str:
+def task_name(task) -> str:
+    """A user's Task class as the signatures record it: another measurement makes other factors and scores."""
+    return f"{task.__module__}.{task.__qualname__}"
+
+
+def analyze_checkpoint(config, checkpoint_dir: str, suffix: str, train_text, query_text, main_process: bool) -> str:
     """Factors and scores of one checkpoint (an ensemble member's named with `suffix`): reused when published with
     the same signature, else computed and published. Returns the scores' name."""
-    model, tokenizer, checkpoint_meta = pipeline.load_checkpoint(checkpoint_dir, args.dataset_name,
-                                                                 args.attn_implementation)
-    factors_name, factor_args, scores_name, score_args = influence_arguments(args)
+    model, tokenizer, checkpoint_meta = checkpoints.load_checkpoint(checkpoint_dir, config.dataset_name,
+                                                                 config.attn_implementation)
+    factors_name, factor_args, scores_name, score_args = influence_arguments(config)
     scores_name = scores_name + suffix
-    scores_public = scores_dir(args.output_dir, args.dataset_name, scores_name)
-    provenance = {**pipeline.data_provenance(args.dataset_name, train_text, query_text, args.max_seq_length),
-                  "data_dir": args.data_dir, "model_name_or_path": args.model_name_or_path,
+    scores_public = scores_dir(config.output_dir, config.dataset_name, scores_name)
+    provenance = {**pipeline.data_provenance(config.dataset_name, train_text, query_text, config.max_seq_length),
+                  "data_dir": config.data_dir, "model_name_or_path": config.model_name_or_path,
                   "checkpoint_sha256": checkpoint_meta["files"]["model.safetensors"]["sha256"]}
-    if args.factor_strategy == "trak":
+    if config.factor_strategy == "trak":
         from . import trak_scores  # traker: only for --factor_strategy trak
 
-        factors_signature, scores_signature = None, trak_scores.signature(args, provenance)
+        factors_signature, scores_signature = None, trak_scores.signature(config, provenance)
     else:
-        factors_signature, scores_signature = signatures(args, provenance, factor_args, score_args)
+        factors_signature, scores_signature = signatures(config, provenance, factor_args, score_args)
 
     logger.info("***** Running influence analysis *****")
     logger.info("  Task = %s, train = %d, queries = %d, strategy = %s, scores = %s, batch sizes = %d queries x %d "
-                "train, device = %s", args.dataset_name, len(train_text), len(query_text), args.factor_strategy,
-                scores_name, args.query_batch_size, args.train_batch_size, args.device)
+                "train, device = %s", config.dataset_name, len(train_text), len(query_text), config.factor_strategy,
+                scores_name, config.query_batch_size, config.train_batch_size, config.device)
     with results.lock(scores_public, enabled=main_process):
         meta = on_main(results.reuse, scores_public, SCORES_META, "scores", scores_signature,
-                       args.overwrite, "another --scores_name or --output_dir")
+                       config.overwrite, "another --scores_name or --output_dir")
         if meta is not None:
             logger.info("Reusing scores %s", scores_public)
             return scores_name
         meta = {"signature": scores_signature, "provenance": provenance, "order": "dataset",
-                "scores_name": scores_name, "strategy": args.factor_strategy,
+                "scores_name": scores_name, "strategy": config.factor_strategy,
                 "checkpoint_dir": checkpoint_dir, "checkpoint_metrics": checkpoint_meta.get("metrics"),
-                "shape": [len(query_text), len(train_text)], "args": vars(args), "overrides": args.overrides}
+                "shape": [len(query_text), len(train_text)], "args": config.to_dict(), "overrides": config.overrides}
         scores_root = results.staging_dir(scores_public, scores_signature)
         on_main(shutil.rmtree, scores_root, ignore_errors=True)
-        if args.factor_strategy == "trak":
-            trak_scores.publish_trak(args, model, tokenizer, (train_text, query_text), scores_root, scores_public,
+        if config.factor_strategy == "trak":
+            trak_scores.publish_trak(config, model, tokenizer, (train_text, query_text), scores_root, scores_public,
                                      meta)
             return scores_name
-        size = factor_bytes(model, tracked_modules(model, args.tracked_modules), factor_args)  # before wrapping
-        analyzer_at, datasets, orders = setup_analysis(args, model, tokenizer, train_text, query_text)
+        size = factor_bytes(model, tracked_modules(model, config.tracked_modules), factor_args)  # before wrapping
+        analyzer_at, datasets, orders = setup_analysis(config, model, tokenizer, train_text, query_text)
         factors_name += suffix
-        factors_public = os.path.join(args.output_dir, args.dataset_name, f"factors_{factors_name}")
+        factors_public = os.path.join(config.output_dir, config.dataset_name, f"factors_{factors_name}")
         meta["factors_name"] = factors_name
         with results.lock(factors_public, enabled=main_process):
-            search = args.device != "cpu" and not torch.distributed.is_initialized()
-            factor_batch_size = args.factor_batch_size or (None if search else args.train_batch_size)
+            search = config.device != "cpu" and not torch.distributed.is_initialized()
+            factor_batch_size = config.factor_batch_size or (None if search else config.train_batch_size)
             factors_meta = fit_factors(analyzer_at, factors_public, factors_signature, factors_name, factor_args,
-                                       datasets[1], factor_batch_size, args.seed, args.overwrite, size)
+                                       datasets[1], factor_batch_size, config.seed, config.overwrite, size)
             # A snapshot: another process may replace the published factors while these scores are computed.
             on_main(results.link_tree, factors_public, os.path.join(scores_root, f"factors_{factors_name}"))
         meta.update({k: v for k, v in factors_meta.items() if k.endswith("_seconds")})
-        compute_scores(analyzer_at(scores_root), scores_root, scores_public, args, (factors_name, scores_name),
+        compute_scores(analyzer_at(scores_root), scores_root, scores_public, config, (factors_name, scores_name),
                        score_args, datasets, orders, meta, train_text)
     return scores_name
-
-
-def length_order(dataset) -> np.ndarray:
-    """Indices sorting a tokenized split longest first, so padded batches are tight (and memory peaks early)."""
-    lengths = np.array([len(ids) for ids in dataset["input_ids"]])
-    return np.argsort(-lengths, kind="stable")
-
-
-def to_dataset_order(scores: torch.Tensor, train_order: np.ndarray, query_order: np.ndarray | None = None):
-    """Undoes `length_order`: scores computed on sorted splits, indexed in dataset order (last axis: train)."""
-    if query_order is not None:
-        scores = scores[torch.from_numpy(np.argsort(query_order))]
-    return scores[..., torch.from_numpy(np.argsort(train_order))].contiguous()
-
-
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # What analyze.py checks before any work, and the token-level view after it
 
-def check_members(args, members: list) -> None:
+def check_members(config, members: list) -> None:
     """Names a wrong checkpoint before any data is fetched. An ensemble (members with seeds) explains no single
     model (--html, self-influence), and its members differ only in their seed."""
-    from .cli import RECIPE_KEYS, check_recipe
+    from .checkpoints import check_recipe
+    from .config import RECIPE_KEYS
 
-    if members[0][0] is not None and (args.html is not None or args.compute_self_scores or args.explorer_tokens):
-        flag = "--html" if args.html else "--compute_self_scores" if args.compute_self_scores else "--explorer_tokens"
+    if members[0][0] is not None and (config.html is not None or config.compute_self_scores or config.explorer_tokens):
+        flag = ("--html" if config.html else "--compute_self_scores" if config.compute_self_scores
+                else "--explorer_tokens")
         raise GlueError(f"{flag} explains one model; "
                         f"{os.path.dirname(members[0][1])} holds an ensemble")
     recipes = [{k: m.get("args", {}).get(k) for k in RECIPE_KEYS}
-               for m in (pipeline.checkpoint_meta(folder, args.dataset_name) for _, folder in members)]
+               for m in (checkpoints.checkpoint_meta(folder, config.dataset_name) for _, folder in members)]
     for (_, folder), recipe in zip(members, recipes):
         check_recipe(folder, recipe, recipes[0])
 
 
-def check_queries(args, num_train: int, num_queries: int) -> None:
+def check_queries(config, num_train: int, num_queries: int):
     """--inspect_query within the queries; TRAK's projection below the number of training examples (it inverts the
-    Gram matrix of the projected training gradients, singular from proj_dim = examples on). Sets the default
-    --proj_dim: half the training examples, at most 2048."""
-    if args.inspect_query is not None and not 0 <= args.inspect_query < num_queries:
-        raise GlueError(f"--inspect_query {args.inspect_query} is out of range: there are {num_queries} queries")
-    if args.factor_strategy == "trak":
-        args.proj_dim = args.proj_dim or min(2048, num_train // 2)
-        if args.proj_dim >= num_train:
-            raise GlueError(f"--proj_dim {args.proj_dim} is not below the {num_train} training examples: TRAK "
+    Gram matrix of the projected training gradients, singular from proj_dim = examples on). Returns the configuration
+    with the default --proj_dim filled in: half the training examples, at most 2048."""
+    if config.inspect_query is not None and not 0 <= config.inspect_query < num_queries:
+        raise GlueError(f"--inspect_query {config.inspect_query} is out of range: there are {num_queries} queries")
+    if config.factor_strategy == "trak":
+        config = dataclasses.replace(config, proj_dim=config.proj_dim or min(2048, num_train // 2))
+        if config.proj_dim >= num_train:
+            raise GlueError(f"--proj_dim {config.proj_dim} is not below the {num_train} training examples: TRAK "
                             f"inverts a singular Gram matrix then; pass --proj_dim {num_train // 2}, say")
+    return config
 
 
 def leave_torchrun() -> None:
@@ -432,26 +381,26 @@ def leave_torchrun() -> None:
         torch.distributed.destroy_process_group()
 
 
-def fitted_factors(args) -> tuple:
+def fitted_factors(config) -> tuple:
     """(factors name, its published folder, score arguments) of the analysis: what per-token scoring reuses."""
-    factors_name, _, _, score_args = influence_arguments(args)
-    return factors_name, os.path.join(args.output_dir, args.dataset_name, f"factors_{factors_name}"), score_args
+    factors_name, _, _, score_args = influence_arguments(config)
+    return factors_name, os.path.join(config.output_dir, config.dataset_name, f"factors_{factors_name}"), score_args
 
 
-def token_report(args, checkpoint_dir: str, scores: np.ndarray, scores_name: str, query_text, train_text) -> None:
+def token_report(config, checkpoint_dir: str, scores: np.ndarray, scores_name: str, query_text, train_text) -> None:
     """--html: the per-token influence of the query's top examples, as a page with its numbers beside it."""
     from . import report
 
-    progress.stage("the token-level report", os.path.dirname(os.path.abspath(args.html)))
-    picks = top_examples(scores[args.inspect_query], args.top_k)
-    factors_name, factors_public, score_args = fitted_factors(args)
-    model, tokenizer, _ = pipeline.load_checkpoint(checkpoint_dir, args.dataset_name, args.attn_implementation)
-    tokens = token_scores(args, model, tokenizer, factors_public, factors_name, score_args,
-                          query_text.select([args.inspect_query]), train_text.select(picks))
-    report.write_token_report(args, tokenizer, scores, picks, tokens, query_text, train_text, scores_name)
+    progress.stage("the token-level report", os.path.dirname(os.path.abspath(config.html)))
+    picks = top_examples(scores[config.inspect_query], config.top_k)
+    factors_name, factors_public, score_args = fitted_factors(config)
+    model, tokenizer, _ = checkpoints.load_checkpoint(checkpoint_dir, config.dataset_name, config.attn_implementation)
+    tokens = token_scores(config, model, tokenizer, factors_public, factors_name, score_args,
+                          query_text.select([config.inspect_query]), train_text.select(picks))
+    report.write_token_report(config, tokenizer, scores, picks, tokens, query_text, train_text, scores_name)
 
 
-def explorer_tokens(args, checkpoint_dir: str, scores: np.ndarray, train_text, query_text) -> dict:
+def explorer_tokens(config, checkpoint_dir: str, scores: np.ndarray, train_text, query_text) -> dict:
     """--explorer_tokens N: the words, with their influence, of the top --top_k examples per side of the first N
     queries, for the explorer's shading ({query: {training index: report.words}}). One kronfluence pass of 2 x top_k
     examples per query, with the factors already fitted."""
@@ -459,19 +408,20 @@ def explorer_tokens(args, checkpoint_dir: str, scores: np.ndarray, train_text, q
 
     from . import report
 
-    progress.stage("the explorer's token scores", os.path.join(args.output_dir, args.dataset_name))
-    task = pipeline.get_task(args.dataset_name)
-    factors_name, factors_public, score_args = fitted_factors(args)
+    progress.stage("the explorer's token scores", os.path.join(config.output_dir, config.dataset_name))
+    task = pipeline.get_task(config.dataset_name)
+    factors_name, factors_public, score_args = fitted_factors(config)
     shaded = {}
-    for q in tqdm(range(min(args.explorer_tokens, len(query_text))), desc="Token scores", unit="query"):
+    for q in tqdm(range(min(config.explorer_tokens, len(query_text))), desc="Token scores", unit="query"):
         # kronfluence wraps the model's modules in place: each pass gets a fresh copy
-        model, tokenizer, _ = pipeline.load_checkpoint(checkpoint_dir, args.dataset_name, args.attn_implementation)
-        picks = top_examples(scores[q], args.top_k)
-        tokens = token_scores(args, model, tokenizer, factors_public, factors_name, score_args,
+        model, tokenizer, _ = checkpoints.load_checkpoint(checkpoint_dir, config.dataset_name,
+                                                          config.attn_implementation)
+        picks = top_examples(scores[q], config.top_k)
+        tokens = token_scores(config, model, tokenizer, factors_public, factors_name, score_args,
                               query_text.select([q]), train_text.select(picks))
         shaded[q] = {}
         for j, row in zip(picks, tokens):
             texts = [train_text[j][key] for key in task.keys]
-            encoding = tokenizer(*texts, truncation=True, max_length=args.max_seq_length, return_offsets_mapping=True)
+            encoding = tokenizer(*texts, truncation=True, max_length=config.max_seq_length, return_offsets_mapping=True)
             shaded[q][j] = report.words(encoding, texts, row)
     return shaded

@@ -17,14 +17,13 @@ import numpy as np
 from scipy.stats import rankdata
 from tqdm.auto import tqdm
 
-import pipeline
-
-from . import progress, results, sweeps
-from .cli import RECIPE_DEFAULTS, trained_checkpoints
+from . import pipeline, progress, results, sweeps
+from .checkpoints import member, member_seeds, trained_checkpoints
+from .config import RECIPE_DEFAULTS
 from .ensembles import combine
 from .errors import GlueError, ResultDamaged, ResultMissing
 from .failpoints import failpoint
-from .scores import analyze_command, load_scores, member, member_seeds, source_of
+from .scores import analyze_command, load_scores, source_of
 
 logger = logging.getLogger(__name__)
 BASELINE_SCORES = ("same-label", "label", "random")
@@ -36,33 +35,35 @@ TARGET_STRATUM = 10  # regression --stratify_masks: strata of this many training
 # ----------------------------------------------------------------------------------------------------------------------
 # Ground truth
 
-def ground_truth_arguments(args) -> dict:
+def ground_truth_arguments(config) -> dict:
     """Everything that changes the ground truth (not the device or sharding): names its folder, guards reuse."""
-    return {"dataset_name": args.dataset_name, "data_dir": args.data_dir, "model_name_or_path": args.model_name_or_path,
-            "max_seq_length": args.max_seq_length, "pad_to_max_length": args.pad_to_max_length,
-            "max_train_samples": pipeline.train_size(args.dataset_name, args.max_train_samples),
-            "max_query_examples": args.max_query_examples, "num_masks": args.num_masks,
-            "subset_fraction": args.subset_fraction, "num_repeats": args.num_repeats,
-            "stratify_masks": args.stratify_masks, "seed": args.seed,
-            "recipe": {key: getattr(args, key) for key in RECIPE_DEFAULTS},
+    return {"dataset_name": config.dataset_name, "data_dir": config.data_dir,
+            "model_name_or_path": config.model_name_or_path,
+            "max_seq_length": config.max_seq_length, "pad_to_max_length": config.pad_to_max_length,
+            "max_train_samples": pipeline.train_size(config.dataset_name, config.max_train_samples),
+            "max_query_examples": config.max_query_examples, "num_masks": config.num_masks,
+            "subset_fraction": config.subset_fraction, "num_repeats": config.num_repeats,
+            "stratify_masks": config.stratify_masks, "seed": config.seed,
+            "recipe": {key: getattr(config, key) for key in RECIPE_DEFAULTS},
             # Only when set, so that the ground truths built before label noise existed keep their names.
-            **({"label_noise": args.label_noise, "label_noise_seed": args.label_noise_seed}
-               if args.label_noise else {})}
+            **({"label_noise": config.label_noise, "label_noise_seed": config.label_noise_seed}
+               if config.label_noise else {})}
 
 
-def ground_truth_dir(args) -> str:
+def ground_truth_dir(config) -> str:
     """--lds_dir, or <output_dir>/<task>/lds_<digest of the ground truth's arguments>."""
-    if args.lds_dir is not None:
-        return args.lds_dir
-    return results.experiment_dir(os.path.join(args.output_dir, args.dataset_name), "lds", ground_truth_arguments(args))
+    if config.lds_dir is not None:
+        return config.lds_dir
+    return results.experiment_dir(os.path.join(config.output_dir, config.dataset_name), "lds",
+                                  ground_truth_arguments(config))
 
 
-def claim_ground_truth(args) -> str:
+def claim_ground_truth(config) -> str:
     """The ground truth's folder, recording its arguments there (a folder built with other arguments is refused)."""
-    if not 1 <= args.num_repeats < MAX_REPEATS:
-        raise GlueError(f"--num_repeats must be in [1, {MAX_REPEATS}), got {args.num_repeats}")
-    folder = ground_truth_dir(args)
-    results.claim_experiment(folder, ground_truth_arguments(args), keep_both="another --lds_dir")
+    if not 1 <= config.num_repeats < MAX_REPEATS:
+        raise GlueError(f"--num_repeats must be in [1, {MAX_REPEATS}), got {config.num_repeats}")
+    folder = ground_truth_dir(config)
+    results.claim_experiment(folder, ground_truth_arguments(config), keep_both="another --lds_dir")
     return folder
 
 
@@ -109,13 +110,13 @@ def save_npy(path: str, array: np.ndarray) -> None:
         np.save(f, array)
 
 
-def load_or_make_masks(folder: str, args, train_labels) -> np.ndarray:
+def load_or_make_masks(folder: str, config, train_labels) -> np.ndarray:
     """The folder's masks; the first process to get here draws and saves them (every shard draws the same, so a
     damaged file is simply drawn again)."""
     path = os.path.join(folder, "masks.npy")
-    regression = pipeline.get_task(args.dataset_name).is_regression
-    masks = make_masks(len(train_labels), args.num_masks, args.subset_fraction, args.seed,
-                       mask_strata(train_labels, regression) if args.stratify_masks else None, ordered=regression)
+    regression = pipeline.get_task(config.dataset_name).is_regression
+    masks = make_masks(len(train_labels), config.num_masks, config.subset_fraction, config.seed,
+                       mask_strata(train_labels, regression) if config.stratify_masks else None, ordered=regression)
     try:
         if np.array_equal(np.load(path, allow_pickle=False), masks):
             return masks
@@ -131,23 +132,23 @@ def load_retrain(folder: str, mask: int, repeat: int, num_query: int) -> dict | 
     return results.load_run(run_path(folder, mask, repeat), {"margins": (num_query,)})
 
 
-def retrain_runs(folder: str, args, masks: np.ndarray, train_text, query_text) -> None:
+def retrain_runs(folder: str, config, masks: np.ndarray, train_text, query_text) -> None:
     """Retrains this shard's missing or damaged (mask, repeat) runs, saving each as it ends."""
-    runs = [(m, r) for m in range(args.num_masks) for r in range(args.num_repeats)]
-    mine = sweeps.shard(runs, args.shard_index, args.num_shards)
+    runs = [(m, r) for m in range(config.num_masks) for r in range(config.num_repeats)]
+    mine = sweeps.shard(runs, config.shard_index, config.num_shards)
     pending = [(m, r) for m, r in mine if load_retrain(folder, m, r, len(query_text)) is None]
     logger.info("***** Building LDS ground truth in %s *****", folder)
     logger.info("  Runs = %d (%d masks x %d repeats), this shard = %d, already done = %d, keep %d of %d examples",
-                len(runs), args.num_masks, args.num_repeats, len(mine), len(mine) - len(pending),
+                len(runs), config.num_masks, config.num_repeats, len(mine), len(mine) - len(pending),
                 int(masks[0].sum()), masks.shape[1])
     if not pending:
         return
-    retrain = sweeps.retrainer(args, train_text, query_text)
+    retrain = sweeps.retrainer(config, train_text, query_text)
     os.makedirs(os.path.join(folder, "runs"), exist_ok=True)
     progress.stage("the LDS retrains", folder)
-    with tqdm(pending, desc=f"Retrains (shard {args.shard_index}/{args.num_shards})", unit="run") as bar:
+    with tqdm(pending, desc=f"Retrains (shard {config.shard_index}/{config.num_shards})", unit="run") as bar:
         for m, r in bar:
-            seed = run_seed(args.seed, m, r)
+            seed = run_seed(config.seed, m, r)
             result = retrain(np.flatnonzero(masks[m]), seed)
             results.save_arrays(run_path(folder, m, r), **result, seed=np.array(seed))
             failpoint("lds_run_saved")
@@ -155,16 +156,16 @@ def retrain_runs(folder: str, args, masks: np.ndarray, train_text, query_text) -
                 bar.set_postfix(query_acc=f"{result['correct'].mean():.3f}")
 
 
-def merge_runs(folder: str, args, provenance: dict) -> bool:
+def merge_runs(folder: str, config, provenance: dict) -> bool:
     """Averages the runs over repeats into margins.npy once all are present and sound, and seals the folder with
     ground_truth.json (summary, provenance, sha256 of masks and margins); False if runs are missing."""
     with results.lock(folder):  # the last two shards may finish together
-        runs = [[load_retrain(folder, m, r, provenance["num_query"]) for r in range(args.num_repeats)]
-                for m in range(args.num_masks)]
+        runs = [[load_retrain(folder, m, r, provenance["num_query"]) for r in range(config.num_repeats)]
+                for m in range(config.num_masks)]
         missing = sum(run is None for row in runs for run in row)
         if missing:
             logger.info("%d of %d runs missing; rerun (or `build --merge_only`) once every shard has finished",
-                        missing, args.num_masks * args.num_repeats)
+                        missing, config.num_masks * config.num_repeats)
             return False
         margins = np.stack([[run["margins"] for run in row] for row in runs])  # (masks, repeats, queries)
         correct = [run["correct"] for row in runs for run in row if "correct" in run]  # none for regression
@@ -173,7 +174,7 @@ def merge_runs(folder: str, args, provenance: dict) -> bool:
                    # How reproducible one retrain is: over masks, Spearman between two seeds' margins, mean over
                    # queries.
                    "repeat_spearman": (float(spearman_rows(margins[:, 0].T, margins[:, 1].T).mean())
-                                       if args.num_repeats > 1 else None)}
+                                       if config.num_repeats > 1 else None)}
         save_npy(os.path.join(folder, "margins.npy"), margins.mean(axis=1))
         results.seal(folder, GROUND_TRUTH_META, {**summary, "provenance": provenance},
                        files=["masks.npy", "margins.npy"])
@@ -198,10 +199,10 @@ def spearman_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return pearson_rows(rankdata(a, axis=1), rankdata(b, axis=1))
 
 
-def load_ground_truth(args, provenance: dict) -> tuple:
+def load_ground_truth(config, provenance: dict) -> tuple:
     """(folder, masks (num_masks, n_train), margins (num_masks, n_query), summary) of a finished, verified build
     on this data."""
-    folder = ground_truth_dir(args)
+    folder = ground_truth_dir(config)
     try:
         summary = results.read(folder, GROUND_TRUTH_META, "LDS ground truth", provenance)
     except ResultMissing:
@@ -210,20 +211,20 @@ def load_ground_truth(args, provenance: dict) -> tuple:
     except ResultDamaged as err:
         raise GlueError(f"{err}; rerun `python evaluate_lds.py build` with the same flags to repair it (finished "
                         "retrains are kept)") from None
-    results.claim_experiment(folder, ground_truth_arguments(args), keep_both="another --lds_dir")  # same arguments
+    results.claim_experiment(folder, ground_truth_arguments(config), keep_both="another --lds_dir")  # same arguments
     masks = np.load(os.path.join(folder, "masks.npy"), allow_pickle=False)
     return folder, masks, np.load(os.path.join(folder, "margins.npy"), allow_pickle=False), summary
 
 
-def baseline_scores(args, train_labels, query_labels) -> dict:
+def baseline_scores(config, train_labels, query_labels) -> dict:
     """Reference rows: `same-label` (+1 for training examples with the query's true label, -1 otherwise; what a
     ground truth that only counts kept examples per class rewards), for regression `label` (each training example's
     target, for every query; what a ground truth that only follows the kept examples' mean target rewards), and
     `random` (seeded Gaussian scores, LDS ~0)."""
     train_labels, query_labels = np.asarray(train_labels), np.asarray(query_labels)
-    rng = np.random.default_rng(args.seed)
+    rng = np.random.default_rng(config.seed)
     baselines = {"random": rng.standard_normal((len(query_labels), len(train_labels)), dtype=np.float32)}
-    if pipeline.get_task(args.dataset_name).is_regression:
+    if pipeline.get_task(config.dataset_name).is_regression:
         baselines["label"] = np.broadcast_to(train_labels.astype(np.float32), (len(query_labels), len(train_labels)))
     else:
         baselines["same-label"] = np.where(query_labels[:, None] == train_labels[None, :], 1, -1).astype(np.float32)
@@ -304,12 +305,12 @@ def noise_ceiling(repeat_margins: np.ndarray, num_bootstrap: int, seed: int) -> 
             "num_repeats": int(repeat_margins.shape[1])}
 
 
-def load_repeat_margins(folder: str, args, num_query: int) -> np.ndarray | None:
+def load_repeat_margins(folder: str, config, num_query: int) -> np.ndarray | None:
     """Every retrain's margins, (masks, repeats, queries), from the ground truth's runs; None with one repeat (no
     ceiling can be estimated then), or when runs are missing or do not average to the sealed margins.npy."""
-    if args.num_repeats < 2:
+    if config.num_repeats < 2:
         return None
-    runs = [[load_retrain(folder, m, r, num_query) for r in range(args.num_repeats)] for m in range(args.num_masks)]
+    runs = [[load_retrain(folder, m, r, num_query) for r in range(config.num_repeats)] for m in range(config.num_masks)]
     if any(run is None for row in runs for run in row):
         return None
     repeats = np.stack([[run["margins"] for run in row] for row in runs])
@@ -317,20 +318,21 @@ def load_repeat_margins(folder: str, args, num_query: int) -> np.ndarray | None:
     return repeats if np.allclose(repeats.mean(axis=1), sealed) else None
 
 
-def load_data(args) -> tuple:
+def load_data(config) -> tuple:
     """(train_text, query_text, provenance): the examples the ground truth covers, as analyze.py scored them."""
-    train_text, query_text = pipeline.load_train_and_queries(args.dataset_name, args.data_dir, args.max_train_samples,
-                                                             args.max_query_examples, args.label_noise,
-                                                             args.label_noise_seed)
-    return train_text, query_text, pipeline.data_provenance(args.dataset_name, train_text, query_text,
-                                                            args.max_seq_length)
+    train_text, query_text = pipeline.load_train_and_queries(config.dataset_name, config.data_dir,
+                                                             config.max_train_samples,
+                                                             config.max_query_examples, config.label_noise,
+                                                             config.label_noise_seed)
+    return train_text, query_text, pipeline.data_provenance(config.dataset_name, train_text, query_text,
+                                                            config.max_seq_length)
 
 
-def data_and_ground_truth(args) -> tuple:
+def data_and_ground_truth(config) -> tuple:
     """(train_text, query_text, provenance, (folder, masks, margins, summary)): what every score set is checked
     against, and the verified ground truth built on it."""
-    train_text, query_text, provenance = load_data(args)
-    return train_text, query_text, provenance, load_ground_truth(args, provenance)
+    train_text, query_text, provenance = load_data(config)
+    return train_text, query_text, provenance, load_ground_truth(config, provenance)
 
 
 def reference_set(requested: str | None, names) -> str | None:
@@ -340,9 +342,9 @@ def reference_set(requested: str | None, names) -> str | None:
     return requested or next((n for n in ("ekfac", "identity") if n in names), None)
 
 
-def table_title(args, masks: np.ndarray, margins: np.ndarray, summary: dict) -> str:
+def table_title(config, masks: np.ndarray, margins: np.ndarray, summary: dict) -> str:
     """The table's title: the ground truth's size, and how good and how reproducible its retrains are."""
-    return (f"LDS on {args.dataset_name}: {masks.shape[0]} masks x {args.num_repeats} repeats keeping "
+    return (f"LDS on {config.dataset_name}: {masks.shape[0]} masks x {config.num_repeats} repeats keeping "
             f"{int(masks[0].sum())} of {masks.shape[1]} examples, {margins.shape[1]} queries"
             + (f"; retrains' query accuracy {summary['query_accuracy']:.3f}"
                if summary["query_accuracy"] is not None else "")
@@ -367,26 +369,27 @@ def scored_members(output_dir: str, task_name: str, method: str) -> list:
     return member_seeds(names, method)
 
 
-def ensemble_curves(args, provenance: dict, masks: np.ndarray, margins: np.ndarray) -> dict:
+def ensemble_curves(config, provenance: dict, masks: np.ndarray, margins: np.ndarray) -> dict:
     """Per method: the seeds of its members and, for 1, 2, 4, ... ensembled models, their LDS (and, with
     --stability_dir, their agreement with the same members computed under other randomness)."""
     margin_ranks = rankdata(margins.T, axis=1)
-    checkpoints = trained_checkpoints(args.checkpoint_dir, args.dataset_name)
+    checkpoints = trained_checkpoints(config.checkpoint_dir, config.dataset_name)
     curves = {}
-    for method in args.strategies:
-        seeds = scored_members(args.output_dir, args.dataset_name, method)
-        if args.stability_dir is not None:
-            seeds = [s for s in seeds if s in scored_members(args.stability_dir, args.dataset_name, method)]
+    for method in config.strategies:
+        seeds = scored_members(config.output_dir, config.dataset_name, method)
+        if config.stability_dir is not None:
+            seeds = [s for s in seeds if s in scored_members(config.stability_dir, config.dataset_name, method)]
         if not seeds:
-            where = os.path.join(args.output_dir, args.dataset_name)
-            command = analyze_command(args.output_dir, args.dataset_name, f"{method}_{member(0)}")
+            where = os.path.join(config.output_dir, config.dataset_name)
+            command = analyze_command(config.output_dir, config.dataset_name, f"{method}_{member(0)}")
             raise GlueError(f"no member score sets {method}_{member('<S>')} in {where}"
-                            + (f" (and {args.stability_dir})" if args.stability_dir else "")
+                            + (f" (and {config.stability_dir})" if config.stability_dir else "")
                             + f"; make them with: {command}")
-        members, metas = zip(*(load_scores(args.output_dir, args.dataset_name, f"{method}_{member(seed)}", provenance,
+        members, metas = zip(*(load_scores(config.output_dir, config.dataset_name, f"{method}_{member(seed)}",
+                                           provenance,
                                            checkpoints=checkpoints) for seed in seeds))
         seconds = [sum(v for k, v in meta.items() if k.endswith("_seconds")) for meta in metas]
-        others = stability_counterparts(args, method, seeds, metas, provenance) if args.stability_dir else None
+        others = stability_counterparts(config, method, seeds, metas, provenance) if config.stability_dir else None
         rows = curve_rows(members, others, masks, margin_ranks)
         for row in rows:
             row["seconds_per_model"] = float(np.mean(seconds))
@@ -394,16 +397,16 @@ def ensemble_curves(args, provenance: dict, masks: np.ndarray, margins: np.ndarr
     return curves
 
 
-def stability_counterparts(args, method: str, seeds: list, metas: list, provenance: dict) -> list:
+def stability_counterparts(config, method: str, seeds: list, metas: list, provenance: dict) -> list:
     """The member sets of `method` in --stability_dir: the same checkpoints and data, other randomness."""
     others = []
     for seed, meta in zip(seeds, metas):
-        scores, other = load_scores(args.stability_dir, args.dataset_name, f"{method}_{member(seed)}", provenance)
+        scores, other = load_scores(config.stability_dir, config.dataset_name, f"{method}_{member(seed)}", provenance)
         if other["provenance"].get("checkpoint_sha256") != meta["provenance"].get("checkpoint_sha256"):
-            raise GlueError(f"{method}_{member(seed)} in --stability_dir {args.stability_dir} was computed from "
+            raise GlueError(f"{method}_{member(seed)} in --stability_dir {config.stability_dir} was computed from "
                             "another checkpoint; both folders must analyse the same ensemble")
         if other.get("signature") == meta.get("signature"):
-            raise GlueError(f"{method}_{member(seed)} in --stability_dir {args.stability_dir} was computed with the "
+            raise GlueError(f"{method}_{member(seed)} in --stability_dir {config.stability_dir} was computed with the "
                             "same arguments; recompute it there with another analyze.py --seed")
         others.append(scores)
     return others

@@ -9,10 +9,9 @@ import sys
 import numpy as np
 import pytest
 
-import pipeline
 import run_counterfactual as rc
 from conftest import assert_user_error, run_script, write_scores
-from glue_attribution import counterfactual, results, sweeps
+from glue_attribution import counterfactual, pipeline, results, sweeps
 from glue_attribution.errors import GlueError
 from glue_attribution.scores import load_scores
 

@@ -11,9 +11,8 @@ import pytest
 from scipy.stats import rankdata
 
 import evaluate_lds
-import pipeline
 from conftest import assert_user_error, run_script, write_scores
-from glue_attribution import lds, results
+from glue_attribution import lds, pipeline, results
 from glue_attribution.errors import GlueError
 
 

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from kronfluence.task import Task
 from torch import nn
 
-from pipeline import margins
+from .pipeline import margins
 
 BATCH_TYPE = dict[str, torch.Tensor]
 

