@@ -116,11 +116,11 @@ def parse_args(argv=None):
     args = cli.from_checkpoint(args, args.checkpoint_dir)
     if "model_name_or_path" in args.overrides:
         parser.error("--model_name_or_path: analyze.py analyses the model in --checkpoint_dir; pass it to train.py")
-    return args
+    return AnalysisConfig.from_namespace(args)  # the analysis's configuration
 
 
 def main():
-    args = AnalysisConfig.from_namespace(parse_args())  # the analysis's configuration, from the flags
+    args = parse_args()
     import torch
 
     from glue_attribution import ensembles, explorer, influence, report, results, scores

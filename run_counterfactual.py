@@ -77,11 +77,11 @@ def parse_args(argv=None):
                         help="Redraw --figure from the results folder's counterfactual_results.json and exit.")
     args = parser.parse_args(argv)
     args.remove_intervals = sorted(set(args.remove_intervals))
-    return cli.from_checkpoint(args, args.checkpoint_dir, recipe=True)
+    return CounterfactualConfig.from_namespace(cli.from_checkpoint(args, args.checkpoint_dir, recipe=True))
 
 
 def main():
-    args = CounterfactualConfig.from_namespace(parse_args())  # the experiment's configuration, from the flags
+    args = parse_args()
     from glue_attribution import counterfactual, plots, results, sweeps
 
     cli.setup_logging(args.verbose)

@@ -50,11 +50,12 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if len(set(args.seed)) < len(args.seed):
         parser.error(f"--seed {' '.join(map(str, args.seed))} repeats a seed; an ensemble needs distinct seeds")
-    return cli.from_checkpoint(args, checkpoint_dir=None, recipe=True)  # fills the defaults
+    # from_checkpoint fills the defaults
+    return TrainRunConfig.from_namespace(cli.from_checkpoint(args, checkpoint_dir=None, recipe=True))
 
 
 def main():
-    args = TrainRunConfig.from_namespace(parse_args())  # the run's configuration, from the flags
+    args = parse_args()
     from glue_attribution import progress, results
 
     cli.setup_logging(args.verbose)

@@ -11,6 +11,7 @@ import transformers
 from conftest import assert_user_error, fixture_examples, run_script
 from glue_attribution import pipeline, scoring, sweeps
 from glue_attribution.checkpoints import load_checkpoint, save_checkpoint
+from glue_attribution.config import LDSConfig
 from glue_attribution.errors import GlueError
 
 # (train, dev) example counts and a verbatim first dev row from ../shared/glue_data/README.md and the files.
@@ -266,13 +267,10 @@ def test_train_script_bad_input(tiny_model_dir, glue_dir, tmp_path):
 
 def test_regression_retrain_has_margins_and_no_correct_flag(tiny_model_dir, glue_dir):
     """STS-B predicts a score: nothing is 'correct', so the retrainer reports margins (predictions) only."""
-    import argparse
-
-    args = argparse.Namespace(model_name_or_path=tiny_model_dir, dataset_name="stsb", max_seq_length=32,
-                              pad_to_max_length=False, device="cpu", **vars(pipeline.TrainConfig(
-                                  learning_rate=1e-3, train_batch_size=8, num_train_epochs=1)))
+    config = LDSConfig(model_name_or_path=tiny_model_dir, dataset_name="stsb", max_seq_length=32, device="cpu",
+                       learning_rate=1e-3, train_batch_size=8, num_train_epochs=1)
     train, queries = pipeline.load_train_and_queries("stsb", str(glue_dir), 16, 4)
-    result = sweeps.retrainer(args, train, queries)(np.arange(16), seed=0)
+    result = sweeps.retrainer(config, train, queries)(np.arange(16), seed=0)
     assert set(result) == {"margins"} and result["margins"].shape == (4,) and np.isfinite(result["margins"]).all()
 
 
