@@ -16,6 +16,7 @@ def analyze(config: AnalysisConfig) -> tuple | None:
     """Publishes the score set of `config` (reused when already there). Returns (config as run, scores name,
     [(seed, checkpoint folder)], member score names, train_text, query_text); None on the other processes of a
     torchrun launch."""
+    pipeline.use_data(config)
     main_process = influence.join_torchrun(config.device)
     config = replace(config, device=pipeline.torch_device(config.device))
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = config.allow_tf32

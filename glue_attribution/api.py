@@ -87,6 +87,7 @@ def load_score_set(config: AnalysisConfig, name: str | None = None) -> ScoreSet:
     from .scores import load_scores
 
     name = name or influence_arguments(config)[2]
+    pipeline.use_data(config)
     train_text, query_text = pipeline.load_train_and_queries(config.dataset_name, config.data_dir,
                                                              config.max_train_samples, config.max_query_examples,
                                                              config.label_noise, config.label_noise_seed)
@@ -121,6 +122,7 @@ def build_ground_truth(config: LDSConfig) -> str:
     folder."""
     from . import lds
 
+    pipeline.use_data(config)
     folder = lds.claim_ground_truth(config)
     train_text, query_text, provenance = lds.load_data(config)
     masks = lds.load_or_make_masks(folder, config, train_text["label"])
@@ -136,6 +138,7 @@ def lds_score(config: LDSConfig) -> LDSResult:
     from .checkpoints import trained_checkpoints
     from .scores import load_scores
 
+    pipeline.use_data(config)
     train_text, query_text, provenance, (folder, masks, margins, _) = lds.data_and_ground_truth(config)
     checkpoints = trained_checkpoints(config.checkpoint_dir, config.dataset_name)
     sets = {name: load_scores(config.output_dir, config.dataset_name, name, provenance, checkpoints=checkpoints)[0]

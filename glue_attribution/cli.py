@@ -108,12 +108,22 @@ def add_data_args(parser, dataset_name: str = "sst2", checkpoint: bool = False) 
     checkpoint that --checkpoint_dir names, so they are given once, to train.py. `dataset_name` SUPPRESS: a
     results folder names the task (evaluate_lds.py --lds_dir)."""
     default = "the checkpoint's, else " if checkpoint else ""
-    parser.add_argument("--dataset_name", default=dataset_name, choices=list(pipeline.GLUE_TASKS),
-                        help="A GLUE task." + (" (default: --lds_dir's, else rte)" if dataset_name == argparse.SUPPRESS
+    parser.add_argument("--dataset_name", default=dataset_name,
+                        help=f"A GLUE task ({', '.join(pipeline.GLUE_TASKS)}), or the name of your own data "
+                             "(--train_file)."
+                             + (" (default: --lds_dir's, else rte)" if dataset_name == argparse.SUPPRESS
                                                else ""))
     parser.add_argument("--data_dir", default=argparse.SUPPRESS,
                         help=f"A folder in the GLUE layout (<data_dir>/RTE/train.tsv) (default: {default}the Hugging "
                              "Face hub)")
+    parser.add_argument("--train_file", default=argparse.SUPPRESS,
+                        help=f"Your own training data instead of GLUE: a .csv, .tsv or .json(l) file with run_glue's "
+                             f"columns (sentence1 and sentence2, or sentence; label) (default: {default}none)")
+    parser.add_argument("--validation_file", default=argparse.SUPPRESS,
+                        help=f"With --train_file: the validation examples (the queries) (default: {default}none)")
+    parser.add_argument("--text_columns", nargs="+", default=argparse.SUPPRESS,
+                        help=f"With --train_file: the text column(s), one or a pair (default: {default}sentence1 "
+                             "sentence2, else sentence)")
     parser.add_argument("--model_name_or_path", default=argparse.SUPPRESS,
                         help=f"Hub name or local directory; '{pipeline.PACKAGED_MODEL}' is the packaged offline "
                              f"MiniLM (default: {default}bert-base-cased)")
@@ -219,6 +229,10 @@ def from_checkpoint(args, checkpoint_dir: str | None, recipe: bool = False) -> a
     # Recorded in glue_scores.json by analyze.py and logged by `log_configuration`.
     overrides = fill_flags(args, saved, {**DATA_DEFAULTS, **(RECIPE_DEFAULTS if recipe else {})})
     args.overrides = {k: v for k, v in overrides.items() if k not in getattr(args, "from_folder", ())}
+    if args.train_file is None and args.dataset_name not in pipeline.GLUE_TASKS:
+        raise GlueError(f"--dataset_name {args.dataset_name} is no GLUE task ({', '.join(pipeline.GLUE_TASKS)}); "
+                        "for your own data pass --train_file and --validation_file")
+    pipeline.use_data(args)
     offline_if_hub_unreachable(args)
     return args
 
@@ -228,7 +242,8 @@ def offline_if_hub_unreachable(args) -> None:
     --data_dir, or a model that is neither local nor the packaged one), check once, in at most 3 s, and go offline
     instead: the loaders then fail at once with the offline fix. Call before importing transformers or datasets."""
     model = args.model_name_or_path
-    needs_hub = args.data_dir is None or not (os.path.isdir(model) or model == pipeline.PACKAGED_MODEL)
+    needs_hub = ((args.data_dir is None and getattr(args, "train_file", None) is None)
+                 or not (os.path.isdir(model) or model == pipeline.PACKAGED_MODEL))
     if not needs_hub or os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "false", "no", ""):
         return
     try:

@@ -60,6 +60,8 @@ def influence_arguments(config) -> tuple:
         for name in ("per_sample_gradient_dtype", "precondition_dtype", "score_dtype", "query_gradient_svd_dtype"):
             setattr(score_args, name, torch.float64)
     factors_name = config.factor_strategy + ("_half" if config.use_half_precision else "")
+    if config.task is not None:  # another measurement: its own factors and scores (<strategy>_<Task class>)
+        factors_name += f"_{config.task.__name__}"
     scores_name = factors_name
     if config.query_gradient_rank is not None:
         score_args.query_gradient_low_rank = config.query_gradient_rank

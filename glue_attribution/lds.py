@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from . import pipeline, progress, results, sweeps
 from .checkpoints import member, member_seeds, trained_checkpoints
-from .config import RECIPE_DEFAULTS
+from .config import OWN_DATA_KEYS, RECIPE_DEFAULTS
 from .ensembles import combine
 from .errors import GlueError, ResultDamaged, ResultMissing
 from .failpoints import failpoint
@@ -45,6 +45,8 @@ def ground_truth_arguments(config) -> dict:
             "subset_fraction": config.subset_fraction, "num_repeats": config.num_repeats,
             "stratify_masks": config.stratify_masks, "seed": config.seed,
             "recipe": {key: getattr(config, key) for key in RECIPE_DEFAULTS},
+            # Your own data files, only when given: GLUE ground truths keep their names.
+            **{key: getattr(config, key) for key in OWN_DATA_KEYS if getattr(config, key, None) is not None},
             # Only when set, so that the ground truths built before label noise existed keep their names.
             **({"label_noise": config.label_noise, "label_noise_seed": config.label_noise_seed}
                if config.label_noise else {})}

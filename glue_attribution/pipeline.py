@@ -12,6 +12,7 @@ task table to parse their flags, and `--help` or a typo should answer at once, n
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import math
 import os
@@ -46,6 +47,7 @@ class TaskSpec:
     eval_splits: tuple = ("validation",)
     default_max_train_samples: int | None = None
     drop_short_rows: bool = False  # QQP: the official train file has broken rows that the hub's copy drops
+    files: tuple | None = None  # your own data: (train file, validation file), see `register_files`
 
     @property
     def is_regression(self) -> bool:
@@ -80,10 +82,13 @@ GLUE_TASKS = {
                      ("sentence1", "sentence2", "label")),
 }
 
+OWN_TASKS = {}  # your own data, by name: tasks read from files (`register_files`)
 COLA_FIELDS = 4  # CoLA has no header: source, label, original judgement, sentence
 
 
 def get_task(task_name: str) -> TaskSpec:
+    if task_name in OWN_TASKS:
+        return OWN_TASKS[task_name]
     if task_name not in GLUE_TASKS:
         raise GlueError(f"unknown GLUE task '{task_name}'; choose one of {', '.join(GLUE_TASKS)}")
     return GLUE_TASKS[task_name]
@@ -147,6 +152,126 @@ def read_glue_tsv(task_name: str, path: str) -> dict:
     return columns
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# Your own data: CSV, TSV or JSON lines, with HF run_glue's column conventions
+
+def _read_rows(path: str) -> tuple:
+    """(column names, [(line, {column: value})]) of a .csv, .tsv or .json/.jsonl file."""
+    if not os.path.isfile(path):
+        raise GlueError(f"no data file at {path}")
+    extension = os.path.splitext(path)[1].lower()
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        if extension in (".json", ".jsonl"):
+            rows = []
+            for line, text in enumerate(f, start=1):
+                if not text.strip():
+                    continue
+                try:
+                    row = json.loads(text)
+                except ValueError:
+                    raise GlueError(f"{path}:{line}: not a JSON object (JSON lines: one object per line)") from None
+                if not isinstance(row, dict):
+                    raise GlueError(f"{path}:{line}: not a JSON object (JSON lines: one object per line)")
+                rows.append((line, row))
+            return (list(rows[0][1]) if rows else []), rows
+        if extension not in (".csv", ".tsv"):
+            raise GlueError(f"{path}: unknown data file type '{extension}'; use .csv, .tsv or .json/.jsonl")
+        reader = csv.DictReader(f, delimiter="\t" if extension == ".tsv" else ",")
+        rows = [(line, row) for line, row in enumerate(reader, start=2)]
+        for line, row in rows:
+            if None in row or None in row.values():
+                raise GlueError(f"{path}:{line}: not as many fields as the header has; fix or remove that line")
+        return list(reader.fieldnames or []), rows
+
+
+def _text_keys(path: str, columns: list, text_columns) -> tuple:
+    """run_glue's choice: --text_columns, else sentence1 and sentence2, else sentence."""
+    if text_columns:
+        keys = tuple(text_columns)
+    elif "sentence1" in columns and "sentence2" in columns:
+        keys = ("sentence1", "sentence2")
+    else:
+        keys = ("sentence",)
+    for key in (*keys, "label"):
+        if key not in columns:
+            raise GlueError(f"{path}: no column '{key}' (columns: {', '.join(map(str, columns))}); the text is in "
+                            "'sentence1'/'sentence2' or 'sentence' (or name it with --text_columns), the label in "
+                            "'label'")
+    return keys
+
+
+def _is_float(value) -> bool:
+    if isinstance(value, float):
+        return True
+    return isinstance(value, str) and "." in value and _number(value) is not None
+
+
+def _number(value):
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def register_files(name: str, train_file: str, validation_file: str | None, text_columns=None) -> TaskSpec:
+    """Makes `name` a task read from your own files (run_glue's conventions): text columns `sentence1`/`sentence2`
+    or `sentence` (or `text_columns`), labels in `label`: names or ids, sorted as run_glue sorts them; float labels
+    make a regression task. Returns the task; `load_glue(name, ...)` then reads the files."""
+    if validation_file is None:
+        raise GlueError("--train_file needs --validation_file too: its examples are the queries and the evaluation")
+    if name in GLUE_TASKS:
+        raise GlueError(f"--dataset_name {name} is a GLUE task; name your own data otherwise (e.g. --dataset_name "
+                        "my_data) so its checkpoints and scores are not taken for GLUE's")
+    columns, rows = _read_rows(train_file)
+    keys = _text_keys(train_file, columns, text_columns)
+    values = [row["label"] for _, row in rows]
+    if not values:
+        raise GlueError(f"{train_file} has no examples; check the file")
+    if any(_is_float(v) for v in values):
+        labels = None
+    elif all(isinstance(v, int) or (isinstance(v, str) and v.lstrip("-").isdigit()) for v in values):
+        labels = tuple(str(v) for v in sorted({int(v) for v in values}))
+    else:
+        labels = tuple(sorted({str(v) for v in values}))
+    task = TaskSpec(train_file, keys, labels, "pearson_spearman" if labels is None else "accuracy", (),
+                    files=(train_file, validation_file))
+    OWN_TASKS[name] = task
+    return task
+
+
+def use_data(config) -> None:
+    """Registers the own data files of a configuration (`train_file`, ...) under its dataset_name; GLUE: nothing."""
+    if getattr(config, "train_file", None) is not None:
+        register_files(config.dataset_name, config.train_file, config.validation_file, config.text_columns)
+
+
+def read_data_file(task: TaskSpec, path: str) -> dict:
+    """One of your own files as columns named by the task's keys, labels as ids (see `register_files`)."""
+    columns, rows = _read_rows(path)
+    _text_keys(path, columns, task.keys)
+    read = {key: [] for key in (*task.keys, "label")}
+    for line, row in rows:
+        for key in task.keys:
+            text = row.get(key)
+            if not isinstance(text, str) or not text.strip():
+                raise GlueError(f"{path}:{line}: column '{key}' is empty or not text")
+            read[key].append(text)
+        value = row.get("label")
+        if task.is_regression:
+            if _number(value) is None:
+                raise GlueError(f"{path}:{line}: column 'label': '{value}' is not a number (a regression task: "
+                                f"{task.folder} has float labels)")
+            read["label"].append(float(value))
+        elif str(value) in task.labels:
+            read["label"].append(task.labels.index(str(value)))
+        else:
+            raise GlueError(f"{path}:{line}: column 'label': unknown label '{value}' (the training file's labels: "
+                            f"{', '.join(task.labels)})")
+    if not rows:
+        raise GlueError(f"{path} has no examples; check the file")
+    return read
+
+
 def task_files(task: TaskSpec) -> list:
     """File names of the training split and every evaluation split in the GLUE layout."""
     return ["train.tsv", *("dev" + split[len("validation"):] + ".tsv" for split in task.eval_splits)]
@@ -162,7 +287,10 @@ def load_glue(task_name: str, split: str, data_dir: str | None = None, max_sampl
         raise GlueError(f"the number of samples must be positive, got {max_samples}")
     from datasets import Dataset
 
-    if data_dir is not None:
+    if task.files is not None:
+        source = task.files[0] if split == "train" else task.files[1]
+        dataset = Dataset.from_dict(read_data_file(task, source))
+    elif data_dir is not None:
         file_name = "train.tsv" if split == "train" else "dev" + split[len("validation"):] + ".tsv"
         source = os.path.join(data_dir, task.folder, file_name)
         dataset = Dataset.from_dict(read_glue_tsv(task_name, source))

@@ -17,6 +17,7 @@ def train(config: TrainRunConfig) -> list:
     """Trains (or, for an ensemble's members already there, reuses) the checkpoint(s) of `config`; returns their
     folders: <checkpoint_dir>/<dataset_name>/ for one seed, seed<S>/ below it for several."""
     config = replace(config, device=pipeline.torch_device(config.device))
+    pipeline.use_data(config)
     trained = []
     task = pipeline.get_task(config.dataset_name)
     members = checkpoints.checkpoint_destinations(config.checkpoint_dir, config.dataset_name,
@@ -67,6 +68,9 @@ def train(config: TrainRunConfig) -> list:
             logger.info("  %s = %s", key, value)
 
         meta = {"task": config.dataset_name, "num_labels": task.num_labels, "args": recorded, "metrics": metrics}
+        if config.train_file is not None:  # your own data, by content: a changed file is another training set
+            meta["data_files"] = {path: results.file_sha256(path) for path in (config.train_file,
+                                                                               config.validation_file)}
         extra = {} if margins_seen is None else {checkpoints.TRAINING_MARGINS: pipeline.margins_json(margins_seen)}
         if flips:
             extra["label_noise.json"] = {"fraction": config.label_noise, "seed": config.label_noise_seed,
