@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import pipeline
-from .config import AnalysisConfig, LDSConfig, TrainRunConfig
+from .config import AnalysisConfig, LDSConfig, TrainConfig, TrainRunConfig
 
 
 def configure(cls, checkpoint_dir: str, dataset_name: str = "sst2", **fields):
@@ -27,7 +27,8 @@ def configure(cls, checkpoint_dir: str, dataset_name: str = "sst2", **fields):
     with open(os.path.join(folder, CHECKPOINT_META)) as f:
         saved = json.load(f)["args"]
     names = {f.name for f in dataclasses.fields(cls)}
-    inherited = {k: saved[k] for k in (*DATA_DEFAULTS, *RECIPE_DEFAULTS) if k in saved and k in names}
+    keys = (*DATA_DEFAULTS, *(RECIPE_DEFAULTS if issubclass(cls, TrainConfig) else ()))  # analysis: its own batches
+    inherited = {k: saved[k] for k in keys if k in saved and k in names}
     if isinstance(inherited.get("text_columns"), list):
         inherited["text_columns"] = tuple(inherited["text_columns"])
     return cls(**{**inherited, **fields, "checkpoint_dir": checkpoint_dir, "dataset_name": dataset_name})
