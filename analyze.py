@@ -22,8 +22,8 @@ import logging
 import os
 import re
 
-import pipeline
 from glue_attribution import cli
+from glue_attribution.config import AnalysisConfig
 
 logger = logging.getLogger("analyze")
 
@@ -155,52 +155,23 @@ def parse_args(argv=None):
     args = cli.from_checkpoint(args, args.checkpoint_dir)
     if "model_name_or_path" in args.overrides:
         parser.error("--model_name_or_path: analyze.py analyses the model in --checkpoint_dir; pass it to train.py")
-    return args
+    return AnalysisConfig.from_namespace(args)  # the analysis's configuration
 
 
 def main():
     args = parse_args()
-    import torch
-
-    from glue_attribution import ensembles, explorer, influence, report, results, scores
+    from glue_attribution import analysis, explorer, influence, report, scores
 
     cli.setup_logging(args.verbose)
     cli.log_configuration(args)
-    main_process = influence.join_torchrun(args.device)
-    args.device = pipeline.torch_device(args.device)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = args.allow_tf32
-
-    # Checkpoint(s) and data: the same examples, in the same order, as train.py; queries are the first validation
-    # ones. An ensemble (train.py --seed A B ...) is analysed member by member, then combined.
-    cli.require_checkpoint(args)
-    members = cli.checkpoints(args.checkpoint_dir, args.dataset_name, args.ensemble_seeds, args.checkpoint_epoch)
-    influence.check_members(args, members)
-    train_text, query_text = pipeline.load_train_and_queries(args.dataset_name, args.data_dir,
-                                                             args.max_train_samples, args.max_query_examples,
-                                                             args.label_noise, args.label_noise_seed)
-    cli.check_checkpoint_data(args, train_text, [folder for _, folder in members])
-    influence.check_queries(args, len(train_text), len(query_text))
-    results.check_writable(args.output_dir)
     if args.query_text or args.query_file:  # new texts against an existing gradient index
-        path = influence.answer_new_queries(args, members[0], train_text)
+        path = analysis.answer_new_queries(args)
         logger.info("Top influential training examples of the new queries: %s", path)
         return
-    epoch = "" if args.checkpoint_epoch is None else f"_{pipeline.epoch_member(args.checkpoint_epoch)}"
-    names = [influence.analyze_checkpoint(args, checkpoint_dir, epoch if seed is None else f"_{scores.member(seed)}",
-                                          train_text, query_text, main_process) for seed, checkpoint_dir in members]
-    influence.leave_torchrun()
-    if not main_process:
+    done = analysis.analyze(args)
+    if done is None:  # another torchrun process (the main one writes the results), or a shard of an index
         return
-    if None in names:  # a shard of a gradient index: the last shard to finish merges it and scores
-        logger.info("This shard's part of the gradient index is done; rerun once every shard has finished")
-        return
-    scores_name = names[0]
-    if members[0][0] is not None:
-        scores_name, _ = ensembles.publish_ensemble(
-            args.output_dir, args.dataset_name, influence.influence_arguments(args)[2],
-            [(seed, name) for (seed, _), name in zip(members, names)], args.overwrite)
-        logger.info("Ensemble of %d checkpoints (seeds %s): %s", len(members), " ".join(str(s) for s, _ in members),
-                    scores_name)
+    args, scores_name, members, names, train_text, query_text = done
 
     pairwise, _ = scores.load_scores(args.output_dir, args.dataset_name, scores_name)
     folder = scores.scores_dir(args.output_dir, args.dataset_name, scores_name)

@@ -26,12 +26,12 @@ cost in seconds and retrains), the rankings as CSV, the retrains (runs/, resumab
 them over processes) and detection.png.
 """
 
-import argparse
+import dataclasses
 import logging
 import os
 
-import pipeline
-from glue_attribution import cli
+from glue_attribution import checkpoints, cli, pipeline
+from glue_attribution.config import DetectionConfig
 
 logger = logging.getLogger("detect_mislabeled")
 
@@ -67,7 +67,7 @@ def parse_args(argv=None):
         parser.error("--fix_fractions: two fractions round to the same percent; the runs are named by it")
     if not 0 <= args.shard_index < args.num_shards:
         parser.error(f"--shard_index must be in [0, {args.num_shards})")
-    return cli.from_checkpoint(args, args.checkpoint_dir, recipe=True)
+    return DetectionConfig.from_namespace(cli.from_checkpoint(args, args.checkpoint_dir, recipe=True))
 
 
 def main():
@@ -79,15 +79,14 @@ def main():
         detection.summarize(args.summarize)
         return
     cli.log_configuration(args)
-    cli.require_checkpoint(args)
+    checkpoints.require_checkpoint(args)
     if not args.label_noise:  # nothing was flipped, so nothing can be found
-        noisy = argparse.Namespace(**{**vars(args), "label_noise": 0.1,
-                                      "checkpoint_dir": os.path.join(args.checkpoint_dir, "noise0.1")})
+        noisy = dataclasses.replace(args, label_noise=0.1, checkpoint_dir=os.path.join(args.checkpoint_dir, "noise0.1"))
         raise cli.GlueError(f"the checkpoint in {args.checkpoint_dir} was trained without --label_noise, so no label "
-                            f"was flipped; train one with flipped labels: {cli.train_command(noisy)}")
+                            f"was flipped; train one with flipped labels: {checkpoints.train_command(noisy)}")
     train_text, _ = pipeline.load_training_set(args.dataset_name, args.data_dir, args.max_train_samples,
                                                args.label_noise, args.label_noise_seed)
-    cli.check_checkpoint_data(args, train_text)
+    checkpoints.check_checkpoint_data(args, train_text)
     flipped = detection.flipped_labels(args, len(train_text))
     held_out, judged = detection.validation_split(args, detection.harm_queries(args))
     folder = detection.detection_dir(args)

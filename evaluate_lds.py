@@ -38,6 +38,8 @@ import logging
 import os
 
 from glue_attribution import cli
+from glue_attribution.checkpoints import trained_checkpoints
+from glue_attribution.config import LDSConfig
 
 logger = logging.getLogger("evaluate_lds")
 NUM_BOOTSTRAP = 1000  # mask resamples for the intervals (score: --num_bootstrap)
@@ -131,7 +133,7 @@ def parse_args(argv=None):
         raise cli.GlueError(f"--subset_fraction must be in (0, 1), got {args.subset_fraction}")
     if args.num_masks < 3:
         raise cli.GlueError(f"--num_masks must be at least 3 for a rank correlation, got {args.num_masks}")
-    return cli.from_checkpoint(args, args.checkpoint_dir, recipe=True)
+    return LDSConfig.from_namespace(cli.from_checkpoint(args, args.checkpoint_dir, recipe=True))
 
 
 def build(args) -> None:
@@ -157,14 +159,14 @@ def score(args) -> None:
     from glue_attribution import explorer, lds, plots, progress, report, results, scores
 
     train_text, query_text, provenance, (folder, masks, margins, summary) = lds.data_and_ground_truth(args)
-    progress.stage("score_args the LDS", folder)
+    progress.stage("scoring the LDS", folder)
     if args.inspect_query is not None and not 0 <= args.inspect_query < margins.shape[1]:
         raise cli.GlueError(f"--inspect_query {args.inspect_query} is out of range: there are {margins.shape[1]} "
                             "queries")
     if clash := [name for name in args.strategies if name in lds.BASELINE_SCORES]:
         raise cli.GlueError(f"--strategies {clash[0]}: that name is one of the table's reference rows "
                             f"({', '.join(lds.BASELINE_SCORES)}); rename the score set with analyze.py --scores_name")
-    checkpoints = cli.trained_checkpoints(args.checkpoint_dir, args.dataset_name)
+    checkpoints = trained_checkpoints(args.checkpoint_dir, args.dataset_name)
     loaded = {name: scores.load_scores(args.output_dir, args.dataset_name, name, provenance, checkpoints=checkpoints)
               for name in args.strategies}
     sets = {name: pairwise for name, (pairwise, _) in loaded.items()}

@@ -34,8 +34,8 @@ counterfactual.png beside them) from the JSON; `--plot_only` redraws the figure 
 import logging
 import os
 
-import pipeline
-from glue_attribution import cli
+from glue_attribution import checkpoints, cli, pipeline
+from glue_attribution.config import CounterfactualConfig
 
 logger = logging.getLogger("run_counterfactual")
 
@@ -78,7 +78,7 @@ def parse_args(argv=None):
                         help="Redraw --figure from the results folder's counterfactual_results.json and exit.")
     args = parser.parse_args(argv)
     args.remove_intervals = sorted(set(args.remove_intervals))
-    return cli.from_checkpoint(args, args.checkpoint_dir, recipe=True)
+    return CounterfactualConfig.from_namespace(cli.from_checkpoint(args, args.checkpoint_dir, recipe=True))
 
 
 def main():
@@ -101,7 +101,7 @@ def main():
     train_text, query_text = pipeline.load_train_and_queries(args.dataset_name, args.data_dir,
                                                              args.max_train_samples, args.max_query_examples,
                                                              args.label_noise, args.label_noise_seed)
-    cli.check_checkpoint_data(args, train_text)
+    checkpoints.check_checkpoint_data(args, train_text)
     rankings, used = counterfactual.load_rankings(args, train_text, query_text["label"])
     counterfactual.check_intervals(args.remove_intervals, rankings, len(train_text), args.train_batch_size)
     counterfactual.reference_ranking(args.reference, rankings)  # a wrong --reference fails before any retrain

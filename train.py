@@ -21,13 +21,9 @@ Several seeds train an ensemble, the same recipe once per seed, into `<checkpoin
 """
 
 import logging
-import os
-import time
 
-import numpy as np
-
-import pipeline
 from glue_attribution import cli
+from glue_attribution.config import TrainRunConfig
 
 logger = logging.getLogger("train")
 
@@ -51,73 +47,16 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if len(set(args.seed)) < len(args.seed):
         parser.error(f"--seed {' '.join(map(str, args.seed))} repeats a seed; an ensemble needs distinct seeds")
-    return cli.from_checkpoint(args, checkpoint_dir=None, recipe=True)  # fills the defaults
+    # from_checkpoint fills the defaults
+    return TrainRunConfig.from_namespace(cli.from_checkpoint(args, checkpoint_dir=None, recipe=True))
 
 
 def main():
     args = parse_args()
-    from glue_attribution import progress, results
+    from glue_attribution import training
 
     cli.setup_logging(args.verbose)
-    args.device = pipeline.torch_device(args.device)
-    if args.data_dir is not None:  # recorded as an absolute path: later scripts run from anywhere read the same data
-        args.data_dir = os.path.abspath(args.data_dir)
-    task = pipeline.get_task(args.dataset_name)
-    members = cli.checkpoint_destinations(args.checkpoint_dir, args.dataset_name, args.seed)
-    results.check_writable(args.checkpoint_dir)  # fail now, not after training
-
-    # Data: every split is read and checked before the first training step.
-    tokenizer = pipeline.load_tokenizer(args.model_name_or_path)
-    collate = pipeline.collator(tokenizer)
-    train_text, flips = pipeline.load_training_set(args.dataset_name, args.data_dir, args.max_train_samples,
-                                                   args.label_noise, args.label_noise_seed)
-    train_dataset = pipeline.tokenize(train_text, args.dataset_name, tokenizer, args.max_seq_length,
-                                      args.pad_to_max_length)
-    eval_text = {split: pipeline.load_glue(args.dataset_name, split, args.data_dir, args.max_eval_samples)
-                 for split in task.eval_splits}
-    eval_datasets = {split: pipeline.tokenize(text, args.dataset_name, tokenizer, args.max_seq_length,
-                                              args.pad_to_max_length) for split, text in eval_text.items()}
-    # Each split's source and fingerprint: later scripts refuse to pair this model with other training data.
-    data = {split: pipeline.split_record(args.dataset_name, split, args.data_dir, text)
-            for split, text in {"train": train_text, **eval_text}.items()}
-    config = cli.train_config(args)
-    if flips:
-        logger.info("Label noise: flipped %d of %d training labels (recorded in label_noise.json)", len(flips),
-                    len(train_text))
-
-    for seed, checkpoint_dir in members:
-        args.seed = seed  # each checkpoint records its own seed
-        if len(members) > 1 and cli.trained_member(checkpoint_dir, vars(args)):
-            logger.info("Reusing checkpoint %s (seed %d)", checkpoint_dir, seed)
-            continue
-        logger.info("***** Running training *****")
-        logger.info("  Task = %s, examples = %d, epochs = %d, batch size = %d, steps = %d, seed = %d, device = %s",
-                    args.dataset_name, len(train_dataset), config.num_train_epochs, config.train_batch_size,
-                    config.num_train_epochs * (len(train_dataset) // config.train_batch_size), seed, args.device)
-        progress.stage(f"training (seed {seed})", checkpoint_dir)
-        start = time.time()
-        margins_seen = None if task.is_regression else np.full((config.num_train_epochs, len(train_dataset)), np.nan)
-        epochs = {}  # the weights after each epoch but the last (self-influence along training)
-        model = pipeline.finetune(args.model_name_or_path, args.dataset_name, train_dataset, collate, config,
-                                  seed=seed, device=args.device, margins_seen=margins_seen,
-                                  on_epoch_end=pipeline.keep_weights(epochs) if args.save_epoch_checkpoints else None)
-        # Train metrics on the same examples in dataset order (the seed's `eval_train` split).
-        named = {"train": train_dataset, **{"eval" + s[len("validation"):]: d for s, d in eval_datasets.items()}}
-        metrics = {"train_runtime": time.time() - start,
-                   **pipeline.evaluate_splits(model, named, collate, args.dataset_name, args.eval_batch_size,
-                                              args.device, args.bf16)}
-        for key, value in metrics.items():
-            logger.info("  %s = %s", key, value)
-
-        meta = {"task": args.dataset_name, "num_labels": task.num_labels, "args": vars(args), "data": data,
-                "metrics": metrics}
-        extra = {} if margins_seen is None else {pipeline.TRAINING_MARGINS: pipeline.margins_json(margins_seen)}
-        if flips:
-            extra["label_noise.json"] = {"fraction": args.label_noise, "seed": args.label_noise_seed,
-                                         "flipped": [{"index": i, "label": y, "noisy_label": z} for i, y, z in flips]}
-        pipeline.save_checkpoint(model, tokenizer, checkpoint_dir, meta, extra=extra, epochs=epochs)
-        logger.info("Saved checkpoint to %s", checkpoint_dir)
-        del model  # one model in memory at a time
+    training.train(args)
 
 
 if __name__ == "__main__":

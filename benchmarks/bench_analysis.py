@@ -34,9 +34,8 @@ from kronfluence.utils.dataset import DataLoaderKwargs
 from scipy.stats import spearmanr
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import pipeline  # noqa: E402
-from glue_attribution import fast_factors, influence  # noqa: E402
-from task import GlueTask  # noqa: E402
+from glue_attribution import fast_factors, pipeline, scoring  # noqa: E402
+from glue_attribution.task import GlueTask  # noqa: E402
 
 SST2_TRAIN, SST2_QUERIES, SEED_QUERY_BATCH = 67349, 872, 175
 STAGES = ("covariance", "eigendecomposition", "lambda", "scores")
@@ -103,7 +102,7 @@ def analyse(model, tokenizer, train_text, query_text, args, seed_recipe: bool, o
                       for d in (train_text, query_text))
     train_order = query_order = None
     if not seed_recipe:
-        train_order, query_order = influence.length_order(train), influence.length_order(queries)
+        train_order, query_order = scoring.length_order(train), scoring.length_order(queries)
         train, queries = train.select(train_order), queries.select(query_order)
     task = GlueTask()
     model = prepare_model(copy.deepcopy(model).to(args.device), task)
@@ -138,7 +137,7 @@ def analyse(model, tokenizer, train_text, query_text, args, seed_recipe: bool, o
         on_stage()
     scores = analyzer.load_pairwise_scores("s")["all_modules"].float().cpu()
     if train_order is not None:
-        scores = influence.to_dataset_order(scores, train_order, query_order)
+        scores = scoring.to_dataset_order(scores, train_order, query_order)
     return scores.numpy()
 
 

@@ -194,7 +194,7 @@ def save_random_bert(path: str, tokenizer_name: str, **shape) -> str:
     import torch
     from transformers import BertConfig, BertModel
 
-    import pipeline
+    from glue_attribution import pipeline
 
     tokenizer = pipeline.load_tokenizer(tokenizer_name)
     torch.manual_seed(0)
@@ -583,7 +583,7 @@ def prepare(args) -> None:
 
     import torch
 
-    import pipeline
+    from glue_attribution import pipeline
 
     for task, files in CARRIED.items():
         os.makedirs(os.path.join(CARRY, "glue_data", task), exist_ok=True)

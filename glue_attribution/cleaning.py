@@ -38,11 +38,11 @@ def removals(suspicion: dict, fractions: list) -> dict:
     return runs
 
 
-def fix_and_retrain(args, noisy_text, clean_text, judged, suspicion: dict, folder: str) -> dict | None:
+def fix_and_retrain(config, noisy_text, clean_text, judged, suspicion: dict, folder: str) -> dict | None:
     """This shard's retrains, then every run's accuracy on `judged`: {"noisy", "clean", "rankings": {ranking:
     {fixed@f: accuracy}}, "recovered": {ranking: {fixed@f: share of the accuracy lost to the noise won back}}}.
     None while another shard's runs are missing."""
-    runs = removals(suspicion, args.fix_fractions)
+    runs = removals(suspicion, config.fix_fractions)
     path = os.path.join(folder, "runs", "fix")
     os.makedirs(path, exist_ok=True)
     progress.stage("the fix-and-retrain retrains", path)
@@ -56,24 +56,24 @@ def fix_and_retrain(args, noisy_text, clean_text, judged, suspicion: dict, folde
         if run is None and train:
             labels = "clean" if name == "clean" else "noisy"
             if labels not in retrainers:
-                retrainers[labels] = sweeps.retrainer(args, clean_text if labels == "clean" else noisy_text, judged)
-            run = {**retrainers[labels](np.setdiff1d(np.arange(len(noisy_text)), runs[name]), args.seed),
+                retrainers[labels] = sweeps.retrainer(config, clean_text if labels == "clean" else noisy_text, judged)
+            run = {**retrainers[labels](np.setdiff1d(np.arange(len(noisy_text)), runs[name]), config.seed),
                    "removed": runs[name]}  # what the run is of: checked when it is read again
             results.save_arrays(os.path.join(path, f"{name}.npz"), **run)
             failpoint("fix_retrained")
         return None if run is None else float(run["correct"].mean())
 
-    for name in tqdm(sweeps.shard(list(runs), args.shard_index, args.num_shards), desc="Fix and retrain"):
+    for name in tqdm(sweeps.shard(list(runs), config.shard_index, config.num_shards), desc="Fix and retrain"):
         accuracy(name, train=True)
     measured = {name: accuracy(name, train=False) for name in runs}
     if None in measured.values():
         logger.info("Shard %d done; the results are gathered when the last shard finishes (or rerun the command)",
-                    args.shard_index)
+                    config.shard_index)
         return None
     noisy, clean = measured["noisy"], measured["clean"]
-    fixed = {name: {fixed_key(f): measured[run_name(name, f)] for f in args.fix_fractions}
+    fixed = {name: {fixed_key(f): measured[run_name(name, f)] for f in config.fix_fractions}
              for name in suspicion}
     lost = clean - noisy
-    return {"num_judged": len(judged), "seed": args.seed, "noisy": noisy, "clean": clean, "rankings": fixed,
+    return {"num_judged": len(judged), "seed": config.seed, "noisy": noisy, "clean": clean, "rankings": fixed,
             "recovered": {name: {k: (a - noisy) / lost if lost > 0 else None for k, a in row.items()}
                           for name, row in fixed.items()}}

@@ -7,21 +7,17 @@ importing torch, so `--help` and argument errors answer at once.
 
 import argparse
 import errno
-import json
 import logging
 import os
-import shlex
 import signal
 import socket
 import sys
 import warnings
-from dataclasses import asdict
 
-import pipeline
-
-from . import progress, results
-from .errors import GlueError, ResultDamaged, ResultMissing, Terminated
-from .scores import member, member_seeds
+from . import pipeline, progress, results
+from .checkpoints import CHECKPOINT_META, checkpoints
+from .config import DATA_DEFAULTS, RECIPE_DEFAULTS
+from .errors import GlueError, Terminated
 
 logger = logging.getLogger(__name__)
 
@@ -134,11 +130,6 @@ def group(parser, title: str):
 # ----------------------------------------------------------------------------------------------------------------------
 # Flags shared by the scripts. The data and recipe flags default to the checkpoint's values (`from_checkpoint`).
 
-DATA_DEFAULTS = {"data_dir": None, "model_name_or_path": "bert-base-cased", "max_seq_length": 128,
-                 "pad_to_max_length": False, "max_train_samples": None, "label_noise": 0.0, "label_noise_seed": 0}
-RECIPE_DEFAULTS = asdict(pipeline.TrainConfig())
-RECIPE_KEYS = (*DATA_DEFAULTS, *RECIPE_DEFAULTS)  # what an ensemble's members share (all but the seed)
-
 
 def add_data_args(parser, dataset_name: str = "sst2", checkpoint: bool = False) -> None:
     """Data and model flags (names as in HF's run_glue). With `checkpoint`, their defaults come from the
@@ -146,12 +137,21 @@ def add_data_args(parser, dataset_name: str = "sst2", checkpoint: bool = False) 
     results folder names the task (evaluate_lds.py --lds_dir)."""
     default = "the checkpoint's, else " if checkpoint else ""
     data, output = group(parser, DATA), group(parser, OUTPUT)
-    data.add_argument("--dataset_name", default=dataset_name, choices=list(pipeline.GLUE_TASKS),
-                      help="A GLUE task." + (" (default: --lds_dir's, else rte)" if dataset_name == argparse.SUPPRESS
-                                             else ""))
+    data.add_argument("--dataset_name", default=dataset_name,
+                      help=f"A GLUE task ({', '.join(pipeline.GLUE_TASKS)}), or the name of your own data "
+                           "(--train_file)."
+                           + (" (default: --lds_dir's, else rte)" if dataset_name == argparse.SUPPRESS else ""))
     data.add_argument("--data_dir", default=argparse.SUPPRESS,
                       help=f"A folder in the GLUE layout (<data_dir>/RTE/train.tsv) (default: {default}the Hugging "
                            "Face hub)")
+    data.add_argument("--train_file", default=argparse.SUPPRESS,
+                      help=f"Your own training data instead of GLUE: a .csv, .tsv or .json(l) file with run_glue's "
+                           f"columns (sentence1 and sentence2, or sentence; label) (default: {default}none)")
+    data.add_argument("--validation_file", default=argparse.SUPPRESS,
+                      help=f"With --train_file: the validation examples (the queries) (default: {default}none)")
+    data.add_argument("--text_columns", nargs="+", default=argparse.SUPPRESS,
+                      help=f"With --train_file: the text column(s), one or a pair (default: {default}sentence1 "
+                           "sentence2, else sentence)")
     data.add_argument("--model_name_or_path", default=argparse.SUPPRESS,
                       help=f"Hub name or local directory; '{pipeline.PACKAGED_MODEL}' is the packaged offline "
                            f"MiniLM (default: {default}bert-base-cased)")
@@ -207,152 +207,8 @@ def add_shard_args(parser) -> None:
                         help="How many processes share the runs (default: torchrun's WORLD_SIZE, else 1).")
 
 
-# Flags that change no result (where and how a run goes, and what from_checkpoint adds): left out of the arguments
-# that name an experiment's folder, so a folder may be resumed or merged under other values of them.
-RUN_ONLY = ("device", "output_dir", "figure", "verbose", "checkpoint_dir", "configured_by", "overrides", "shard_index",
-            "num_shards")
-
-
-def result_arguments(args, *also_run_only: str) -> dict:
-    """The arguments that change an experiment's results: they name its folder and guard its reuse."""
-    return {k: v for k, v in vars(args).items() if k not in (*RUN_ONLY, *also_run_only)}
-
-
-def train_config(args) -> pipeline.TrainConfig:
-    """The recipe flags as the `TrainConfig` that `pipeline.finetune` takes."""
-    return pipeline.TrainConfig(**{key: getattr(args, key) for key in RECIPE_DEFAULTS})
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # The checkpoint as the source of the configuration
-
-def ensemble_seeds(task_dir: str) -> list:
-    """The seeds of the ensemble members that `train.py --seed A B ...` wrote below `task_dir`, in order."""
-    names = os.listdir(task_dir) if os.path.isdir(task_dir) else []
-    return [seed for seed in member_seeds(names)
-            if os.path.isfile(os.path.join(task_dir, member(seed), pipeline.CHECKPOINT_META))]
-
-
-def checkpoints(checkpoint_dir: str, dataset_name: str, only: list | None = None, epoch: int | None = None) -> list:
-    """[(seed or None, checkpoint folder)]: the one checkpoint in <checkpoint_dir>/<task>/, or the ensemble's members
-    below it (analysed one by one, then together), or the members among them whose seeds are `only`; with `epoch`,
-    the one checkpoint's weights after that epoch (train.py --save_epoch_checkpoints)."""
-    task_dir = os.path.join(checkpoint_dir, dataset_name)
-    seeds = [] if os.path.isfile(os.path.join(task_dir, pipeline.CHECKPOINT_META)) else ensemble_seeds(task_dir)
-    if epoch is not None:
-        if seeds:
-            raise GlueError(f"--checkpoint_epoch: {task_dir} holds an ensemble; the epochs of an ensemble's members "
-                            "are not analysed (train one checkpoint with --save_epoch_checkpoints)")
-        folder = os.path.join(task_dir, pipeline.epoch_member(epoch))
-        if not os.path.isfile(os.path.join(folder, pipeline.CHECKPOINT_META)):
-            raise GlueError(f"--checkpoint_epoch {epoch}: {task_dir} has no {pipeline.epoch_member(epoch)}/; train "
-                            "with train.py --save_epoch_checkpoints (it keeps every epoch but the last, which is the "
-                            "checkpoint itself)")
-        return [(None, folder)]
-    if only is not None:
-        if not seeds or set(only) - set(seeds):
-            raise GlueError(f"--ensemble_seeds {' '.join(map(str, only))}: {task_dir} holds "
-                            + (f"members with seeds {' '.join(map(str, seeds))}" if seeds else "no ensemble")
-                            + "; train them with train.py --seed")
-        seeds = [s for s in seeds if s in only]
-    return [(s, os.path.join(task_dir, member(s))) for s in seeds] or [(None, task_dir)]
-
-
-def checkpoint_destinations(checkpoint_dir: str, dataset_name: str, seeds: list) -> list:
-    """[(seed, checkpoint folder)] that train.py writes: <checkpoint_dir>/<task>/ for one seed, seed<S>/ below it for
-    an ensemble. Never mixes the two layouts in one folder (publishing one checkpoint there would replace a whole
-    ensemble)."""
-    task_dir = os.path.join(checkpoint_dir, dataset_name)
-    if len(seeds) == 1:
-        if found := ensemble_seeds(task_dir):
-            listed = " ".join(map(str, found))
-            raise GlueError(f"{task_dir} holds an ensemble (seeds {listed}); to add a member pass them all, e.g. "
-                            f"--seed {listed} {seeds[0]} (finished members are skipped), or choose another "
-                            "--checkpoint_dir")
-        return [(seeds[0], task_dir)]
-    if os.path.isfile(os.path.join(task_dir, pipeline.CHECKPOINT_META)):
-        raise GlueError(f"{task_dir} holds a single checkpoint; choose another --checkpoint_dir for the ensemble")
-    return [(seed, os.path.join(task_dir, member(seed))) for seed in seeds]
-
-
-def trained_member(checkpoint_dir: str, arguments: dict) -> bool:
-    """An ensemble member already trained and verified: a rerun skips it. One trained with another recipe (or
-    evaluation slice) is refused: the ensemble would mix two recipes."""
-    try:
-        saved = results.read(checkpoint_dir, pipeline.CHECKPOINT_META, "checkpoint")["args"]
-    except GlueError:
-        return False
-    check_recipe(checkpoint_dir, saved, arguments, (*RECIPE_KEYS, "max_eval_samples"),
-                 fix="choose another --checkpoint_dir, or delete that member")
-    return True
-
-
-def trained_checkpoints(checkpoint_dir: str, dataset_name: str) -> tuple | None:
-    """(checkpoint_dir, {model sha256: folder}) of the verified checkpoint(s) train.py wrote in
-    <checkpoint_dir>/<task> (an ensemble's members): what a score set read for them must have been computed from.
-    None when there is no checkpoint there."""
-    found = {}
-    for _, folder in checkpoints(checkpoint_dir, dataset_name):
-        try:
-            meta = results.read(folder, pipeline.CHECKPOINT_META, "checkpoint")
-        except ResultMissing:
-            continue
-        except ResultDamaged as err:
-            raise GlueError(f"{err}; retrain it with train.py") from None
-        found[meta["files"]["model.safetensors"]["sha256"]] = folder
-        for name in meta["files"]:  # its epochs (--save_epoch_checkpoints), verified with it
-            if os.path.dirname(name) and os.path.basename(name) == "model.safetensors":
-                found[meta["files"][name]["sha256"]] = os.path.join(folder, os.path.dirname(name))
-    return (checkpoint_dir, found) if found else None
-
-
-def check_recipe(checkpoint_dir: str, saved: dict, reference: dict, keys: tuple = RECIPE_KEYS,
-                 fix: str = "pass --ensemble_seeds, or retrain them") -> None:
-    """An ensemble never mixes recipes: refuses a member whose recorded arguments `saved` differ from `reference`
-    (another member's, or this run's) in any of `keys`."""
-    default = {**DATA_DEFAULTS, **RECIPE_DEFAULTS}  # a flag added later: its default when a record lacks it
-    changed = [key for key in keys if _comparable(key, saved.get(key, default.get(key)))
-               != _comparable(key, reference.get(key, default.get(key)))]
-    if changed:
-        raise GlueError(f"{checkpoint_dir} was trained with another {', '.join(changed)}; an ensemble's members "
-                        f"share one recipe: {fix}")
-
-
-def _comparable(key: str, value):
-    """train.py records --data_dir as an absolute path (older checkpoints: as typed, relative to where it ran)."""
-    return os.path.abspath(value) if key == "data_dir" and value is not None else value
-
-
-def check_checkpoint_data(args, train_text, folders: list | None = None) -> None:
-    """Every checkpoint in `folders` was trained on `train_text` (this run's training examples, label noise
-    included): scores, retrains and rankings of other data would be served as this model's. When this command takes
-    another slice or label noise than the checkpoint's (an override, warned, or a results folder's own), its examples
-    differ on purpose and are not compared."""
-    if folders is None:  # the checkpoint(s) in --checkpoint_dir, when there are any
-        folders = [folder for _, folder in checkpoints(args.checkpoint_dir, args.dataset_name)]
-    for folder in folders:
-        try:
-            meta = results.read(folder, pipeline.CHECKPOINT_META, "checkpoint")
-        except ResultMissing:
-            continue
-        except ResultDamaged as err:
-            raise GlueError(f"{err}; retrain it with train.py") from None
-        slice_keys = ("max_train_samples", "label_noise", "label_noise_seed")
-        if any(meta.get("args", {}).get(key, DATA_DEFAULTS[key]) != getattr(args, key) for key in slice_keys):
-            continue
-        pipeline.check_training_data(meta, folder, args.dataset_name, args.data_dir, train_text)
-
-
-def read_json(path: str, what: str) -> dict:
-    """A JSON record another run wrote ({} when there is none)."""
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError):
-        raise GlueError(f"{path} is damaged; {what}") from None
-
 
 def from_results_folder(args, folder: str | None, record: str = "experiment_args.json") -> None:
     """A results folder given by path configures its own flags, as a checkpoint does: every flag it records (its
@@ -361,7 +217,7 @@ def from_results_folder(args, folder: str | None, record: str = "experiment_args
     args.from_folder = set()
     if folder is None:
         return
-    saved = read_json(os.path.join(folder, record), "delete that folder and rebuild it")
+    saved = results.read_json(os.path.join(folder, record), "delete that folder and rebuild it")
     for key, value in {**saved, **saved.get("recipe", {})}.items():
         if key != "recipe" and key not in vars(args):
             setattr(args, key, value)
@@ -388,38 +244,18 @@ def from_checkpoint(args, checkpoint_dir: str | None, recipe: bool = False) -> a
     saved, args.configured_by = {}, None
     if checkpoint_dir is not None:
         args.configured_by = os.path.join(checkpoints(checkpoint_dir, args.dataset_name)[0][1],
-                                          pipeline.CHECKPOINT_META)
-        saved = read_json(args.configured_by, "retrain the checkpoint with train.py")
+                                          CHECKPOINT_META)
+        saved = results.read_json(args.configured_by, "retrain the checkpoint with train.py")
         saved = saved.get("args", {}) if isinstance(saved, dict) else {}
     # Recorded in glue_scores.json by analyze.py and logged by `log_configuration`.
     overrides = fill_flags(args, saved, {**DATA_DEFAULTS, **(RECIPE_DEFAULTS if recipe else {})})
     args.overrides = {k: v for k, v in overrides.items() if k not in getattr(args, "from_folder", ())}
+    if args.train_file is None and args.dataset_name not in pipeline.GLUE_TASKS:
+        raise GlueError(f"--dataset_name {args.dataset_name} is no GLUE task ({', '.join(pipeline.GLUE_TASKS)}); "
+                        "for your own data pass --train_file and --validation_file")
+    pipeline.use_data(args)
     offline_if_hub_unreachable(args)
     return args
-
-
-def train_command(args) -> str:
-    """The train.py command that makes the checkpoint this run reads: its task and folder, and every data, model
-    and recipe flag this run uses that is not train.py's default (so it trains on the same data, offline too)."""
-    flags = [f"--dataset_name {args.dataset_name}", f"--checkpoint_dir {shlex.quote(args.checkpoint_dir)}"]
-    recipe = RECIPE_DEFAULTS if hasattr(args, "learning_rate") else {}  # analyze.py's --train_batch_size scores
-    for key, default in {**DATA_DEFAULTS, **recipe}.items():
-        value = getattr(args, key, default)
-        if value == default:
-            continue
-        flags.append(f"--{key}" if value is True else f"--{key} {shlex.quote(str(value))}")
-    return "python train.py " + " ".join(flags)
-
-
-def require_checkpoint(args) -> None:
-    """Refuses a run whose --checkpoint_dir holds no checkpoint for the task, naming the train.py command that
-    makes it (a warning about the missing checkpoint would otherwise be followed by a failure further on)."""
-    folder = checkpoints(args.checkpoint_dir, args.dataset_name)[0][1]
-    if not os.path.isfile(os.path.join(folder, pipeline.CHECKPOINT_META)):
-        offline = args.data_dir is None and os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "false", "no", "")
-        raise GlueError(f"no checkpoint at {folder}; train it first: {train_command(args)}"
-                        + (" --data_dir <a GLUE folder, e.g. ../shared/glue_data> (offline: the hub is unreachable)"
-                           if offline else ""))
 
 
 def offline_if_hub_unreachable(args) -> None:
@@ -427,7 +263,8 @@ def offline_if_hub_unreachable(args) -> None:
     --data_dir, or a model that is neither local nor the packaged one), check once, in at most 3 s, and go offline
     instead: the loaders then fail at once with the offline fix. Call before importing transformers or datasets."""
     model = args.model_name_or_path
-    needs_hub = args.data_dir is None or not (os.path.isdir(model) or model == pipeline.PACKAGED_MODEL)
+    needs_hub = ((args.data_dir is None and getattr(args, "train_file", None) is None)
+                 or not (os.path.isdir(model) or model == pipeline.PACKAGED_MODEL))
     if not needs_hub or os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("0", "false", "no", ""):
         return
     try:

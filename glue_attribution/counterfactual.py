@@ -13,10 +13,9 @@ import os
 import numpy as np
 from tqdm.auto import tqdm
 
-import pipeline
-
-from . import progress, results, sweeps
-from .cli import result_arguments, trained_checkpoints
+from . import pipeline, progress, results, sweeps
+from .checkpoints import trained_checkpoints
+from .config import result_arguments
 from .errors import GlueError
 from .scores import load_scores, source_of
 
@@ -27,21 +26,21 @@ RESULTS_JSON = "counterfactual_results.json"
 QUERY_RESAMPLES = 1000  # bootstrap resamples of the queries, for the intervals
 
 
-def results_dir(args) -> str:
+def results_dir(config) -> str:
     """<output_dir>/<task>/counterfactual_<digest of the result-changing arguments> (or --counterfactual_dir)."""
-    if args.counterfactual_dir is not None:
-        return args.counterfactual_dir
-    return results.experiment_dir(os.path.join(args.output_dir, args.dataset_name), "counterfactual",
-                                  experiment_arguments(args))
+    if config.counterfactual_dir is not None:
+        return config.counterfactual_dir
+    return results.experiment_dir(os.path.join(config.output_dir, config.dataset_name), "counterfactual",
+                                  experiment_arguments(config))
 
 
-def experiment_arguments(args, rankings: dict | None = None) -> dict:
+def experiment_arguments(config, rankings: dict | None = None) -> dict:
     """The arguments that change the results (with `rankings`, also a digest of what each method removes)."""
-    chosen = result_arguments(args, "counterfactual_dir", "plot_only", "reference")
+    chosen = result_arguments(config, "counterfactual_dir", "plot_only", "reference")
     if chosen.get("search") == "ascending":  # the seed's order keeps the folder name it had before --search
         del chosen["search"]
     if rankings is not None:
-        chosen["rankings"] = rankings_fingerprint(rankings, args.remove_intervals[-1])
+        chosen["rankings"] = rankings_fingerprint(rankings, config.remove_intervals[-1])
     return chosen
 
 
@@ -59,25 +58,25 @@ def random_ranking(train_labels: np.ndarray, label: int, seed: int, query: int) 
     return np.random.default_rng([seed, query]).permutation(np.flatnonzero(train_labels == label))
 
 
-def load_rankings(args, train_text, query_labels: list) -> tuple:
+def load_rankings(config, train_text, query_labels: list) -> tuple:
     """({method: [ranking of query 0, 1, ...]}, {method: what its scores were computed from}) for --strategies (from
     analyze.py's scores, verified, computed on this training set and these queries, and from the checkpoint in
     --checkpoint_dir when there is one) and the random baseline."""
     train_labels, n_query = np.array(train_text["label"]), len(query_labels)
-    checkpoints = trained_checkpoints(args.checkpoint_dir, args.dataset_name)
+    checkpoints = trained_checkpoints(config.checkpoint_dir, config.dataset_name)
     rankings, used = {}, {}
-    for name in dict.fromkeys(m for m in args.strategies if m != RANDOM):
-        scores, meta = load_scores(args.output_dir, args.dataset_name, name, checkpoints=checkpoints)
+    for name in dict.fromkeys(m for m in config.strategies if m != RANDOM):
+        scores, meta = load_scores(config.output_dir, config.dataset_name, name, checkpoints=checkpoints)
         used[name] = source_of(meta)
         if scores.shape[0] < n_query:
             raise GlueError(f"scores '{name}' cover {scores.shape[0]} queries, fewer than --max_query_examples "
                             f"{n_query}; lower --max_query_examples or rerun analyze.py with more queries")
-        scored_queries = pipeline.load_glue(args.dataset_name, pipeline.get_task(args.dataset_name).eval_splits[0],
-                                            args.data_dir, scores.shape[0])
+        scored_queries = pipeline.load_glue(config.dataset_name, pipeline.get_task(config.dataset_name).eval_splits[0],
+                                            config.data_dir, scores.shape[0])
         results.check_provenance(meta["provenance"], pipeline.data_provenance(
-            args.dataset_name, train_text, scored_queries, args.max_seq_length), f"scores '{name}'")
+            config.dataset_name, train_text, scored_queries, config.max_seq_length), f"scores '{name}'")
         rankings[name] = [influence_ranking(row) for row in scores[:n_query]]
-    rankings[RANDOM] = [random_ranking(train_labels, y, args.seed, q) for q, y in enumerate(query_labels)]
+    rankings[RANDOM] = [random_ranking(train_labels, y, config.seed, q) for q, y in enumerate(query_labels)]
     return rankings, used
 
 
@@ -157,33 +156,33 @@ def query_outcome(retrain, folder: str, ranking: np.ndarray, query: int, interva
             for i, k in enumerate(intervals)]
 
 
-def run_experiment(args, rankings: dict, n_train: int, retrain) -> dict | None:
+def run_experiment(config, rankings: dict, n_train: int, retrain) -> dict | None:
     """Base filter, this shard's queries, then every shard's outcomes -- or None while another shard still runs."""
-    runs = os.path.join(results_dir(args), "runs")
+    runs = os.path.join(results_dir(config), "runs")
     for method in rankings:
         os.makedirs(os.path.join(runs, method), exist_ok=True)
     progress.stage("the counterfactual retrains", runs)
     candidates = list(range(len(rankings[RANDOM])))
-    mine = sweeps.shard(candidates, args.shard_index, args.num_shards)
+    mine = sweeps.shard(candidates, config.shard_index, config.num_shards)
 
     # Every shard needs all base models; starting at a different one lets concurrent shards split the work.
-    base_seeds = np.roll(args.seed + np.arange(args.num_base_repeat), -args.shard_index)
+    base_seeds = np.roll(config.seed + np.arange(config.num_base_repeat), -config.shard_index)
     base = query_accuracy(retrain, os.path.join(runs, "base"), [], n_train, base_seeds, candidates)
     queries = [q for q in candidates if base[q] == 1.0]
     if not queries:
         raise GlueError(f"no query passes the base filter: none of the {len(candidates)} candidates is "
-                        f"classified correctly by all {args.num_base_repeat} base models; train better "
+                        f"classified correctly by all {config.num_base_repeat} base models; train better "
                         "(e.g. --learning_rate, --num_train_epochs) or raise --max_query_examples")
     passing = set(queries)
     my_queries = [q for q in mine if q in passing]
     logger.info("%d of %d candidate queries pass the base filter; this shard tests %d of them", len(queries),
                 len(candidates), len(my_queries))
 
-    seeds = args.seed + np.arange(args.num_repeat)
+    seeds = config.seed + np.arange(config.num_repeat)
 
     def outcome(method, query, train):
         return query_outcome(train, os.path.join(runs, method), rankings[method][query], query,
-                             args.remove_intervals, seeds, n_train, args.search)
+                             config.remove_intervals, seeds, n_train, config.search)
 
     # Queries outermost: an interrupted run has every method's outcome for the queries it finished. Each query is
     # claimed while it is tested, so that two identical commands split the queries.
@@ -199,17 +198,17 @@ def run_experiment(args, rankings: dict, n_train: int, retrain) -> dict | None:
             found = outcome(method, query, None)
             if found is None:
                 logger.info("Shard %d done; results are gathered when the last shard finishes (or rerun the command)",
-                            args.shard_index)
+                            config.shard_index)
                 return None
             rows += [{"method": method, **row} for row in found]
     flips = {method: np.array([[r["flipped"] for r in rows if r["method"] == method and r["k"] == k]
-                               for k in args.remove_intervals], dtype=float) for method in rankings}
-    return {"task": args.dataset_name, "num_train": n_train, "remove_intervals": args.remove_intervals,
-            "num_base_repeat": args.num_base_repeat, "num_repeat": args.num_repeat, "search": args.search,
+                               for k in config.remove_intervals], dtype=float) for method in rankings}
+    return {"task": config.dataset_name, "num_train": n_train, "remove_intervals": config.remove_intervals,
+            "num_base_repeat": config.num_base_repeat, "num_repeat": config.num_repeat, "search": config.search,
             "num_candidates": len(candidates),
             "queries": queries, "base_accuracy": base.tolist(),
             "flip_fraction": {method: f.mean(axis=1).tolist() for method, f in flips.items()},
-            **flip_intervals(flips, reference_ranking(args.reference, rankings), QUERY_RESAMPLES, args.seed),
+            **flip_intervals(flips, reference_ranking(config.reference, rankings), QUERY_RESAMPLES, config.seed),
             "outcomes": rows}
 
 

@@ -20,9 +20,7 @@ import pathlib
 
 import numpy as np
 
-import pipeline
-
-from . import progress, results
+from . import checkpoints, pipeline, progress, results
 from .detection import held_out_harm
 from .errors import GlueError
 
@@ -164,7 +162,7 @@ def add_detection(path: str, suspicion: dict, flipped: np.ndarray, flag_fraction
     return True
 
 
-def explore_scores(args, checkpoint_dir: str, pairwise: np.ndarray, scores_name: str, query_text, train_text,
+def explore_scores(config, checkpoint_dir: str, pairwise: np.ndarray, scores_name: str, query_text, train_text,
                    folder: str, members: list | None = None, tokens: dict | None = None) -> str:
     """analyze.py's page for a published score set: the checkpoint's predictions on the queries (one forward pass;
     an ensemble's: its first member's, as the title says), the scores, with --compute_self_scores the
@@ -173,19 +171,20 @@ def explore_scores(args, checkpoint_dir: str, pairwise: np.ndarray, scores_name:
     from .scores import load_scores
 
     progress.stage("writing the explorer", folder)
-    model, tokenizer, _ = pipeline.load_checkpoint(checkpoint_dir, args.dataset_name)
-    queries = pipeline.tokenize(query_text, args.dataset_name, tokenizer, args.max_seq_length, args.pad_to_max_length)
-    evaluated = pipeline.evaluate(model, queries, pipeline.collator(tokenizer), args.dataset_name,
-                                  args.query_batch_size, args.device)
-    regression = pipeline.get_task(args.dataset_name).is_regression
+    model, tokenizer, _ = checkpoints.load_checkpoint(checkpoint_dir, config.dataset_name)
+    queries = pipeline.tokenize(query_text, config.dataset_name, tokenizer, config.max_seq_length,
+                                config.pad_to_max_length)
+    evaluated = pipeline.evaluate(model, queries, pipeline.collator(tokenizer), config.dataset_name,
+                                  config.query_batch_size, config.device)
+    regression = pipeline.get_task(config.dataset_name).is_regression
     evaluated["predictions"] = evaluated["margins"] if regression else evaluated["probabilities"].argmax(-1)
-    self_scores = (load_scores(args.output_dir, args.dataset_name, scores_name, kind="self")[0]
-                   if args.compute_self_scores else None)
-    title = (f"{args.dataset_name}: {scores_name} scores of the ensemble {os.path.dirname(checkpoint_dir)} "
+    self_scores = (load_scores(config.output_dir, config.dataset_name, scores_name, kind="self")[0]
+                   if config.compute_self_scores else None)
+    title = (f"{config.dataset_name}: {scores_name} scores of the ensemble {os.path.dirname(checkpoint_dir)} "
              f"(predictions and margins of {os.path.basename(checkpoint_dir)})" if members
-             else f"{args.dataset_name}: {scores_name} scores of {checkpoint_dir}")
+             else f"{config.dataset_name}: {scores_name} scores of {checkpoint_dir}")
     path = os.path.join(folder, PAGE_NAME)
-    write_explorer(path, explorer_data(title, args.dataset_name, pairwise, query_text, train_text, evaluated,
+    write_explorer(path, explorer_data(title, config.dataset_name, pairwise, query_text, train_text, evaluated,
                                        self_scores, tokens=tokens, members=members))
     return path
 

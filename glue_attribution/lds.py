@@ -18,14 +18,13 @@ import numpy as np
 from scipy.stats import rankdata
 from tqdm.auto import tqdm
 
-import pipeline
-
-from . import progress, results, sweeps
-from .cli import RECIPE_DEFAULTS, check_checkpoint_data, trained_checkpoints
+from . import pipeline, progress, results, sweeps
+from .checkpoints import check_checkpoint_data, member, member_seeds, trained_checkpoints
+from .config import DATA_DEFAULTS, OWN_DATA_KEYS, RECIPE_DEFAULTS
 from .ensembles import combine
 from .errors import GlueError, ResultDamaged, ResultMissing
 from .failpoints import failpoint
-from .scores import analyze_command, load_scores, member, member_seeds, source_of
+from .scores import analyze_command, load_scores, source_of
 
 logger = logging.getLogger(__name__)
 BASELINE_SCORES = ("same-label", "label", "random")
@@ -37,35 +36,39 @@ TARGET_STRATUM = 10  # regression --stratify_masks: strata of this many training
 # ----------------------------------------------------------------------------------------------------------------------
 # Ground truth
 
-def ground_truth_arguments(args) -> dict:
+def ground_truth_arguments(config) -> dict:
     """Everything that changes the ground truth (not the device or sharding): names its folder, guards reuse."""
-    return {"dataset_name": args.dataset_name, "data_dir": args.data_dir, "model_name_or_path": args.model_name_or_path,
-            "max_seq_length": args.max_seq_length, "pad_to_max_length": args.pad_to_max_length,
-            "max_train_samples": pipeline.train_size(args.dataset_name, args.max_train_samples),
-            "max_query_examples": args.max_query_examples, "num_masks": args.num_masks,
-            "subset_fraction": args.subset_fraction, "num_repeats": args.num_repeats,
-            "stratify_masks": args.stratify_masks, "seed": args.seed,
+    return {"dataset_name": config.dataset_name, "data_dir": config.data_dir,
+            "model_name_or_path": config.model_name_or_path,
+            "max_seq_length": config.max_seq_length, "pad_to_max_length": config.pad_to_max_length,
+            "max_train_samples": pipeline.train_size(config.dataset_name, config.max_train_samples),
+            "max_query_examples": config.max_query_examples, "num_masks": config.num_masks,
+            "subset_fraction": config.subset_fraction, "num_repeats": config.num_repeats,
+            "stratify_masks": config.stratify_masks, "seed": config.seed,
             # A recipe flag added later counts only when set, so that older ground truths keep their names.
-            "recipe": {key: getattr(args, key) for key in RECIPE_DEFAULTS
-                       if key != "group_by_length" or args.group_by_length},
+            "recipe": {key: getattr(config, key) for key in RECIPE_DEFAULTS
+                       if key != "group_by_length" or config.group_by_length},
+            # Your own data files, only when given: GLUE ground truths keep their names.
+            **{key: getattr(config, key) for key in OWN_DATA_KEYS if getattr(config, key, None) is not None},
             # Only when set, so that the ground truths built before label noise existed keep their names.
-            **({"label_noise": args.label_noise, "label_noise_seed": args.label_noise_seed}
-               if args.label_noise else {})}
+            **({"label_noise": config.label_noise, "label_noise_seed": config.label_noise_seed}
+               if config.label_noise else {})}
 
 
-def ground_truth_dir(args) -> str:
+def ground_truth_dir(config) -> str:
     """--lds_dir, or <output_dir>/<task>/lds_<digest of the ground truth's arguments>."""
-    if args.lds_dir is not None:
-        return args.lds_dir
-    return results.experiment_dir(os.path.join(args.output_dir, args.dataset_name), "lds", ground_truth_arguments(args))
+    if config.lds_dir is not None:
+        return config.lds_dir
+    return results.experiment_dir(os.path.join(config.output_dir, config.dataset_name), "lds",
+                                  ground_truth_arguments(config))
 
 
-def claim_ground_truth(args) -> str:
+def claim_ground_truth(config) -> str:
     """The ground truth's folder, recording its arguments there (a folder built with other arguments is refused)."""
-    if not 1 <= args.num_repeats < MAX_REPEATS:
-        raise GlueError(f"--num_repeats must be in [1, {MAX_REPEATS}), got {args.num_repeats}")
-    folder = ground_truth_dir(args)
-    results.claim_experiment(folder, ground_truth_arguments(args), keep_both="another --lds_dir")
+    if not 1 <= config.num_repeats < MAX_REPEATS:
+        raise GlueError(f"--num_repeats must be in [1, {MAX_REPEATS}), got {config.num_repeats}")
+    folder = ground_truth_dir(config)
+    results.claim_experiment(folder, ground_truth_arguments(config), keep_both="another --lds_dir")
     return folder
 
 
@@ -112,13 +115,13 @@ def save_npy(path: str, array: np.ndarray) -> None:
         np.save(f, array)
 
 
-def load_or_make_masks(folder: str, args, train_labels) -> np.ndarray:
+def load_or_make_masks(folder: str, config, train_labels) -> np.ndarray:
     """The folder's masks; the first process to get here draws and saves them (every shard draws the same, so a
     damaged file is simply drawn again)."""
     path = os.path.join(folder, "masks.npy")
-    regression = pipeline.get_task(args.dataset_name).is_regression
-    masks = make_masks(len(train_labels), args.num_masks, args.subset_fraction, args.seed,
-                       mask_strata(train_labels, regression) if args.stratify_masks else None, ordered=regression)
+    regression = pipeline.get_task(config.dataset_name).is_regression
+    masks = make_masks(len(train_labels), config.num_masks, config.subset_fraction, config.seed,
+                       mask_strata(train_labels, regression) if config.stratify_masks else None, ordered=regression)
     try:
         if np.array_equal(np.load(path, allow_pickle=False), masks):
             return masks
@@ -129,9 +132,9 @@ def load_or_make_masks(folder: str, args, train_labels) -> np.ndarray:
     return masks
 
 
-def signature(args) -> str:
+def signature(config) -> str:
     """The ground truth's signature (the digest naming its folder), recorded in each of its run files."""
-    return results.digest(ground_truth_arguments(args))
+    return results.digest(ground_truth_arguments(config))
 
 
 def repair_command(folder: str) -> str:
@@ -139,19 +142,19 @@ def repair_command(folder: str) -> str:
     return f"python evaluate_lds.py build --lds_dir {folder}"
 
 
-def run_problem(run: dict, args, mask: int, repeat: int) -> str | None:
+def run_problem(run: dict, config, mask: int, repeat: int) -> str | None:
     """Why a run file is not this ground truth's (mask, repeat) retrain, or None. A run file records its mask, repeat,
     seed and the ground truth's signature; one written before they were recorded (a legacy file: margins, correct and
     seed) is checked on what it has: its seed, which names the build's --seed, the mask and the repeat."""
-    if "seed" not in run or int(run["seed"]) != run_seed(args.seed, mask, repeat):
+    if "seed" not in run or int(run["seed"]) != run_seed(config.seed, mask, repeat):
         return "a retrain with another seed (another build's run, or another mask or repeat)"
-    if "ground_truth" in run and (str(run["ground_truth"]) != signature(args) or int(run["mask"]) != mask
+    if "ground_truth" in run and (str(run["ground_truth"]) != signature(config) or int(run["mask"]) != mask
                                   or int(run["repeat"]) != repeat):
         return "a run of another ground truth (its recorded signature, mask or repeat differ)"
     return None
 
 
-def load_retrain(folder: str, mask: int, repeat: int, num_query: int, args, owner: bool = True,
+def load_retrain(folder: str, mask: int, repeat: int, num_query: int, config, owner: bool = True,
                  sealed: dict | None = None) -> dict | None:
     """A finished retrain's margins and correct flags, verified (None if missing). The build (`owner`) deletes a
     damaged or foreign file, or one whose sha256 differs from the `sealed` manifest, so that it is redone; a consumer
@@ -165,7 +168,7 @@ def load_retrain(folder: str, mask: int, repeat: int, num_query: int, args, owne
     if run is None:
         return None
     relative = os.path.relpath(path, folder)
-    problem = run_problem(run, args, mask, repeat)
+    problem = run_problem(run, config, mask, repeat)
     if problem is None and sealed and relative in sealed and results.file_sha256(path) != sealed[relative]["sha256"]:
         problem = "changed since the ground truth was sealed (its sha256 differs)"
     if problem is None:
@@ -189,7 +192,7 @@ def sealed_manifest(folder: str) -> dict:
         return {}
 
 
-def reuse_sealed(folder: str, args, provenance: dict) -> bool:
+def reuse_sealed(folder: str, config, provenance: dict) -> bool:
     """True when the folder holds a sealed ground truth that verifies: every file in its manifest (the run files
     too, since they are listed) and every run's recorded mask, repeat, seed and signature; for a ground truth sealed
     before the runs were listed, also that the runs average to its margins.npy. Then `build` has nothing to do."""
@@ -201,38 +204,38 @@ def reuse_sealed(folder: str, args, provenance: dict) -> bool:
         logger.warning("%s: repairing it", err)
         return False
     try:
-        return load_repeat_margins(folder, args, provenance["num_query"], all_repeats=True) is not None
+        return load_repeat_margins(folder, config, provenance["num_query"], all_repeats=True) is not None
     except GlueError as err:
         logger.warning("%s: repairing it", str(err).split("; repair it with")[0])
         return False
 
 
-def retrain_runs(folder: str, args, masks: np.ndarray, train_text, query_text) -> None:
+def retrain_runs(folder: str, config, masks: np.ndarray, train_text, query_text) -> None:
     """Retrains this shard's missing, damaged or foreign (mask, repeat) runs, saving each as it ends."""
-    runs = [(m, r) for m in range(args.num_masks) for r in range(args.num_repeats)]
-    mine = sweeps.shard(runs, args.shard_index, args.num_shards)
+    runs = [(m, r) for m in range(config.num_masks) for r in range(config.num_repeats)]
+    mine = sweeps.shard(runs, config.shard_index, config.num_shards)
     sealed = sealed_manifest(folder)
-    pending = [(m, r) for m, r in mine if load_retrain(folder, m, r, len(query_text), args, sealed=sealed) is None]
+    pending = [(m, r) for m, r in mine if load_retrain(folder, m, r, len(query_text), config, sealed=sealed) is None]
     logger.info("***** Building LDS ground truth in %s *****", folder)
     logger.info("  Runs = %d (%d masks x %d repeats), this shard = %d, already done = %d, keep %d of %d examples",
-                len(runs), args.num_masks, args.num_repeats, len(mine), len(mine) - len(pending),
+                len(runs), config.num_masks, config.num_repeats, len(mine), len(mine) - len(pending),
                 int(masks[0].sum()), masks.shape[1])
     if not pending:
         return
-    retrain = sweeps.retrainer(args, train_text, query_text)
+    retrain = sweeps.retrainer(config, train_text, query_text)
     os.makedirs(os.path.join(folder, "runs"), exist_ok=True)
     progress.stage("the LDS retrains", folder)
     # Claimed one by one: a second identical command (or shard) retrains the runs this one has not started.
     done_here = 0
     claimed = sweeps.claimed(pending, lambda run: os.path.join(folder, os.path.basename(run_path(folder, *run))),
-                             lambda run: load_retrain(folder, *run, len(query_text), args) is not None)
-    with tqdm(claimed, total=len(pending), desc=f"Retrains (shard {args.shard_index}/{args.num_shards})",
+                             lambda run: load_retrain(folder, *run, len(query_text), config) is not None)
+    with tqdm(claimed, total=len(pending), desc=f"Retrains (shard {config.shard_index}/{config.num_shards})",
               unit="run") as bar:
         for m, r in bar:
-            seed = run_seed(args.seed, m, r)
+            seed = run_seed(config.seed, m, r)
             result = retrain(np.flatnonzero(masks[m]), seed)
             results.save_arrays(run_path(folder, m, r), **result, seed=np.array(seed), mask=np.array(m),
-                                repeat=np.array(r), ground_truth=np.array(signature(args)))
+                                repeat=np.array(r), ground_truth=np.array(signature(config)))
             failpoint("lds_run_saved")
             done_here += 1
             if "correct" in result:  # classification
@@ -240,18 +243,18 @@ def retrain_runs(folder: str, args, masks: np.ndarray, train_text, query_text) -
     logger.info("Retrained %d runs here; %d by another process", done_here, len(pending) - done_here)
 
 
-def merge_runs(folder: str, args, provenance: dict) -> bool:
+def merge_runs(folder: str, config, provenance: dict) -> bool:
     """Averages the runs over repeats into margins.npy once all are present and sound, and seals the folder with
     ground_truth.json (summary, provenance, sha256 of masks and margins); False if runs are missing."""
     with results.lock(folder):  # the last two shards may finish together
         # --merge_only retrained nothing: its runs are also checked against the seal they would replace.
-        sealed = sealed_manifest(folder) if args.merge_only else None
-        runs = [[load_retrain(folder, m, r, provenance["num_query"], args, sealed=sealed)
-                 for r in range(args.num_repeats)] for m in range(args.num_masks)]
+        sealed = sealed_manifest(folder) if config.merge_only else None
+        runs = [[load_retrain(folder, m, r, provenance["num_query"], config, sealed=sealed)
+                 for r in range(config.num_repeats)] for m in range(config.num_masks)]
         missing = sum(run is None for row in runs for run in row)
         if missing:
             logger.info("%d of %d runs missing; rerun (or `build --merge_only`) once every shard has finished",
-                        missing, args.num_masks * args.num_repeats)
+                        missing, config.num_masks * config.num_repeats)
             return False
         margins = np.stack([[run["margins"] for run in row] for row in runs])  # (masks, repeats, queries)
         correct = [run["correct"] for row in runs for run in row if "correct" in run]  # none for regression
@@ -260,13 +263,13 @@ def merge_runs(folder: str, args, provenance: dict) -> bool:
                    # How reproducible one retrain is: over masks, Spearman between two seeds' margins, mean over
                    # queries.
                    "repeat_spearman": (float(spearman_rows(margins[:, 0].T, margins[:, 1].T).mean())
-                                       if args.num_repeats > 1 else None)}
+                                       if config.num_repeats > 1 else None)}
         save_npy(os.path.join(folder, "margins.npy"), margins.mean(axis=1))
         # The run files are sealed with it: a consumer verifies them, and a rerun of `build` reuses it as it is.
         results.seal(folder, GROUND_TRUTH_META, {**summary, "provenance": provenance},
                      files=["masks.npy", "margins.npy", *(os.path.relpath(run_path(folder, m, r), folder)
-                                                          for m in range(args.num_masks)
-                                                          for r in range(args.num_repeats))])
+                                                          for m in range(config.num_masks)
+                                                          for r in range(config.num_repeats))])
     logger.info("Merged %d runs into %s: %s", summary["num_runs"], os.path.join(folder, "margins.npy"), summary)
     return True
 
@@ -288,10 +291,10 @@ def spearman_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return pearson_rows(rankdata(a, axis=1), rankdata(b, axis=1))
 
 
-def load_ground_truth(args, provenance: dict) -> tuple:
+def load_ground_truth(config, provenance: dict) -> tuple:
     """(folder, masks (num_masks, n_train), margins (num_masks, n_query), summary) of a finished, verified build
     on this data."""
-    folder = ground_truth_dir(args)
+    folder = ground_truth_dir(config)
     try:
         summary = results.read(folder, GROUND_TRUTH_META, "LDS ground truth", provenance)
     except ResultMissing:
@@ -299,20 +302,20 @@ def load_ground_truth(args, provenance: dict) -> tuple:
                         "(with the same flags as this command)") from None
     except ResultDamaged as err:
         raise GlueError(f"{err}; repair it with: {repair_command(folder)} (finished retrains are kept)") from None
-    results.claim_experiment(folder, ground_truth_arguments(args), keep_both="another --lds_dir")  # same arguments
+    results.claim_experiment(folder, ground_truth_arguments(config), keep_both="another --lds_dir")  # same arguments
     masks = np.load(os.path.join(folder, "masks.npy"), allow_pickle=False)
     return folder, masks, np.load(os.path.join(folder, "margins.npy"), allow_pickle=False), summary
 
 
-def baseline_scores(args, train_labels, query_labels) -> dict:
+def baseline_scores(config, train_labels, query_labels) -> dict:
     """Reference rows: `same-label` (+1 for training examples with the query's true label, -1 otherwise; what a
     ground truth that only counts kept examples per class rewards), for regression `label` (each training example's
     target, for every query; what a ground truth that only follows the kept examples' mean target rewards), and
     `random` (seeded Gaussian scores, LDS ~0)."""
     train_labels, query_labels = np.asarray(train_labels), np.asarray(query_labels)
-    rng = np.random.default_rng(args.seed)
+    rng = np.random.default_rng(config.seed)
     baselines = {"random": rng.standard_normal((len(query_labels), len(train_labels)), dtype=np.float32)}
-    if pipeline.get_task(args.dataset_name).is_regression:
+    if pipeline.get_task(config.dataset_name).is_regression:
         baselines["label"] = np.broadcast_to(train_labels.astype(np.float32), (len(query_labels), len(train_labels)))
     else:
         baselines["same-label"] = np.where(query_labels[:, None] == train_labels[None, :], 1, -1).astype(np.float32)
@@ -393,7 +396,7 @@ def noise_ceiling(repeat_margins: np.ndarray, num_bootstrap: int, seed: int) -> 
             "num_repeats": int(repeat_margins.shape[1])}
 
 
-def load_repeat_margins(folder: str, args, num_query: int, all_repeats: bool = False) -> np.ndarray | None:
+def load_repeat_margins(folder: str, config, num_query: int, all_repeats: bool = False) -> np.ndarray | None:
     """Every retrain's margins, (masks, repeats, queries), from a sealed ground truth's runs, each verified; None
     with one repeat (no ceiling can be estimated then) unless `all_repeats`, or when a run file is missing (only from
     a ground truth sealed before its runs were listed: for a later one `load_ground_truth` has refused it already);
@@ -403,10 +406,10 @@ def load_repeat_margins(folder: str, args, num_query: int, all_repeats: bool = F
         GlueError: a run is damaged or foreign, or the runs do not average to the sealed margins.npy; the line names
             it and the `build` command that repairs it (a consumer never deletes or rewrites anything).
     """
-    if args.num_repeats < 2 and not all_repeats:
+    if config.num_repeats < 2 and not all_repeats:
         return None
-    runs = [[load_retrain(folder, m, r, num_query, args, owner=False) for r in range(args.num_repeats)]
-            for m in range(args.num_masks)]
+    runs = [[load_retrain(folder, m, r, num_query, config, owner=False) for r in range(config.num_repeats)]
+            for m in range(config.num_masks)]
     missing = [run_path(folder, m, r) for m, row in enumerate(runs) for r, run in enumerate(row) if run is None]
     if missing:
         logger.warning("%s%s is missing from the ground truth in %s%s; restore it with: %s",
@@ -421,36 +424,38 @@ def load_repeat_margins(folder: str, args, num_query: int, all_repeats: bool = F
     return repeats
 
 
-def load_data(args) -> tuple:
+def load_data(config) -> tuple:
     """(train_text, query_text, provenance): the examples the ground truth covers, as analyze.py scored them."""
-    train_text, query_text = pipeline.load_train_and_queries(args.dataset_name, args.data_dir, args.max_train_samples,
-                                                             args.max_query_examples, args.label_noise,
-                                                             args.label_noise_seed)
-    check_checkpoint_data(args, train_text)
-    return train_text, query_text, pipeline.data_provenance(args.dataset_name, train_text, query_text,
-                                                            args.max_seq_length)
+    train_text, query_text = pipeline.load_train_and_queries(config.dataset_name, config.data_dir,
+                                                             config.max_train_samples,
+                                                             config.max_query_examples, config.label_noise,
+                                                             config.label_noise_seed)
+    check_checkpoint_data(config, train_text)
+    return train_text, query_text, pipeline.data_provenance(config.dataset_name, train_text, query_text,
+                                                            config.max_seq_length)
 
 
-def data_and_ground_truth(args) -> tuple:
+def data_and_ground_truth(config) -> tuple:
     """(train_text, query_text, provenance, (folder, masks, margins, summary)): what every score set is checked
     against, and the verified ground truth built on it."""
-    train_text, query_text, provenance = load_data(args)
-    return train_text, query_text, provenance, load_ground_truth(args, provenance)
+    train_text, query_text, provenance = load_data(config)
+    return train_text, query_text, provenance, load_ground_truth(config, provenance)
 
 
-def recipe_differences(args) -> dict:
+def recipe_differences(config) -> dict:
     """{field: {"checkpoint": value, "ground_truth": value}} for each data or recipe flag (the data itself is compared
     by fingerprint) with which the ground truth was built otherwise than the checkpoint being scored was trained; {}
     without a checkpoint."""
-    if args.configured_by is None or not os.path.isfile(args.configured_by):
+    if config.configured_by is None or not os.path.isfile(config.configured_by):
         return {}
-    from .cli import DATA_DEFAULTS, read_json
-
-    trained = {**DATA_DEFAULTS, **RECIPE_DEFAULTS, **read_json(args.configured_by, "retrain it with train.py")
-               .get("args", {})}
-    trained["max_train_samples"] = pipeline.train_size(args.dataset_name, trained["max_train_samples"])
-    built = ground_truth_arguments(args)
-    built = {"label_noise": 0.0, "label_noise_seed": 0, "group_by_length": False, **built, **built["recipe"]}
+    saved = results.read_json(config.configured_by, "retrain it with train.py").get("args", {})
+    trained = {**DATA_DEFAULTS, **RECIPE_DEFAULTS, **saved}
+    trained["max_train_samples"] = pipeline.train_size(config.dataset_name, trained["max_train_samples"])
+    built = ground_truth_arguments(config)
+    built = {"label_noise": 0.0, "label_noise_seed": 0, "group_by_length": False, **dict.fromkeys(OWN_DATA_KEYS),
+             **built, **built["recipe"]}
+    if built["text_columns"] is not None:  # a tuple here, a list in the checkpoint's JSON
+        built["text_columns"] = list(built["text_columns"])
     return {key: {"checkpoint": trained[key], "ground_truth": built[key]}
             for key in (*DATA_DEFAULTS, *RECIPE_DEFAULTS) if key != "data_dir" and trained[key] != built[key]}
 
@@ -480,9 +485,9 @@ def reference_set(requested: str | None, names) -> str | None:
     return requested or next((n for n in ("ekfac", "identity") if n in names), None)
 
 
-def table_title(args, masks: np.ndarray, margins: np.ndarray, summary: dict) -> str:
+def table_title(config, masks: np.ndarray, margins: np.ndarray, summary: dict) -> str:
     """The table's title: the ground truth's size, and how good and how reproducible its retrains are."""
-    return (f"LDS on {args.dataset_name}: {masks.shape[0]} masks x {args.num_repeats} repeats keeping "
+    return (f"LDS on {config.dataset_name}: {masks.shape[0]} masks x {config.num_repeats} repeats keeping "
             f"{int(masks[0].sum())} of {masks.shape[1]} examples, {margins.shape[1]} queries"
             + (f"; retrains' query accuracy {summary['query_accuracy']:.3f}"
                if summary["query_accuracy"] is not None else "")
@@ -507,27 +512,28 @@ def scored_members(output_dir: str, task_name: str, method: str) -> list:
     return member_seeds(names, method)
 
 
-def ensemble_curves(args, provenance: dict, masks: np.ndarray, margins: np.ndarray) -> dict:
+def ensemble_curves(config, provenance: dict, masks: np.ndarray, margins: np.ndarray) -> dict:
     """Per method: the seeds of its members and, for 1, 2, 4, ... ensembled models, their LDS (and, with
     --stability_dir, their agreement with the same members computed under other randomness)."""
     margin_ranks = rankdata(margins.T, axis=1)
-    checkpoints = trained_checkpoints(args.checkpoint_dir, args.dataset_name)
+    checkpoints = trained_checkpoints(config.checkpoint_dir, config.dataset_name)
     curves = {}
-    for method in args.strategies:
-        seeds = scored_members(args.output_dir, args.dataset_name, method)
-        if args.stability_dir is not None:
-            seeds = [s for s in seeds if s in scored_members(args.stability_dir, args.dataset_name, method)]
+    for method in config.strategies:
+        seeds = scored_members(config.output_dir, config.dataset_name, method)
+        if config.stability_dir is not None:
+            seeds = [s for s in seeds if s in scored_members(config.stability_dir, config.dataset_name, method)]
         if not seeds:
-            where = os.path.join(args.output_dir, args.dataset_name)
-            command = analyze_command(args.output_dir, args.dataset_name, f"{method}_{member(0)}",
-                                      args.checkpoint_dir, provenance.get("num_query"))
+            where = os.path.join(config.output_dir, config.dataset_name)
+            command = analyze_command(config.output_dir, config.dataset_name, f"{method}_{member(0)}",
+                                      config.checkpoint_dir, provenance.get("num_query"))
             raise GlueError(f"no member score sets {method}_{member('<S>')} in {where}"
-                            + (f" (and {args.stability_dir})" if args.stability_dir else "")
+                            + (f" (and {config.stability_dir})" if config.stability_dir else "")
                             + f"; make them with: {command}")
-        members, metas = zip(*(load_scores(args.output_dir, args.dataset_name, f"{method}_{member(seed)}", provenance,
+        members, metas = zip(*(load_scores(config.output_dir, config.dataset_name, f"{method}_{member(seed)}",
+                                           provenance,
                                            checkpoints=checkpoints) for seed in seeds))
         seconds = [sum(v for k, v in meta.items() if k.endswith("_seconds")) for meta in metas]
-        others = stability_counterparts(args, method, seeds, metas, provenance) if args.stability_dir else None
+        others = stability_counterparts(config, method, seeds, metas, provenance) if config.stability_dir else None
         rows = curve_rows(members, others, masks, margin_ranks)
         for row in rows:
             row["seconds_per_model"] = float(np.mean(seconds))
@@ -535,16 +541,16 @@ def ensemble_curves(args, provenance: dict, masks: np.ndarray, margins: np.ndarr
     return curves
 
 
-def stability_counterparts(args, method: str, seeds: list, metas: list, provenance: dict) -> list:
+def stability_counterparts(config, method: str, seeds: list, metas: list, provenance: dict) -> list:
     """The member sets of `method` in --stability_dir: the same checkpoints and data, other randomness."""
     others = []
     for seed, meta in zip(seeds, metas):
-        scores, other = load_scores(args.stability_dir, args.dataset_name, f"{method}_{member(seed)}", provenance)
+        scores, other = load_scores(config.stability_dir, config.dataset_name, f"{method}_{member(seed)}", provenance)
         if other["provenance"].get("checkpoint_sha256") != meta["provenance"].get("checkpoint_sha256"):
-            raise GlueError(f"{method}_{member(seed)} in --stability_dir {args.stability_dir} was computed from "
+            raise GlueError(f"{method}_{member(seed)} in --stability_dir {config.stability_dir} was computed from "
                             "another checkpoint; both folders must analyse the same ensemble")
         if other.get("signature") == meta.get("signature"):
-            raise GlueError(f"{method}_{member(seed)} in --stability_dir {args.stability_dir} was computed with the "
+            raise GlueError(f"{method}_{member(seed)} in --stability_dir {config.stability_dir} was computed with the "
                             "same arguments; recompute it there with another analyze.py --seed")
         others.append(scores)
     return others

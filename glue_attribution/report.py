@@ -13,9 +13,7 @@ import os
 
 import numpy as np
 
-import pipeline
-
-from . import results
+from . import pipeline, results
 
 logger = logging.getLogger(__name__)
 
@@ -84,31 +82,31 @@ h1 {{ font-size: 19px; }} .q {{ background: #f3f3f3; padding: 10px 14px; border-
 """
 
 
-def write_token_report(args, tokenizer, scores: np.ndarray, picks: list, tokens: np.ndarray, query_text, train_text,
+def write_token_report(config, tokenizer, scores: np.ndarray, picks: list, tokens: np.ndarray, query_text, train_text,
                        scores_name: str) -> None:
     """--html: the page (`page`) and, beside it, the same numbers as JSON (per token and per word)."""
-    task = pipeline.get_task(args.dataset_name)
+    task = pipeline.get_task(config.dataset_name)
     label = task.label_name
-    query = query_text[args.inspect_query]
+    query = query_text[config.inspect_query]
     examples = []
     for rank, (index, row) in enumerate(zip(picks, tokens)):
         example = train_text[index]
         texts = [example[key] for key in task.keys]
-        encoding = tokenizer(*texts, truncation=True, max_length=args.max_seq_length, return_offsets_mapping=True)
+        encoding = tokenizer(*texts, truncation=True, max_length=config.max_seq_length, return_offsets_mapping=True)
         examples.append({
-            "title": f"{'most positive' if scores[args.inspect_query, index] >= 0 else 'most negative'} #{rank + 1}",
-            "index": index, "label": label(example["label"]), "score": float(scores[args.inspect_query, index]),
+            "title": f"{'most positive' if scores[config.inspect_query, index] >= 0 else 'most negative'} #{rank + 1}",
+            "index": index, "label": label(example["label"]), "score": float(scores[config.inspect_query, index]),
             "tokens": encoding.tokens(), "token_scores": row[:len(encoding.tokens())].tolist(),
             "words": words(encoding, texts, row)})
-    title = (f"{args.dataset_name}: which words of the top training examples drive query {args.inspect_query} "
+    title = (f"{config.dataset_name}: which words of the top training examples drive query {config.inspect_query} "
              f"({scores_name})")
-    query_view = {"index": args.inspect_query, "label": label(query["label"]), "texts": [query[k] for k in task.keys]}
-    results.make_output_dir(os.path.dirname(os.path.abspath(args.html)))
-    with results.atomic_path(args.html) as tmp, open(tmp, "w") as f:
+    query_view = {"index": config.inspect_query, "label": label(query["label"]), "texts": [query[k] for k in task.keys]}
+    results.make_output_dir(os.path.dirname(os.path.abspath(config.html)))
+    with results.atomic_path(config.html) as tmp, open(tmp, "w") as f:
         f.write(page(title, query_view, examples))
     results.atomic_write_json({"query": query_view, "scores_name": scores_name, "examples": examples},
-                                os.path.splitext(args.html)[0] + ".json")
-    logger.info("Token-level report: %s (numbers: %s)", args.html, os.path.splitext(args.html)[0] + ".json")
+                                os.path.splitext(config.html)[0] + ".json")
+    logger.info("Token-level report: %s (numbers: %s)", config.html, os.path.splitext(config.html)[0] + ".json")
 
 
 def show_influences(scores: np.ndarray, index: int, queries, train, task_name: str,

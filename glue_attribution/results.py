@@ -105,6 +105,17 @@ def write_csv(path: str, header: list, rows) -> None:
         writer.writerows(rows)
 
 
+def read_json(path: str, what: str) -> dict:
+    """A JSON record another run wrote ({} when there is none)."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError):
+        raise GlueError(f"{path} is damaged; {what}") from None
+
+
 def digest(obj) -> str:
     """A short, stable name for a JSON-able signature: the one naming scheme of private and experiment folders."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]

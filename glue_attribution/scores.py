@@ -15,24 +15,6 @@ from .errors import GlueError, ResultDamaged, ResultMissing
 
 SCORES_META = "glue_scores.json"
 SELF_RANKING = "self_influence_ranking.csv"
-_MEMBER = re.compile(r"(?:(.+)_)?seed(-?\d+)")
-
-
-def member(seed: int) -> str:
-    """An ensemble member's name: its checkpoint folder, and the suffix of its score sets (<name>_seed<S>)."""
-    return f"seed{seed}"
-
-
-def parse_member(name: str) -> tuple | None:
-    """(base, seed) of a member's name: ("ekfac", 3) for "ekfac_seed3", ("", 3) for "seed3"; None otherwise."""
-    match = _MEMBER.fullmatch(name)
-    return (match.group(1) or "", int(match.group(2))) if match else None
-
-
-def member_seeds(names, base: str = "") -> list:
-    """The seeds S, in order, of the members among `names`: score sets `<base>_seed<S>`, or with base "" the
-    checkpoint folders `seed<S>`."""
-    return sorted(parsed[1] for parsed in map(parse_member, names) if parsed and parsed[0] == base)
 
 
 def ensemble_name(scores_name: str, num_members: int) -> str:
@@ -100,7 +82,7 @@ def load_scores(output_dir: str, task_name: str, scores_name: str, expected: dic
 
     Args:
         expected: the provenance the reader relies on (task, training examples and order, queries, truncation).
-        checkpoints: (checkpoint_dir, {sha256: folder}) from `cli.trained_checkpoints`: the set must have been
+        checkpoints: (checkpoint_dir, {sha256: folder}) from `checkpoints.trained_checkpoints`: the set must have been
             computed from these checkpoints (an ensemble's: from its members).
 
     Raises:

@@ -7,10 +7,8 @@ import time
 import numpy as np
 from datasets import Dataset
 
-import pipeline
-
-from . import results
-from .cli import train_config
+from . import pipeline, results
+from .config import train_config
 from .errors import GlueError
 
 
@@ -47,29 +45,29 @@ def quiet_retrains() -> None:
 
     transformers_logging.set_verbosity_error()
     transformers_logging.disable_progress_bar()
-    logging.getLogger("pipeline").setLevel(logging.WARNING)
+    logging.getLogger("glue_attribution.pipeline").setLevel(logging.WARNING)
 
 
-def retrainer(args, train_text: Dataset, query_text: Dataset, outputs: tuple = ("margins", "correct")):
+def retrainer(config, train_text: Dataset, query_text: Dataset, outputs: tuple = ("margins", "correct")):
     """retrain(keep, seed, queries=None): fine-tunes on the kept training examples with the train.py recipe and
     returns `outputs` of the queries (pipeline.evaluate's per-example arrays: by default the `margins` task.py
     measures and the `correct` flags; `seconds`: the retrain's wall time). Tokenizes once for all retrains of a
     sweep (LDS, counterfactual, the cross-validation and fix-and-retrain of detect_mislabeled.py)."""
-    tokenizer = pipeline.load_tokenizer(args.model_name_or_path)
+    tokenizer = pipeline.load_tokenizer(config.model_name_or_path)
     train_dataset, query_dataset = (
-        pipeline.tokenize(d, args.dataset_name, tokenizer, args.max_seq_length, args.pad_to_max_length)
+        pipeline.tokenize(d, config.dataset_name, tokenizer, config.max_seq_length, config.pad_to_max_length)
         for d in (train_text, query_text))
-    data_collator, config = pipeline.collator(tokenizer), train_config(args)
-    device = pipeline.torch_device(args.device)
+    data_collator, recipe = pipeline.collator(tokenizer), train_config(config)
+    device = pipeline.torch_device(config.device)
     quiet_retrains()
 
     def retrain(keep, seed: int, queries: list | None = None) -> dict:
         start = time.time()
         kept = train_dataset.select(np.asarray(keep).tolist())
-        model = pipeline.finetune(args.model_name_or_path, args.dataset_name, kept, data_collator, config, seed=seed,
-                                  device=device, disable_tqdm=True)
+        model = pipeline.finetune(config.model_name_or_path, config.dataset_name, kept, data_collator, recipe,
+                                  seed=seed, device=device, disable_tqdm=True)
         measured = query_dataset if queries is None else query_dataset.select(queries)
-        results = pipeline.evaluate(model, measured, data_collator, args.dataset_name, batch_size=64, device=device,
+        results = pipeline.evaluate(model, measured, data_collator, config.dataset_name, batch_size=64, device=device,
                                     bf16=config.bf16)
         results["seconds"] = np.array(time.time() - start)
         return {k: results[k] for k in outputs if k in results}  # regression: no correct flag

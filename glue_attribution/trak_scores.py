@@ -24,11 +24,9 @@ from trak.gradient_computers import FunctionalGradientComputer
 from trak.modelout_functions import AbstractModelOutput
 from trak.projectors import AbstractProjector, ProjectionType
 
-import pipeline
-
-from . import progress, results
+from . import pipeline, progress, results
 from .errors import GlueError
-from .influence import publish_scores, sorted_splits, tracked_modules
+from .scoring import publish_scores, sorted_splits, tracked_modules
 
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
@@ -150,30 +148,31 @@ def compute(model: nn.Module, train_dataset, query_dataset, collate, regression:
     return np.asarray(traker.finalize_scores(exp_name="queries"), dtype=np.float32).T.copy()
 
 
-def signature(args, provenance: dict) -> dict:
+def signature(config, provenance: dict) -> dict:
     """Everything that changes TRAK scores."""
     return {**{k: provenance[k] for k in ("checkpoint_sha256", "dataset_name", "num_train", "train_data",
                                           "max_seq_length", "num_query", "query_data")},
-            "pad_to_max_length": args.pad_to_max_length, "tracked_modules": args.tracked_modules, "seed": args.seed,
-            "trak": {"proj_dim": args.proj_dim, "proj_type": "normal", "featurised": "nn.Linear weights and biases",
+            "pad_to_max_length": config.pad_to_max_length, "tracked_modules": config.tracked_modules,
+            "seed": config.seed,
+            "trak": {"proj_dim": config.proj_dim, "proj_type": "normal", "featurised": "nn.Linear weights and biases",
                      "traker": importlib.metadata.version("traker")}}
 
 
-def publish_trak(args, model, tokenizer, texts: tuple, root: str, public: str, meta: dict) -> None:
+def publish_trak(config, model, tokenizer, texts: tuple, root: str, public: str, meta: dict) -> None:
     """TRAK scores of one checkpoint, computed in the private folder `root` on influence.py's length-sorted splits,
     written in dataset order in kronfluence's layout (`all_modules`), then published as the score set `public`."""
     if torch.distributed.is_initialized():
         raise GlueError("--factor_strategy trak runs in one process; launch it without torchrun")
-    (train_dataset, query_dataset), (train_order, query_order) = sorted_splits(args, tokenizer, *texts)
+    (train_dataset, query_dataset), (train_order, query_order) = sorted_splits(config, tokenizer, *texts)
     entries = len(train_dataset) * len(query_dataset)
     results.check_free_space(root, 2 * entries * 4, "the scores")  # float32, and their copy in dataset order
     progress.stage("computing TRAK scores", root)
     start = time.time()
     scores = compute(
         model, train_dataset, query_dataset, pipeline.collator(tokenizer),
-        pipeline.get_task(args.dataset_name).is_regression, tracked_modules(model, args.tracked_modules),
-        args.proj_dim, (args.train_batch_size, args.query_batch_size), os.path.join(root, "traker"), seed=args.seed,
-        device=args.device, verbose=args.verbose)
+        pipeline.get_task(config.dataset_name).is_regression, tracked_modules(model, config.tracked_modules),
+        config.proj_dim, (config.train_batch_size, config.query_batch_size), os.path.join(root, "traker"),
+        seed=config.seed, device=config.device, verbose=config.verbose)
     meta["scores_seconds"] = time.time() - start
     work = os.path.join(root, f"scores_{meta['scores_name']}")
     os.makedirs(work)

@@ -16,7 +16,7 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 # Tiny models: OpenMP's thread hand-off costs more than the work (and thrashes when the cores are busy).
 torch.set_num_threads(1)
 
-import pipeline  # noqa: E402
+from glue_attribution import pipeline  # noqa: E402
 
 REAL_GLUE = ROOT.parent / "shared" / "glue_data"
 WORDS = "the a movie film plot actor scene story music ending cast script was is very quite rather".split()

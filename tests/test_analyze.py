@@ -14,12 +14,12 @@ from kronfluence.arguments import FactorArguments
 from safetensors.torch import load_file
 
 import analyze
-import pipeline
 from conftest import assert_user_error, run_script
-from glue_attribution import influence, results
+from glue_attribution import influence, pipeline, results
+from glue_attribution.checkpoints import load_checkpoint, save_checkpoint
 from glue_attribution.errors import GlueError
 from glue_attribution.scores import load_scores
-from task import GlueTask
+from glue_attribution.task import GlueTask
 
 N_TRAIN, N_QUERY = 24, 6
 
@@ -32,7 +32,7 @@ def checkpoints(tmp_path_factory, tiny_model_dir, glue_dir):
     data = pipeline.tokenize(pipeline.load_glue("rte", "train", str(glue_dir), N_TRAIN), "rte", tokenizer, 32)
     config = pipeline.TrainConfig(learning_rate=1e-3, train_batch_size=8, num_train_epochs=1)
     model = pipeline.finetune(tiny_model_dir, "rte", data, pipeline.collator(tokenizer), config, 0, disable_tqdm=True)
-    pipeline.save_checkpoint(model, tokenizer, str(root / "rte"), {"task": "rte", "num_labels": 2})
+    save_checkpoint(model, tokenizer, str(root / "rte"), {"task": "rte", "num_labels": 2})
     return root
 
 
@@ -232,7 +232,7 @@ def test_ctrl_c_sigterm_and_full_disk_end_in_one_line_and_resume(monkeypatch, gl
 def test_factors_that_cannot_fit_are_refused_before_fitting(monkeypatch, glue_dir, checkpoints, reference, tmp_path):
     """The factors' size follows from the tracked modules: it matches what kronfluence writes, and a disk with less
     free space is refused before the first stage, naming both numbers."""
-    model, _, _ = pipeline.load_checkpoint(str(checkpoints / "rte"), "rte")
+    model, _, _ = load_checkpoint(str(checkpoints / "rte"), "rte")
     for strategy in ("ekfac", "kfac", "diagonal", "identity"):
         estimate = influence.factor_bytes(model, None, FactorArguments(strategy=strategy))
         if strategy == "ekfac":
@@ -252,11 +252,11 @@ def test_interrupted_overwrite_never_serves_stale_factors(monkeypatch, glue_dir,
     """Factors of checkpoint A; analysing checkpoint B is refused; B with --overwrite killed mid-fit leaves A's
     results published and B still refused; B with --overwrite then equals a clean B run."""
     other = tmp_path / "checkpoint_b"
-    model, tokenizer, meta = pipeline.load_checkpoint(str(checkpoints / "rte"), "rte")
+    model, tokenizer, meta = load_checkpoint(str(checkpoints / "rte"), "rte")
     torch.manual_seed(1)
     with torch.no_grad():
         model.classifier.weight.add_(torch.randn_like(model.classifier.weight))
-    pipeline.save_checkpoint(model, tokenizer, str(other / "rte"), {"task": "rte", "num_labels": 2})
+    save_checkpoint(model, tokenizer, str(other / "rte"), {"task": "rte", "num_labels": 2})
     out = tmp_path / "out"
     run_analyze(monkeypatch, glue_dir, checkpoints, out)
     with pytest.raises(GlueError, match=r"other arguments \(checkpoint_sha256 differ\).*--overwrite"):

@@ -13,10 +13,10 @@ from safetensors.torch import load_file
 
 import analyze
 import evaluate_lds
-import pipeline
 import run_counterfactual
 from conftest import ROOT, assert_user_error, run_script
-from glue_attribution import cli, counterfactual, explorer, lds, sweeps
+from glue_attribution import cli, counterfactual, explorer, lds, pipeline, sweeps
+from glue_attribution.checkpoints import load_checkpoint, save_checkpoint
 
 SCRIPTS = ("train.py", "analyze.py", "evaluate_lds.py", "run_counterfactual.py")
 
@@ -92,11 +92,11 @@ def test_chain_with_the_data_flags_given_once(monkeypatch, tiny_model_dir, glue_
     for path in (os.path.join(lds_folder, "lds_results.json"), os.path.join(folder, "counterfactual_results.json")):
         source = json.loads(open(path).read())["scores"]["identity"]
         assert source["checkpoint_sha256"] == [sha] and len(source["signature_digest"]) == 16
-    model, tokenizer, meta = pipeline.load_checkpoint(str(checkpoints / "rte"), "rte")
+    model, tokenizer, meta = load_checkpoint(str(checkpoints / "rte"), "rte")
     with torch.no_grad():
         model.classifier.bias.add_(1.0)
     other = tmp_path / "other"
-    pipeline.save_checkpoint(model, tokenizer, str(other / "rte"),
+    save_checkpoint(model, tokenizer, str(other / "rte"),
                              {"task": "rte", "num_labels": 2, "args": meta["args"]})
     theirs = ["--dataset_name", "rte", "--checkpoint_dir", str(other), "--output_dir", str(out)]
     for script, argv in (("evaluate_lds.py", ["score", *theirs, *lds_argv[6:], "--strategies", "identity"]),

@@ -1,7 +1,6 @@
 """run_counterfactual.py: rankings and the random baseline, removal, the flip rule and early stop, resume, shard
 merge, results and figure, bad input -- on a stubbed retrain -- and one tiny end-to-end run with real retraining."""
 
-import argparse
 import csv
 import json
 import sys
@@ -9,10 +8,10 @@ import sys
 import numpy as np
 import pytest
 
-import pipeline
 import run_counterfactual as rc
 from conftest import assert_user_error, run_script, write_scores
-from glue_attribution import counterfactual, results, sweeps
+from glue_attribution import counterfactual, pipeline, results, sweeps
+from glue_attribution.config import CounterfactualConfig
 from glue_attribution.errors import GlueError
 from glue_attribution.scores import load_scores
 
@@ -69,9 +68,10 @@ def test_random_baseline_draws_training_examples_with_the_query_label(glue_dir, 
     train_text = pipeline.load_glue("rte", "train", str(glue_dir))
     train_labels = np.array(train_text["label"])
     query_labels = pipeline.load_glue("rte", "validation", str(glue_dir), 6)["label"]
-    args = argparse.Namespace(strategies=["ekfac", "random"], output_dir=str(scores_dir), dataset_name="rte", seed=3,
-                              data_dir=str(glue_dir), max_seq_length=32, checkpoint_dir=str(scores_dir / "none"))
-    rankings, _ = counterfactual.load_rankings(args, train_text, query_labels)
+    config = CounterfactualConfig(strategies=["ekfac", "random"], output_dir=str(scores_dir), dataset_name="rte",
+                                  seed=3, data_dir=str(glue_dir), max_seq_length=32,
+                                  checkpoint_dir=str(scores_dir / "none"))
+    rankings, _ = counterfactual.load_rankings(config, train_text, query_labels)
     assert list(rankings) == ["ekfac", "random"]
     for query, (ranking, label) in enumerate(zip(rankings["random"], query_labels)):
         assert sorted(ranking.tolist()) == np.flatnonzero(train_labels == label).tolist()  # training, same label

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from conftest import assert_user_error, run_script
-from glue_attribution import cleaning, cli, detection, ensembles, explorer, scores
+from glue_attribution import cleaning, detection, ensembles, explorer, scores
+from glue_attribution.checkpoints import trained_checkpoints
 from glue_attribution.errors import GlueError
 
 
@@ -127,7 +128,7 @@ def test_experiment_end_to_end(tiny_model_dir, glue_dir, tmp_path):
                      for name in ("identity", "identity_epoch1"))
     shutil.copytree(out / "rte" / "scores_identity_epoch1", out / "rte" / "scores_identityx")  # epoch 1, misnamed
     with pytest.raises(GlueError, match="not the final checkpoint"):
-        scores.load_scores(str(out), "rte", "identityx", checkpoints=cli.trained_checkpoints(str(checkpoints), "rte"))
+        scores.load_scores(str(out), "rte", "identityx", checkpoints=trained_checkpoints(str(checkpoints), "rte"))
     assert_user_error(run_script(*analyze, "--scores_name", "mine_epoch1"), "--scores_name mine_epoch1")
     assert columns[:, 2] == pytest.approx(ensembles.combine([epoch1, final]), rel=1e-4, abs=1e-5)
     assert "ROC AUC" in result.stdout and "clean-label model" in result.stdout

@@ -10,10 +10,9 @@ import pytest
 import torch
 
 import evaluate_lds
-import pipeline
 import train
 from conftest import assert_user_error, run_script
-from glue_attribution import cli, ensembles, explorer, lds, trak_scores
+from glue_attribution import checkpoints, ensembles, explorer, lds, pipeline, trak_scores
 from glue_attribution.errors import GlueError
 from glue_attribution.scores import analyze_command, load_scores
 
@@ -42,7 +41,7 @@ def test_agreement_known_answers():
 
 
 def destinations(args) -> list:
-    return cli.checkpoint_destinations(args.checkpoint_dir, args.dataset_name, args.seed)
+    return checkpoints.checkpoint_destinations(args.checkpoint_dir, args.dataset_name, args.seed)
 
 
 def test_train_refuses_to_mix_one_checkpoint_and_an_ensemble(tmp_path):
@@ -78,11 +77,11 @@ def test_ensemble_and_trak_through_the_chain(monkeypatch, tiny_model_dir, glue_d
     again = run_script("train.py", *command)
     assert again.returncode == 0 and again.stderr.count("Reusing checkpoint") == 2, again.stderr
     assert_user_error(run_script("train.py", *command, "--learning_rate", "1e-4"), "another learning_rate")
-    assert cli.checkpoints(str(root), "rte", [1]) == [(1, str(root / "rte" / "seed1"))]
+    assert checkpoints.checkpoints(str(root), "rte", [1]) == [(1, str(root / "rte" / "seed1"))]
     with pytest.raises(GlueError, match="holds members with seeds 0 1"):
-        cli.checkpoints(str(root), "rte", [5])
+        checkpoints.checkpoints(str(root), "rte", [5])
     with pytest.raises(GlueError, match="--checkpoint_epoch: .* holds an ensemble"):
-        cli.checkpoints(str(root), "rte", epoch=1)
+        checkpoints.checkpoints(str(root), "rte", epoch=1)
 
     own = ["--dataset_name", "rte", "--checkpoint_dir", str(root), "--output_dir", str(out), "--max_query_examples",
            "8", "--query_batch_size", "8", "--train_batch_size", "16"]

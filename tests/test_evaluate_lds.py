@@ -1,7 +1,6 @@
 """evaluate_lds.py: masks, the LDS statistic on a known answer, a tiny resumable and shardable build, scoring, and
 the bad inputs."""
 
-import argparse
 import json
 import os
 import shutil
@@ -11,9 +10,9 @@ import pytest
 from scipy.stats import rankdata
 
 import evaluate_lds
-import pipeline
 from conftest import assert_user_error, run_script, write_scores
-from glue_attribution import lds, results
+from glue_attribution import lds, pipeline, results
+from glue_attribution.config import LDSConfig
 from glue_attribution.errors import GlueError
 
 
@@ -269,12 +268,12 @@ def test_label_baseline_scores_a_ground_truth_that_follows_the_mean_target():
     targets = rng.uniform(0, 5, 40)
     masks = lds.make_masks(40, 30, 0.5, 0)
     margins = (masks @ targets)[:, None] * np.array([1.0, 2.0, 0.5])  # 3 queries, each following the mean target
-    baselines = lds.baseline_scores(argparse.Namespace(dataset_name="stsb", seed=0), targets, [1.0, 2.0, 3.0])
+    baselines = lds.baseline_scores(LDSConfig(dataset_name="stsb", seed=0), targets, [1.0, 2.0, 3.0])
     assert list(baselines) == ["label", "random"]
     ranks = rankdata(margins.T, axis=1)
     np.testing.assert_allclose(lds.lds_per_query(baselines["label"], masks, ranks), 1.0)
     assert abs(lds.lds_per_query(baselines["random"], masks, ranks).mean()) < 0.5
-    classes = lds.baseline_scores(argparse.Namespace(dataset_name="rte", seed=0), [0, 1, 1], [1, 0])
+    classes = lds.baseline_scores(LDSConfig(dataset_name="rte", seed=0), [0, 1, 1], [1, 0])
     assert list(classes) == ["same-label", "random"]
 
 

@@ -8,9 +8,10 @@ import pytest
 import torch
 import transformers
 
-import pipeline
 from conftest import assert_user_error, fixture_examples, run_script
-from glue_attribution import influence, sweeps
+from glue_attribution import pipeline, scoring, sweeps
+from glue_attribution.checkpoints import load_checkpoint, save_checkpoint
+from glue_attribution.config import LDSConfig
 from glue_attribution.errors import GlueError
 
 # (train, dev) example counts and a verbatim first dev row from ../shared/glue_data/README.md and the files.
@@ -135,7 +136,7 @@ def test_dynamic_padding_pads_per_batch(tiny_model_dir, glue_dir):
     batch = collate([dataset[i] for i in range(4)])
     assert batch["input_ids"].shape == (4, max(lengths[:4]))
     assert batch["attention_mask"].sum(1).tolist() == lengths[:4]
-    order = influence.length_order(dataset)
+    order = scoring.length_order(dataset)
     assert [lengths[i] for i in order] == sorted(lengths, reverse=True)
 
 
@@ -184,28 +185,28 @@ def test_checkpoint_round_trip(tiny_model_dir, glue_dir, tmp_path):
     transformers.set_seed(0)
     model = pipeline.construct_model(tiny_model_dir, "rte")
     tokenizer = pipeline.load_tokenizer(tiny_model_dir)
-    pipeline.save_checkpoint(model, tokenizer, str(tmp_path / "rte"), {"task": "rte", "num_labels": 2})
+    save_checkpoint(model, tokenizer, str(tmp_path / "rte"), {"task": "rte", "num_labels": 2})
     assert (tmp_path / "rte" / "model.safetensors").is_file() and not list(tmp_path.glob("*.tmp*"))
-    loaded, _, meta = pipeline.load_checkpoint(str(tmp_path / "rte"), "rte")
+    loaded, _, meta = load_checkpoint(str(tmp_path / "rte"), "rte")
     batch = collate([dataset[i] for i in range(8)])
     batch.pop("labels")
     with torch.no_grad():
         assert torch.allclose(model.eval()(**batch).logits, loaded.eval()(**batch).logits)
     assert loaded.config.id2label == {0: "entailment", 1: "not_entailment"}
     with pytest.raises(GlueError, match="trained for 'rte' with 2 labels, not 'mnli' with 3"):
-        pipeline.load_checkpoint(str(tmp_path / "rte"), "mnli")
+        load_checkpoint(str(tmp_path / "rte"), "mnli")
     with pytest.raises(GlueError, match="no checkpoint at"):
-        pipeline.load_checkpoint(str(tmp_path / "none"), "rte")
+        load_checkpoint(str(tmp_path / "none"), "rte")
     # A checkpoint whose config says another label count (not transformers' size-mismatch traceback).
-    pipeline.save_checkpoint(pipeline.construct_model(tiny_model_dir, "mnli"), tokenizer, str(tmp_path / "x" / "rte"),
+    save_checkpoint(pipeline.construct_model(tiny_model_dir, "mnli"), tokenizer, str(tmp_path / "x" / "rte"),
                              {"task": "rte", "num_labels": 2})
     with pytest.raises(GlueError, match="trained for 'rte' with 3 labels, not 'rte' with 2"):
-        pipeline.load_checkpoint(str(tmp_path / "x" / "rte"), "rte")
+        load_checkpoint(str(tmp_path / "x" / "rte"), "rte")
     # A changed file: the manifest catches it.
     weights = tmp_path / "rte" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-8])
     with pytest.raises(GlueError, match="model.safetensors does not match its recorded sha256.*retrain"):
-        pipeline.load_checkpoint(str(tmp_path / "rte"), "rte")
+        load_checkpoint(str(tmp_path / "rte"), "rte")
 
 
 def test_hub_unreachable_is_one_line():
@@ -266,13 +267,10 @@ def test_train_script_bad_input(tiny_model_dir, glue_dir, tmp_path):
 
 def test_regression_retrain_has_margins_and_no_correct_flag(tiny_model_dir, glue_dir):
     """STS-B predicts a score: nothing is 'correct', so the retrainer reports margins (predictions) only."""
-    import argparse
-
-    args = argparse.Namespace(model_name_or_path=tiny_model_dir, dataset_name="stsb", max_seq_length=32,
-                              pad_to_max_length=False, device="cpu", **vars(pipeline.TrainConfig(
-                                  learning_rate=1e-3, train_batch_size=8, num_train_epochs=1)))
+    config = LDSConfig(model_name_or_path=tiny_model_dir, dataset_name="stsb", max_seq_length=32, device="cpu",
+                       learning_rate=1e-3, train_batch_size=8, num_train_epochs=1)
     train, queries = pipeline.load_train_and_queries("stsb", str(glue_dir), 16, 4)
-    result = sweeps.retrainer(args, train, queries)(np.arange(16), seed=0)
+    result = sweeps.retrainer(config, train, queries)(np.arange(16), seed=0)
     assert set(result) == {"margins"} and result["margins"].shape == (4,) and np.isfinite(result["margins"]).all()
 
 
