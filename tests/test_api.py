@@ -33,8 +33,9 @@ def test_api_example_runs_from_an_editable_install_in_another_directory(tmp_path
     code += f"""
 assert ga.__file__.startswith({str(ROOT / "glue_attribution")!r})
 assert len(scores.top(0, k=3)["positive"]) == 3 and scores.scores.shape == (16, len(scores.train))
-assert scores.provenance["num_train"] == len(scores.train) and "task" not in scores.meta["signature"]
-assert loss_scores.meta["signature"]["task"].endswith("LossTask")
+assert scores.provenance["num_train"] == len(scores.train)
+assert scores.meta["signature"]["task"] == {{"class": "task.GlueTask", "measurement": "margin"}}
+assert loss_scores.meta["signature"]["task"]["class"].endswith("LossTask")
 assert loss_scores.scores.shape == scores.scores.shape and not (loss_scores.scores == scores.scores).all()
 """
     work = tmp_path / "notebook"

@@ -11,9 +11,9 @@ import torch
 from safetensors.torch import load_file
 
 import analyze
-import pipeline
 from conftest import assert_user_error, run_script
-from glue_attribution import results
+from glue_attribution import pipeline, results
+from glue_attribution.checkpoints import load_checkpoint, save_checkpoint
 from glue_attribution.errors import GlueError
 from glue_attribution.scores import load_scores
 
@@ -32,7 +32,7 @@ def checkpoints(tmp_path_factory, tiny_model_dir, glue_dir):
         config = pipeline.TrainConfig(learning_rate=1e-3, train_batch_size=8, num_train_epochs=1)
         model = pipeline.finetune(tiny_model_dir, "rte", data, pipeline.collator(tokenizer), config, seed,
                                   disable_tqdm=True)
-        pipeline.save_checkpoint(model, tokenizer, str(root / "rte"), {"task": "rte", "num_labels": 2})
+        save_checkpoint(model, tokenizer, str(root / "rte"), {"task": "rte", "num_labels": 2})
         roots.append(root)
     return roots
 
@@ -85,7 +85,7 @@ def test_truncated_index_and_cosine(monkeypatch, glue_dir, checkpoints, tmp_path
     self_influence = scores(out, "ekfac_index_k4", "self")
     np.testing.assert_allclose(cosine, raw / np.sqrt(self_influence), rtol=1e-5)
     meta = json.load(open(out / "rte" / "index_ekfac_index_k4" / "glue_index.json"))
-    linear = {n: m for n, m in pipeline.load_checkpoint(str(checkpoints[0] / "rte"), "rte")[0].named_modules()
+    linear = {n: m for n, m in load_checkpoint(str(checkpoints[0] / "rte"), "rte")[0].named_modules()
               if isinstance(m, torch.nn.Linear)}
     assert meta["modules"] == list(linear)
     assert meta["dims"] == sum(4 * min(4, m.out_features) for m in linear.values())  # the classifier has 2 outputs

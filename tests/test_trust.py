@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 import evaluate_lds
-import pipeline
 from conftest import assert_user_error, run_script, write_glue_task, write_scores
-from glue_attribution import lds, results
+from glue_attribution import lds, pipeline, results
+from glue_attribution.checkpoints import CHECKPOINT_META, save_checkpoint
 from glue_attribution.errors import GlueError
 
 TRAIN = ["--dataset_name", "rte", "--max_train_samples", "16", "--max_eval_samples", "8", "--max_seq_length", "32",
@@ -32,7 +32,7 @@ def trained(tmp_path_factory, tiny_model_dir):
 
 
 def test_checkpoint_pins_its_training_data(trained, tmp_path):
-    with open(trained / "ck" / "rte" / pipeline.CHECKPOINT_META) as f:
+    with open(trained / "ck" / "rte" / CHECKPOINT_META) as f:
         meta = json.load(f)
     assert meta["args"]["data_dir"] == str(trained / "bd")  # resolved when recorded
     train = pipeline.load_glue("rte", "train", str(trained / "bd"), 16)
@@ -211,9 +211,9 @@ def checkpoint_with_scores(root, tiny_model_dir, glue_dir, seed: int, **recipe) 
     arguments = {"data_dir": str(glue_dir), "model_name_or_path": tiny_model_dir, "max_seq_length": 32,
                  "max_train_samples": 32, "num_train_epochs": 1, "train_batch_size": 8, "learning_rate": 1e-3,
                  **recipe}
-    pipeline.save_checkpoint(model, tokenizer, str(root / "ck" / "rte"),
+    save_checkpoint(model, tokenizer, str(root / "ck" / "rte"),
                              {"task": "rte", "num_labels": 2, "args": arguments})
-    with open(root / "ck" / "rte" / pipeline.CHECKPOINT_META) as f:
+    with open(root / "ck" / "rte" / CHECKPOINT_META) as f:
         sha = json.load(f)["files"]["model.safetensors"]["sha256"]
     train, queries = pipeline.load_train_and_queries("rte", str(glue_dir), 32, 8)
     public = scores_dir(str(root / "out"), "rte", "identity")
