@@ -16,6 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import pipeline  # noqa: E402
 from glue_attribution import cli, detection, results, scores  # noqa: E402
+from glue_attribution.config import DetectionConfig  # noqa: E402
 
 
 def ranks(suspicion: np.ndarray) -> np.ndarray:
@@ -39,8 +40,8 @@ def main():
     saved = meta["args"]
     train, _ = pipeline.load_training_set(args.dataset_name, saved["data_dir"], saved["max_train_samples"],
                                           saved.get("label_noise", 0), saved.get("label_noise_seed", 0))
-    margins = detection.training_margins(argparse.Namespace(checkpoint_dir=args.checkpoint_dir,
-                                                            dataset_name=args.dataset_name))
+    margins = detection.training_margins(DetectionConfig(checkpoint_dir=args.checkpoint_dir,
+                                                         dataset_name=args.dataset_name))
     aum = detection.aum_suspicion(margins)
     self_rank, aum_rank = ranks(self_scores), ranks(aum)
     combined = np.argsort((self_rank + aum_rank) / 2, kind="stable")[:args.top]
