@@ -1,6 +1,7 @@
 """Shared fixtures: a tiny random BERT saved like a pretrained model, GLUE-layout TSVs for all nine tasks, and the
 path of the real GLUE copy (tests that need it skip where it is absent)."""
 
+import logging
 import os
 import random
 import sys
@@ -69,6 +70,14 @@ def write_glue_task(root: Path, task_name: str, n_train: int = 48, n_dev: int = 
         lines = [] if header is None else ["\t".join(header)]
         lines += ["\t".join(row(i, *example)) for i, example in enumerate(fixture_examples(task_name, n, seed))]
         (folder / name).write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+@pytest.fixture(autouse=True)
+def logging_enabled():
+    """The scripts' edge (cli.run) silences logging before its final line, for good: the process ends there. A test
+    that runs it in process gives the next tests their logs back (caplog would see nothing)."""
+    yield
+    logging.disable(logging.NOTSET)
 
 
 @pytest.fixture(scope="session")
