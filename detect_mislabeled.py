@@ -80,14 +80,14 @@ def main():
         return
     cli.log_configuration(args)
     cli.require_checkpoint(args)
+    train_text, _ = pipeline.load_training_set(args.dataset_name, args.data_dir, args.max_train_samples,
+                                               args.label_noise, args.label_noise_seed)
+    cli.check_checkpoint_data(args, train_text)
     if not args.label_noise:  # nothing was flipped, so nothing can be found
         noisy = argparse.Namespace(**{**vars(args), "label_noise": 0.1,
                                       "checkpoint_dir": os.path.join(args.checkpoint_dir, "noise0.1")})
         raise cli.GlueError(f"the checkpoint in {args.checkpoint_dir} was trained without --label_noise, so no label "
                             f"was flipped; train one with flipped labels: {cli.train_command(noisy)}")
-    train_text, _ = pipeline.load_training_set(args.dataset_name, args.data_dir, args.max_train_samples,
-                                               args.label_noise, args.label_noise_seed)
-    cli.check_checkpoint_data(args, train_text)
     flipped = detection.flipped_labels(args, len(train_text))
     held_out, judged = detection.validation_split(args, detection.harm_queries(args))
     folder = detection.detection_dir(args)

@@ -1,6 +1,7 @@
 """Shared fixtures: a tiny random BERT saved like a pretrained model, GLUE-layout TSVs for all nine tasks, and the
 path of the real GLUE copy (tests that need it skip where it is absent)."""
 
+import logging
 import os
 import random
 import sys
@@ -134,3 +135,11 @@ def write_scores(output_dir, name: str, scores, glue_dir, task_name: str = "rte"
     save_file({"all_modules": torch.as_tensor(scores, dtype=torch.float32)},
               os.path.join(staging, "pairwise_scores.safetensors"))
     results.publish(staging, public, SCORES_META, {"shape": list(scores.shape), "provenance": provenance})
+
+
+@pytest.fixture(autouse=True)
+def logging_enabled():
+    """A script's one-line exit silences logging for the rest of its process; tests that run scripts in process
+    get it back before the next test."""
+    yield
+    logging.disable(logging.NOTSET)
