@@ -72,14 +72,6 @@ def write_glue_task(root: Path, task_name: str, n_train: int = 48, n_dev: int = 
         (folder / name).write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
-@pytest.fixture(autouse=True)
-def logging_enabled():
-    """The scripts' edge (cli.run) silences logging before its final line, for good: the process ends there. A test
-    that runs it in process gives the next tests their logs back (caplog would see nothing)."""
-    yield
-    logging.disable(logging.NOTSET)
-
-
 @pytest.fixture(scope="session")
 def glue_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("glue_data")
@@ -143,3 +135,11 @@ def write_scores(output_dir, name: str, scores, glue_dir, task_name: str = "rte"
     save_file({"all_modules": torch.as_tensor(scores, dtype=torch.float32)},
               os.path.join(staging, "pairwise_scores.safetensors"))
     results.publish(staging, public, SCORES_META, {"shape": list(scores.shape), "provenance": provenance})
+
+
+@pytest.fixture(autouse=True)
+def logging_enabled():
+    """A script's one-line exit silences logging for the rest of its process; tests that run scripts in process
+    get it back before the next test."""
+    yield
+    logging.disable(logging.NOTSET)
