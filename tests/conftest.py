@@ -14,7 +14,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the hub is never needed: fail fast instead of waiting on the network
 os.environ.setdefault("MPLBACKEND", "Agg")
-# Tiny models: OpenMP's thread hand-off costs more than the work (and thrashes when the cores are busy).
+# Tiny models: OpenMP's thread hand-off costs more than the work (and thrashes when the cores are busy); the suite
+# runs one worker per core instead (pytest-xdist), and the scripts it starts inherit the single thread.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)
 
 from glue_attribution import pipeline  # noqa: E402
