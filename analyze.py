@@ -155,7 +155,7 @@ def parse_args(argv=None):
     args = cli.from_checkpoint(args, args.checkpoint_dir)
     if "model_name_or_path" in args.overrides:
         parser.error("--model_name_or_path: analyze.py analyses the model in --checkpoint_dir; pass it to train.py")
-    return AnalysisConfig.from_namespace(args)  # the analysis's configuration
+    return AnalysisConfig.from_flags(vars(args))  # the analysis's configuration
 
 
 def main():

@@ -67,7 +67,7 @@ def parse_args(argv=None):
         parser.error("--fix_fractions: two fractions round to the same percent; the runs are named by it")
     if not 0 <= args.shard_index < args.num_shards:
         parser.error(f"--shard_index must be in [0, {args.num_shards})")
-    return DetectionConfig.from_namespace(cli.from_checkpoint(args, args.checkpoint_dir, recipe=True))
+    return DetectionConfig.from_flags(vars(cli.from_checkpoint(args, args.checkpoint_dir, recipe=True)))
 
 
 def main():

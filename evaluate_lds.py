@@ -133,7 +133,7 @@ def parse_args(argv=None):
         raise cli.GlueError(f"--subset_fraction must be in (0, 1), got {args.subset_fraction}")
     if args.num_masks < 3:
         raise cli.GlueError(f"--num_masks must be at least 3 for a rank correlation, got {args.num_masks}")
-    return LDSConfig.from_namespace(cli.from_checkpoint(args, args.checkpoint_dir, recipe=True))
+    return LDSConfig.from_flags(vars(cli.from_checkpoint(args, args.checkpoint_dir, recipe=True)))
 
 
 def build(args) -> None:

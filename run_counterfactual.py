@@ -78,7 +78,7 @@ def parse_args(argv=None):
                         help="Redraw --figure from the results folder's counterfactual_results.json and exit.")
     args = parser.parse_args(argv)
     args.remove_intervals = sorted(set(args.remove_intervals))
-    return CounterfactualConfig.from_namespace(cli.from_checkpoint(args, args.checkpoint_dir, recipe=True))
+    return CounterfactualConfig.from_flags(vars(cli.from_checkpoint(args, args.checkpoint_dir, recipe=True)))
 
 
 def main():

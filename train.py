@@ -48,7 +48,7 @@ def parse_args(argv=None):
     if len(set(args.seed)) < len(args.seed):
         parser.error(f"--seed {' '.join(map(str, args.seed))} repeats a seed; an ensemble needs distinct seeds")
     # from_checkpoint fills the defaults
-    return TrainRunConfig.from_namespace(cli.from_checkpoint(args, checkpoint_dir=None, recipe=True))
+    return TrainRunConfig.from_flags(vars(cli.from_checkpoint(args, checkpoint_dir=None, recipe=True)))
 
 
 def main():

@@ -8,7 +8,6 @@ the command line that made it. The library never changes a configuration; a scri
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -20,10 +19,9 @@ class Configuration:
     """What every configuration does: made from a script's flags, recorded as JSON."""
 
     @classmethod
-    def from_namespace(cls, args: argparse.Namespace):
-        """The configuration of a script's parsed flags (what the Namespace holds beyond the fields is dropped)."""
-        given = vars(args)
-        return cls(**{f.name: given[f.name] for f in fields(cls) if f.name in given})
+    def from_flags(cls, flags: dict):
+        """The configuration of a script's parsed flags, `vars(args)` (flags beyond the fields are dropped)."""
+        return cls(**{f.name: flags[f.name] for f in fields(cls) if f.name in flags})
 
     def to_dict(self) -> dict:
         """The fields as JSON (what result files record as "args"); the own-data fields only when set, so results
