@@ -22,7 +22,8 @@ from .config import (
     TrainRunConfig,
 )
 
-_API = ("configure", "train", "analyze", "load_score_set", "ScoreSet", "build_ground_truth", "lds_score", "LDSResult")
+_API = ("configure", "train", "analyze", "ask", "load_score_set", "ScoreSet", "build_ground_truth", "lds_score",
+        "LDSResult")
 __all__ = ["AnalysisConfig", "CounterfactualConfig", "DataConfig", "DetectionConfig", "LDSConfig", "TrainConfig",
            "TrainRunConfig", *_API]
 

@@ -109,6 +109,26 @@ def analyze(config: AnalysisConfig) -> ScoreSet | None:
     return load_score_set(config, scores_name)
 
 
+def ask(config: AnalysisConfig, texts: list, label=None) -> list:
+    """The most influential training examples (`config.top_k` per side) of new texts, from the gradient index built
+    for `config` (factor_strategy "ekfac_index" or "kfac_index"; analyze it first). `texts`: one string per text
+    column, or a list of such tuples for several queries; without `label` the model's prediction is explained.
+    Returns one dict per query: its texts, label, prediction and "top" examples with their scores."""
+    import json
+
+    from . import analysis
+
+    rows = [texts] if isinstance(texts, str) or isinstance(texts[0], str) else list(texts)
+    answers = []
+    for row in rows:  # one query per call: the index answers each in a product against the store
+        row = [row] if isinstance(row, str) else list(row)
+        query = dataclasses.replace(config, query_text=row, query_file=None,
+                                    query_label=None if label is None else str(label))
+        with open(analysis.answer_new_queries(query)) as f:
+            answers += json.load(f)["queries"]
+    return answers
+
+
 @dataclass(frozen=True)
 class LDSResult:
     """The linear datamodeling score of score sets against a ground truth: `table[name]` has the mean over queries

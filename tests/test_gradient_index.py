@@ -11,9 +11,11 @@ import torch
 from safetensors.torch import load_file
 
 import analyze
+import glue_attribution as ga
 from conftest import assert_user_error, run_script
 from glue_attribution import pipeline, results
 from glue_attribution.checkpoints import load_checkpoint, save_checkpoint
+from glue_attribution.config import AnalysisConfig
 from glue_attribution.errors import GlueError
 from glue_attribution.scores import load_scores
 
@@ -130,6 +132,12 @@ def test_new_queries(monkeypatch, glue_dir, checkpoints, tmp_path, capsys):
     assert [t["index"] for t in top][:2] == np.argsort(-row, kind="stable")[:2].tolist()
     np.testing.assert_allclose([t["score"] for t in top], row[[t["index"] for t in top]], rtol=1e-4)
     assert "Query 0" in capsys.readouterr().out
+    config = AnalysisConfig(dataset_name="rte", data_dir=str(glue_dir), checkpoint_dir=str(checkpoints[0]),
+                            output_dir=str(out), max_train_samples=N_TRAIN, max_query_examples=N_QUERY,
+                            max_seq_length=32, query_batch_size=4, train_batch_size=8,
+                            factor_strategy="ekfac_index", index_rank=4, top_k=2)
+    asked = ga.ask(config, [(query["sentence1"], query["sentence2"])] * 2, label=query["label"])  # from Python
+    assert len(asked) == 2 and asked[1]["top"] == top and asked[0]["sentence1"] == query["sentence1"]
     mtime = os.path.getmtime(out / "rte" / "index_ekfac_index_k4" / "gradient_index.safetensors")
     run_analyze(monkeypatch, *base, "--max_query_examples", "3", "--scores_name", "q3")  # the index is reused
     np.testing.assert_allclose(scores(out, "q3"), scores(out, "ekfac_index_k4")[:3], rtol=1e-5)
