@@ -159,42 +159,42 @@ def parse_args(argv=None):
 
 
 def main():
-    args = parse_args()
+    config = parse_args()
     from glue_attribution import analysis, explorer, influence, report, scores
 
-    cli.setup_logging(args.verbose)
-    cli.log_configuration(args)
-    if args.query_text or args.query_file:  # new texts against an existing gradient index
-        path = analysis.answer_new_queries(args)
+    cli.setup_logging(config.verbose)
+    cli.log_configuration(config)
+    if config.query_text or config.query_file:  # new texts against an existing gradient index
+        path = analysis.answer_new_queries(config)
         logger.info("Top influential training examples of the new queries: %s", path)
         return
-    done = analysis.analyze(args)
+    done = analysis.analyze(config)
     if done is None:  # another torchrun process (the main one writes the results), or a shard of an index
         return
-    args, scores_name, members, names, train_text, query_text = done
+    config, scores_name, members, names, train_text, query_text = done
 
-    pairwise, _ = scores.load_scores(args.output_dir, args.dataset_name, scores_name)
-    folder = scores.scores_dir(args.output_dir, args.dataset_name, scores_name)
+    pairwise, _ = scores.load_scores(config.output_dir, config.dataset_name, scores_name)
+    folder = scores.scores_dir(config.output_dir, config.dataset_name, scores_name)
     logger.info("Scores %s (%d queries x %d training examples, dataset order): %s", scores_name, *pairwise.shape,
                 os.path.join(folder, "pairwise_scores.safetensors"))
-    member_scores = ([scores.load_scores(args.output_dir, args.dataset_name, name)[0] for name in names]
+    member_scores = ([scores.load_scores(config.output_dir, config.dataset_name, name)[0] for name in names]
                      if members[0][0] is not None else None)
-    tokens = (influence.explorer_tokens(args, members[0][1], pairwise, train_text, query_text)
-              if args.explorer_tokens else None)
-    page = explorer.explore_scores(args, members[0][1], pairwise, scores_name, query_text, train_text, folder,
+    tokens = (influence.explorer_tokens(config, members[0][1], pairwise, train_text, query_text)
+              if config.explorer_tokens else None)
+    page = explorer.explore_scores(config, members[0][1], pairwise, scores_name, query_text, train_text, folder,
                                    members=member_scores, tokens=tokens)
     logger.info("Explorer (open it in a browser): %s", page)
-    if args.compute_self_scores:
+    if config.compute_self_scores:
         logger.info("Training examples by self-influence (candidates for wrong labels first): %s",
                     os.path.join(folder, scores.SELF_RANKING))
-        if args.inspect_self is not None:
-            report.show_self_ranking(os.path.join(folder, scores.SELF_RANKING), args.inspect_self, scores_name)
-    if args.inspect_query is not None:
-        report.show_influences(pairwise, args.inspect_query, query_text, train_text, args.dataset_name, args.top_k,
-                               scores_name, explorer.read_data(page)["queries"][args.inspect_query])
-        print(f"\nThis query in the explorer: {explorer.address(page, query=args.inspect_query)}")
-    if args.html is not None:
-        influence.token_report(args, members[0][1], pairwise, scores_name, query_text, train_text)
+        if config.inspect_self is not None:
+            report.show_self_ranking(os.path.join(folder, scores.SELF_RANKING), config.inspect_self, scores_name)
+    if config.inspect_query is not None:
+        report.show_influences(pairwise, config.inspect_query, query_text, train_text, config.dataset_name,
+                               config.top_k, scores_name, explorer.read_data(page)["queries"][config.inspect_query])
+        print(f"\nThis query in the explorer: {explorer.address(page, query=config.inspect_query)}")
+    if config.html is not None:
+        influence.token_report(config, members[0][1], pairwise, scores_name, query_text, train_text)
 
 
 if __name__ == "__main__":

@@ -71,53 +71,54 @@ def parse_args(argv=None):
 
 
 def main():
-    args = parse_args()
+    config = parse_args()
     from glue_attribution import cleaning, detection, explorer, plots, report, scores
 
-    cli.setup_logging(args.verbose)
-    if args.summarize:
-        detection.summarize(args.summarize)
+    cli.setup_logging(config.verbose)
+    if config.summarize:
+        detection.summarize(config.summarize)
         return
-    cli.log_configuration(args)
-    checkpoints.require_checkpoint(args)
-    train_text, _ = pipeline.load_training_set(args.dataset_name, args.data_dir, args.max_train_samples,
-                                               args.label_noise, args.label_noise_seed)
-    checkpoints.check_checkpoint_data(args, train_text)
-    if not args.label_noise:  # nothing was flipped, so nothing can be found
-        noisy = dataclasses.replace(args, label_noise=0.1, checkpoint_dir=os.path.join(args.checkpoint_dir, "noise0.1"))
-        raise cli.GlueError(f"the checkpoint in {args.checkpoint_dir} was trained without --label_noise, so no label "
+    cli.log_configuration(config)
+    checkpoints.require_checkpoint(config)
+    train_text, _ = pipeline.load_training_set(config.dataset_name, config.data_dir, config.max_train_samples,
+                                               config.label_noise, config.label_noise_seed)
+    checkpoints.check_checkpoint_data(config, train_text)
+    if not config.label_noise:  # nothing was flipped, so nothing can be found
+        noisy = dataclasses.replace(config, label_noise=0.1,
+                                    checkpoint_dir=os.path.join(config.checkpoint_dir, "noise0.1"))
+        raise cli.GlueError(f"the checkpoint in {config.checkpoint_dir} was trained without --label_noise, so no label "
                             f"was flipped; train one with flipped labels: {checkpoints.train_command(noisy)}")
-    flipped = detection.flipped_labels(args, len(train_text))
-    held_out, judged = detection.validation_split(args, detection.harm_queries(args))
-    folder = detection.detection_dir(args)
-    detection.chosen(dict.fromkeys(detection.ranking_names(args)), args.fix_rankings)  # before any training
-    detection.claim(folder, args)
+    flipped = detection.flipped_labels(config, len(train_text))
+    held_out, judged = detection.validation_split(config, detection.harm_queries(config))
+    folder = detection.detection_dir(config)
+    detection.chosen(dict.fromkeys(detection.ranking_names(config)), config.fix_rankings)  # before any training
+    detection.claim(folder, config)
 
     logger.info("***** Ranking %d training examples, %d of them with flipped labels *****", len(flipped),
                 flipped.sum())
-    suspicion, cost = detection.rankings(args, train_text, held_out, folder)
+    suspicion, cost = detection.rankings(config, train_text, held_out, folder)
     metrics = {name: detection.detection_metrics(s, flipped) for name, s in suspicion.items()}
     fixed = None
-    if args.fix_fractions:
+    if config.fix_fractions:
         logger.info("***** Fix and retrain: judged on the %d validation examples after the %d held-out queries "
                     "*****", len(judged), len(held_out))
-        clean_text, _ = pipeline.load_training_set(args.dataset_name, args.data_dir, args.max_train_samples)
-        fixed = cleaning.fix_and_retrain(args, train_text, clean_text, judged,
-                                         detection.chosen(suspicion, args.fix_rankings), folder)
+        clean_text, _ = pipeline.load_training_set(config.dataset_name, config.data_dir, config.max_train_samples)
+        fixed = cleaning.fix_and_retrain(config, train_text, clean_text, judged,
+                                         detection.chosen(suspicion, config.fix_rankings), folder)
         if fixed is None:
             return
         for name, row in fixed["rankings"].items():
             metrics[name].update(row)
     report.print_detection_table(metrics, detection.INSPECTED, fixed)
-    results_path = detection.write_detection(folder, args, suspicion, flipped, train_text["label"], metrics, cost,
+    results_path = detection.write_detection(folder, config, suspicion, flipped, train_text["label"], metrics, cost,
                                              fixed, len(held_out))
-    for name in args.strategies:  # each score set's explorer shows every ranking's flags beside its candidates
-        if explorer.add_detection(os.path.join(scores.scores_dir(args.output_dir, args.dataset_name, name),
+    for name in config.strategies:  # each score set's explorer shows every ranking's flags beside its candidates
+        if explorer.add_detection(os.path.join(scores.scores_dir(config.output_dir, config.dataset_name, name),
                                                explorer.PAGE_NAME), suspicion, flipped, detection.FLAGGED):
             logger.info("Flags added to the explorer of %s", name)
-    figure = args.figure or os.path.join(folder, "detection.png")
+    figure = config.figure or os.path.join(folder, "detection.png")
     plots.found_curves({name: detection.found_curve(s, flipped) for name, s in suspicion.items()}, figure,
-                       f"{args.dataset_name}: {flipped.sum()} of {len(flipped)} labels flipped",
+                       f"{config.dataset_name}: {flipped.sum()} of {len(flipped)} labels flipped",
                        detection.BASELINE_RANKINGS, fixed)
     logger.info("Results: %s, figure: %s", results_path, figure)
 

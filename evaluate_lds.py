@@ -136,54 +136,54 @@ def parse_args(argv=None):
     return LDSConfig.from_flags(vars(cli.from_checkpoint(args, args.checkpoint_dir, recipe=True)))
 
 
-def build(args) -> None:
+def build(config: LDSConfig) -> None:
     """Retrain this shard's missing runs, then merge every shard's runs once all are there."""
     from glue_attribution import lds
 
-    folder = lds.claim_ground_truth(args)
-    train_text, query_text, provenance = lds.load_data(args)
-    if lds.reuse_sealed(folder, args, provenance):
+    folder = lds.claim_ground_truth(config)
+    train_text, query_text, provenance = lds.load_data(config)
+    if lds.reuse_sealed(folder, config, provenance):
         logger.info("The ground truth in %s is sealed and verifies (every run's file and record): nothing to do",
                     folder)
         return
-    masks = lds.load_or_make_masks(folder, args, train_text["label"])
-    if not args.merge_only:
-        lds.retrain_runs(folder, args, masks, train_text, query_text)
-    if not lds.merge_runs(folder, args, provenance) and args.merge_only:
+    masks = lds.load_or_make_masks(folder, config, train_text["label"])
+    if not config.merge_only:
+        lds.retrain_runs(folder, config, masks, train_text, query_text)
+    if not lds.merge_runs(folder, config, provenance) and config.merge_only:
         raise cli.GlueError(f"{folder} is missing runs; finish them with `evaluate_lds.py build` (same flags) "
                             "before --merge_only")
 
 
-def score(args) -> None:
+def score(config: LDSConfig) -> None:
     """The LDS table of --strategies and the baselines: printed, lds_results.json, a bar plot."""
     from glue_attribution import explorer, lds, plots, progress, report, results, scores
 
-    train_text, query_text, provenance, (folder, masks, margins, summary) = lds.data_and_ground_truth(args)
+    train_text, query_text, provenance, (folder, masks, margins, summary) = lds.data_and_ground_truth(config)
     progress.stage("scoring the LDS", folder)
-    if args.inspect_query is not None and not 0 <= args.inspect_query < margins.shape[1]:
-        raise cli.GlueError(f"--inspect_query {args.inspect_query} is out of range: there are {margins.shape[1]} "
+    if config.inspect_query is not None and not 0 <= config.inspect_query < margins.shape[1]:
+        raise cli.GlueError(f"--inspect_query {config.inspect_query} is out of range: there are {margins.shape[1]} "
                             "queries")
-    if clash := [name for name in args.strategies if name in lds.BASELINE_SCORES]:
+    if clash := [name for name in config.strategies if name in lds.BASELINE_SCORES]:
         raise cli.GlueError(f"--strategies {clash[0]}: that name is one of the table's reference rows "
                             f"({', '.join(lds.BASELINE_SCORES)}); rename the score set with analyze.py --scores_name")
-    checkpoints = trained_checkpoints(args.checkpoint_dir, args.dataset_name)
-    loaded = {name: scores.load_scores(args.output_dir, args.dataset_name, name, provenance, checkpoints=checkpoints)
-              for name in args.strategies}
+    checkpoints = trained_checkpoints(config.checkpoint_dir, config.dataset_name)
+    loaded = {name: scores.load_scores(config.output_dir, config.dataset_name, name, provenance,
+                                       checkpoints=checkpoints) for name in config.strategies}
     sets = {name: pairwise for name, (pairwise, _) in loaded.items()}
-    sets.update(lds.baseline_scores(args, train_text["label"], query_text["label"]))
-    reference = lds.reference_set(args.reference, sets)
-    repeats = lds.load_repeat_margins(folder, args, margins.shape[1])
-    table = lds.lds_table(sets, masks, margins, args.num_bootstrap, args.seed, reference, repeats)
-    ceiling = None if repeats is None else lds.noise_ceiling(repeats, args.num_bootstrap, args.seed)
-    title = lds.table_title(args, masks, margins, summary)
+    sets.update(lds.baseline_scores(config, train_text["label"], query_text["label"]))
+    reference = lds.reference_set(config.reference, sets)
+    repeats = lds.load_repeat_margins(folder, config, margins.shape[1])
+    table = lds.lds_table(sets, masks, margins, config.num_bootstrap, config.seed, reference, repeats)
+    ceiling = None if repeats is None else lds.noise_ceiling(repeats, config.num_bootstrap, config.seed)
+    title = lds.table_title(config, masks, margins, summary)
     report.print_lds_table(table, title, reference, ceiling)
-    if ceiling is None and args.num_repeats < 2:
+    if ceiling is None and config.num_repeats < 2:
         logger.info("No noise ceiling: this ground truth has %d retrain per mask, and the ceiling needs two or more "
-                    "(build another with --num_repeats 2 or more)", args.num_repeats)
-    differences = lds.recipe_differences(args)
-    lds.warn_recipe_differences(differences, folder, args.configured_by)
+                    "(build another with --num_repeats 2 or more)", config.num_repeats)
+    differences = lds.recipe_differences(config)
+    lds.warn_recipe_differences(differences, folder, config.configured_by)
     record = {"ground_truth": folder, "num_masks": masks.shape[0], "num_queries": margins.shape[1],
-              "num_train": int(masks.shape[1]), "num_bootstrap": args.num_bootstrap, **summary,
+              "num_train": int(masks.shape[1]), "num_bootstrap": config.num_bootstrap, **summary,
               "noise_ceiling": ceiling,
               "checkpoint": None if checkpoints is None else {"checkpoint_dir": checkpoints[0],
                                                               "model_sha256": sorted(checkpoints[1])},
@@ -196,48 +196,48 @@ def score(args) -> None:
     for where in (folder, mine) if mine else (folder,):
         os.makedirs(where, exist_ok=True)
         results.atomic_write_json(record, os.path.join(where, "lds_results.json"))
-    for name in args.strategies:  # each query's LDS on the score set's explorer page
-        page = os.path.join(scores.scores_dir(args.output_dir, args.dataset_name, name), explorer.PAGE_NAME)
+    for name in config.strategies:  # each query's LDS on the score set's explorer page
+        page = os.path.join(scores.scores_dir(config.output_dir, config.dataset_name, name), explorer.PAGE_NAME)
         if explorer.add_lds(page, table[name]["per_query"], folder):
             logger.info("Added each query's LDS to the explorer of %s", name)
-    figure = args.figure or os.path.join(folder, "lds.png")
+    figure = config.figure or os.path.join(folder, "lds.png")
     progress.stage("drawing the LDS figure", os.path.dirname(os.path.abspath(figure)))
     plots.lds_bars(table, figure, title.split(";")[0], lds.BASELINE_SCORES)
     if mine:
         plots.lds_bars(table, os.path.join(mine, "lds.png"), title.split(";")[0], lds.BASELINE_SCORES)
     logger.info("Wrote %s and %s%s", results_path, figure, f" (this checkpoint's: in {mine})" if mine else "")
-    if args.inspect_query is not None:
-        name = args.strategies[0]
-        report.show_influences(sets[name], args.inspect_query, query_text, train_text, args.dataset_name, args.top_k,
-                               name)
+    if config.inspect_query is not None:
+        name = config.strategies[0]
+        report.show_influences(sets[name], config.inspect_query, query_text, train_text, config.dataset_name,
+                               config.top_k, name)
 
 
-def ensembles(args) -> None:
+def ensembles(config: LDSConfig) -> None:
     """LDS against the number of ensembled models: printed, lds_ensembles.json, a plot."""
     from glue_attribution import lds, plots, report, results
 
-    _, _, provenance, (folder, masks, margins, _) = lds.data_and_ground_truth(args)
-    curves = lds.ensemble_curves(args, provenance, masks, margins)
-    repeats = lds.load_repeat_margins(folder, args, margins.shape[1])
-    ceiling = None if repeats is None else lds.noise_ceiling(repeats, NUM_BOOTSTRAP, args.seed)
+    _, _, provenance, (folder, masks, margins, _) = lds.data_and_ground_truth(config)
+    curves = lds.ensemble_curves(config, provenance, masks, margins)
+    repeats = lds.load_repeat_margins(folder, config, margins.shape[1])
+    ceiling = None if repeats is None else lds.noise_ceiling(repeats, NUM_BOOTSTRAP, config.seed)
     for row in (row for curve in curves.values() for row in curve["rows"]):
         row["fraction_of_ceiling"] = row["lds_mean"] / ceiling["mean"] if ceiling and ceiling["mean"] > 0 else None
-    report.print_curve(curves, f"LDS against the number of ensembled models ({args.dataset_name}, {masks.shape[0]} "
+    report.print_curve(curves, f"LDS against the number of ensembled models ({config.dataset_name}, {masks.shape[0]} "
                                f"masks, {margins.shape[1]} queries; mean ± sd over disjoint groups of members"
                                + (f"; noise ceiling {ceiling['mean']:.3f})" if ceiling else ")"))
     results_path = os.path.join(folder, "lds_ensembles.json")
-    results.atomic_write_json({"ground_truth": folder, "stability_dir": args.stability_dir, "noise_ceiling": ceiling,
+    results.atomic_write_json({"ground_truth": folder, "stability_dir": config.stability_dir, "noise_ceiling": ceiling,
                                "results": curves}, results_path)
-    figure = args.figure or os.path.join(folder, "lds_ensembles.png")
-    plots.ensemble_curve(curves, figure, f"LDS on {args.dataset_name} against ensemble size")
+    figure = config.figure or os.path.join(folder, "lds_ensembles.png")
+    plots.ensemble_curve(curves, figure, f"LDS on {config.dataset_name} against ensemble size")
     logger.info("Wrote %s and %s", results_path, figure)
 
 
 def main():
-    args = parse_args()
-    cli.setup_logging(args.verbose)
-    cli.log_configuration(args)
-    {"build": build, "score": score, "ensembles": ensembles}[args.command](args)
+    config = parse_args()
+    cli.setup_logging(config.verbose)
+    cli.log_configuration(config)
+    {"build": build, "score": score, "ensembles": ensembles}[config.command](config)
 
 
 if __name__ == "__main__":

@@ -82,37 +82,37 @@ def parse_args(argv=None):
 
 
 def main():
-    args = parse_args()
+    config = parse_args()
     from glue_attribution import counterfactual, plots, progress, results, sweeps
 
-    cli.setup_logging(args.verbose)
-    cli.log_configuration(args)
-    folder = counterfactual.results_dir(args)
-    figure = args.figure or os.path.join(folder, "counterfactual.png")
-    if args.plot_only:
+    cli.setup_logging(config.verbose)
+    cli.log_configuration(config)
+    folder = counterfactual.results_dir(config)
+    figure = config.figure or os.path.join(folder, "counterfactual.png")
+    if config.plot_only:
         progress.stage("drawing the counterfactual figure", os.path.dirname(os.path.abspath(figure)))
         plots.flip_fractions(counterfactual.read_results(folder), figure)
         return
-    if pipeline.get_task(args.dataset_name).is_regression:
-        raise cli.GlueError(f"the counterfactual test needs a classification task; '{args.dataset_name}' is "
+    if pipeline.get_task(config.dataset_name).is_regression:
+        raise cli.GlueError(f"the counterfactual test needs a classification task; '{config.dataset_name}' is "
                             "regression, with no prediction to flip")
 
     # Data: the training set analyze.py scored, and its first queries as candidates.
-    train_text, query_text = pipeline.load_train_and_queries(args.dataset_name, args.data_dir,
-                                                             args.max_train_samples, args.max_query_examples,
-                                                             args.label_noise, args.label_noise_seed)
-    checkpoints.check_checkpoint_data(args, train_text)
-    rankings, used = counterfactual.load_rankings(args, train_text, query_text["label"])
-    counterfactual.check_intervals(args.remove_intervals, rankings, len(train_text), args.train_batch_size)
-    counterfactual.reference_ranking(args.reference, rankings)  # a wrong --reference fails before any retrain
-    results.claim_experiment(folder, counterfactual.experiment_arguments(args, rankings),
+    train_text, query_text = pipeline.load_train_and_queries(config.dataset_name, config.data_dir,
+                                                             config.max_train_samples, config.max_query_examples,
+                                                             config.label_noise, config.label_noise_seed)
+    checkpoints.check_checkpoint_data(config, train_text)
+    rankings, used = counterfactual.load_rankings(config, train_text, query_text["label"])
+    counterfactual.check_intervals(config.remove_intervals, rankings, len(train_text), config.train_batch_size)
+    counterfactual.reference_ranking(config.reference, rankings)  # a wrong --reference fails before any retrain
+    results.claim_experiment(folder, counterfactual.experiment_arguments(config, rankings),
                              keep_both="another --counterfactual_dir")
 
     logger.info("***** Running counterfactual retraining *****")
     logger.info("  Task = %s, train = %d, candidates = %d, rankings = %s, k = %s, results = %s",
-                    args.dataset_name, len(train_text), len(query_text), list(rankings), args.remove_intervals, folder)
-    outcomes = counterfactual.run_experiment(args, rankings, len(train_text),
-                                             sweeps.retrainer(args, train_text, query_text))
+                config.dataset_name, len(train_text), len(query_text), list(rankings), config.remove_intervals, folder)
+    outcomes = counterfactual.run_experiment(config, rankings, len(train_text),
+                                             sweeps.retrainer(config, train_text, query_text))
     if outcomes is None:  # another shard is still running
         return
     for i, k in enumerate(outcomes["remove_intervals"]):  # flip fraction [95% CI over queries]

@@ -52,11 +52,11 @@ def parse_args(argv=None):
 
 
 def main():
-    args = parse_args()
+    config = parse_args()
     from glue_attribution import training
 
-    cli.setup_logging(args.verbose)
-    training.train(args)
+    cli.setup_logging(config.verbose)
+    training.train(config)
 
 
 if __name__ == "__main__":
