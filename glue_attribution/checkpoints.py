@@ -186,17 +186,24 @@ def trained_checkpoints(checkpoint_dir: str, dataset_name: str) -> tuple | None:
     None when there is no checkpoint there."""
     found = {}
     for _, folder in checkpoints(checkpoint_dir, dataset_name):
-        try:
-            meta = results.read(folder, CHECKPOINT_META, "checkpoint")
-        except ResultMissing:
+        meta = _verified_meta(folder)
+        if meta is None:
             continue
-        except ResultDamaged as err:
-            raise GlueError(f"{err}; retrain it with train.py") from None
         found[meta["files"]["model.safetensors"]["sha256"]] = folder
         for name in meta["files"]:  # its epochs (--save_epoch_checkpoints), verified with it
             if os.path.dirname(name) and os.path.basename(name) == "model.safetensors":
                 found[meta["files"][name]["sha256"]] = os.path.join(folder, os.path.dirname(name))
     return (checkpoint_dir, found) if found else None
+
+
+def _verified_meta(folder: str) -> dict | None:
+    """The checkpoint's verified record; None when there is none (a damaged one is refused)."""
+    try:
+        return results.read(folder, CHECKPOINT_META, "checkpoint")
+    except ResultMissing:
+        return None
+    except ResultDamaged as err:
+        raise GlueError(f"{err}; retrain it with train.py") from None
 
 
 def check_recipe(checkpoint_dir: str, saved: dict, reference: dict, keys: tuple = RECIPE_KEYS,
@@ -224,12 +231,9 @@ def check_checkpoint_data(config, train_text, folders: list | None = None) -> No
     if folders is None:  # the checkpoint(s) in --checkpoint_dir, when there are any
         folders = [folder for _, folder in checkpoints(config.checkpoint_dir, config.dataset_name)]
     for folder in folders:
-        try:
-            meta = results.read(folder, CHECKPOINT_META, "checkpoint")
-        except ResultMissing:
+        meta = _verified_meta(folder)
+        if meta is None:
             continue
-        except ResultDamaged as err:
-            raise GlueError(f"{err}; retrain it with train.py") from None
         slice_keys = ("max_train_samples", "label_noise", "label_noise_seed")
         if any(meta.get("args", {}).get(key, DATA_DEFAULTS[key]) != getattr(config, key) for key in slice_keys):
             continue
