@@ -105,12 +105,15 @@ def real_glue() -> Path:
 
 
 def run_script(script: str, *args: str, cwd=None, **env_vars: str):
-    """Runs one of the project's scripts as a user would; returns the CompletedProcess."""
+    """Runs one of the project's scripts as a user would, in the foreground: Ctrl-C is delivered even when the suite
+    itself runs as a background job (`cmd &`), whose children inherit an ignored SIGINT. Returns the
+    CompletedProcess."""
+    import signal
     import subprocess
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1", **env_vars}
     return subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=600)
+                          text=True, timeout=600, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def assert_user_error(result, *fragments: str) -> None:

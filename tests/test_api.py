@@ -4,8 +4,10 @@ environment, from another working directory; and the typed configurations the sc
 import dataclasses
 import importlib.util
 import re
+import site
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -22,9 +24,14 @@ def api_example() -> str:
 
 @pytest.mark.skipif(importlib.util.find_spec("wheel") is None, reason="pip install -e . needs the wheel package")
 def test_api_example_runs_from_an_editable_install_in_another_directory(tmp_path, glue_dir, tiny_model_dir):
+    # A fresh environment that sees this one's packages (torch, pip, setuptools, wheel) through a .pth file, whether
+    # this one is the system's or a virtual environment; its own pip and setuptools would shadow them.
     venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     python = str(venv / "bin" / "python")
+    own = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                         capture_output=True, text=True, check=True).stdout.strip()
+    (Path(own) / "parent_environment.pth").write_text("\n".join(site.getsitepackages()) + "\n")
     install = subprocess.run([python, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
                               "--no-index", "-e", str(ROOT)], capture_output=True, text=True)
     assert install.returncode == 0, install.stderr[-2000:]
